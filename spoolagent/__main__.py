@@ -1,0 +1,3 @@
+from spoolagent.cli import main
+
+raise SystemExit(main())

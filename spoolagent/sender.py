@@ -1,0 +1,421 @@
+"""The sender: ships spooled batches to the receiver over HTTP and says how that is going.
+
+Owns the HTTP client (one shared httpx.Client: keep-alive pool, TLS, timeouts), the retry policy
+(tenacity: exponential backoff with jitter, Retry-After, stop and wake on shutdown), failover
+across the configured receivers, the sender's state and counters, and the summarised logging of a
+receiver that keeps failing.
+
+The only module that imports httpx and tenacity. From the package it imports only
+``spoolagent.errors``; it never imports the spool, the batcher or the collectors (``agent.py``
+wires them together with plain callables).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import enum
+import json
+import logging
+import math
+import random
+import re
+import ssl
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    sleep_using_event,
+    stop_when_event_set,
+    wait_exponential_jitter,
+)
+
+from spoolagent.errors import BatchRejected, ConfigError, ReceiverUnavailable
+
+log = logging.getLogger(__name__)
+
+_BATCH_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# A receiver asking for a longer pause than this is tried again after this anyway: one
+# misconfigured proxy must not park the whole pipeline for hours.
+_MAX_RETRY_AFTER_S = 300.0
+# Read at most this much of an answer. The receiver's JSON is tiny; a bigger (error) page is cut
+# and its connection closed instead of returned half-read to the pool.
+_MAX_ANSWER_BYTES = 64 * 1024
+_EXCERPT_CHARS = 200
+# A pooled keep-alive connection the server closed while we picked it shows up as one of these.
+# PUT with a batch id is idempotent (the receiver dedups), so one immediate resend is safe.
+_STALE_CONNECTION_ERRORS = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+
+class SenderState(enum.Enum):
+    """What the sender is doing; ``state()["state"]`` carries the value."""
+
+    IDLE = "idle"          # nothing in flight
+    SENDING = "sending"    # at least one request in flight, none waiting to retry
+    BACKOFF = "backoff"    # at least one send waits before retrying a failed attempt
+    STOPPED = "stopped"    # closed
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """The receiver's answer to a batch it accepted (2xx)."""
+
+    status: int
+    stored: int
+    rejected: int
+    duplicate: bool
+    receiver: str
+
+
+@dataclass
+class _Call:
+    """The retry context of one ``send()``: which receiver the last attempt went to and why it
+    failed."""
+
+    batch_id: str
+    attempts: int = 0
+    url_index: int = 0
+    last_error: str = ""
+    retry_after_s: float | None = None
+
+
+def _parse_retry_after(value: str | None, now_wall_s: float) -> float | None:
+    """Retry-After as seconds from now (delay-seconds or an HTTP date), or None if absent/bad."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        # an HTTP date is wall time by definition, so the wall clock is right here
+        seconds = when.timestamp() - now_wall_s
+    if not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), _MAX_RETRY_AFTER_S)
+
+
+def _read_capped(resp: httpx.Response) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in resp.iter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= _MAX_ANSWER_BYTES:
+            break  # leaving the stream unfinished makes httpx close, not pool, the connection
+    return b"".join(chunks)[:_MAX_ANSWER_BYTES]
+
+
+def _excerpt(data: bytes) -> str:
+    text = data[:_EXCERPT_CHARS * 4].decode("utf-8", "replace")
+    return " ".join(text.split())[:_EXCERPT_CHARS]
+
+
+class Sender:
+    """Sends batches with ``PUT {url}/v1/batches/{id}`` and retries until success or shutdown.
+
+    Thread-safe: ``send`` is called from ``in_flight`` threads at once; they share one keep-alive
+    connection pool, the failover position, the counters and the failure log summary.
+    Construction raises ConfigError for a URL that is not http(s) or a CA file that cannot be
+    loaded.
+    """
+
+    def __init__(self, *, urls: Sequence[str], stopping: threading.Event,
+                 token: str | None = None, timeout_s: float = 10.0, in_flight: int = 2,
+                 ca_file: str | None = None, max_backoff_s: float = 30.0,
+                 failover_after: int = 3, initial_backoff_s: float = 1.0,
+                 log_summary_every_s: float = 30.0) -> None:
+        if not urls:
+            raise ConfigError("sender.receivers: at least one receiver URL is needed")
+        for url in urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(f"sender.receivers: {url!r} is not an http:// or https:// URL")
+        self._urls = tuple(u.rstrip("/") for u in urls)
+        self._stopping = stopping
+        self._max_backoff_s = max_backoff_s
+        self._initial_backoff_s = initial_backoff_s
+        self._failover_after = max(1, failover_after)
+        self._log_summary_every_s = log_summary_every_s
+        try:
+            # TLS: the CA file when given, else the system's CAs (not certifi's bundle)
+            tls = ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"sender.ca_file: cannot load {ca_file!r}: {exc}") from exc
+        headers = {"User-Agent": "spoolagent-sender", "Content-Type": "text/plain"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        pool = max(1, in_flight)
+        self._client = httpx.Client(
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s),
+            # room for a second connection per sender thread while failing over
+            limits=httpx.Limits(max_connections=2 * pool, max_keepalive_connections=pool),
+            verify=tls,
+            # only config.py reads the environment: no proxies or CA paths from env vars
+            trust_env=False,
+            follow_redirects=False,
+        )
+        self._sleep_on_event = sleep_using_event(stopping)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._current = 0                # index into _urls, shared by all threads
+        self._consecutive_failures = 0   # against _urls[_current]
+        self._sending = 0
+        self._backing_off = 0
+        self._retry_delay_s = 0.0
+        self._last_success_s: float | None = None
+        self._last_error: str | None = None
+        # failure log summary: one WARNING when failing starts, then one line per period
+        self._failing_since: float | None = None
+        self._failed_attempts = 0
+        self._failed_since_summary = 0
+        self._last_summary = 0.0
+        self._stats = {"batches_sent": 0, "batches_duplicate": 0, "batches_retried": 0,
+                       "batches_failed": 0, "lines_sent": 0, "bytes_sent": 0,
+                       "requests_total": 0, "reconnects": 0, "failovers": 0}
+
+    # -- public surface --------------------------------------------------------------------
+
+    def send(self, batch_id: str, body: bytes, encoding: str, lines: int = 0) -> SendResult:
+        """Send one batch; block until the receiver accepted it or shutdown gave up on it.
+
+        ``body`` is sent as given (already compressed with ``encoding``: gzip, zstd or
+        identity). Thread-safe. Raises BatchRejected (a 4xx other than 408/429: dead-letter it,
+        never retried), ReceiverUnavailable (``stopping`` was set before the batch got through,
+        or the sender is closed: nack it), ValueError for a malformed batch id (a caller bug).
+        Once ``stopping`` is set no new attempt starts; the one in flight finishes (bounded by
+        ``timeout_s`` per network operation).
+        """
+        if not _BATCH_ID.fullmatch(batch_id):
+            raise ValueError(f"batch id {batch_id!r} does not match {_BATCH_ID.pattern}")
+        headers = {}
+        if encoding and encoding != "identity":
+            headers["Content-Encoding"] = encoding
+        call = _Call(batch_id)
+        retrying = Retrying(
+            retry=retry_if_exception_type(ReceiverUnavailable),
+            wait=self._wait_for(call),
+            stop=stop_when_event_set(self._stopping),
+            sleep=self._backoff,
+            reraise=True,
+        )
+        result: SendResult = retrying(self._attempt, call, body, headers, lines)
+        return result
+
+    def state(self) -> dict[str, object]:
+        """A JSON-ready snapshot for /status. Thread-safe, never blocks on the network."""
+        with self._lock:
+            if self._closed:
+                state = SenderState.STOPPED
+            elif self._backing_off:
+                state = SenderState.BACKOFF
+            elif self._sending:
+                state = SenderState.SENDING
+            else:
+                state = SenderState.IDLE
+            return {
+                "receiver": self._urls[self._current],
+                "state": state.value,
+                "last_success_s": self._last_success_s,
+                "last_error": self._last_error,
+                "retry_delay_s": self._retry_delay_s if self._backing_off else 0.0,
+                "consecutive_failures": self._consecutive_failures,
+            }
+
+    def stats(self) -> dict[str, int]:
+        """Counters since start (for /metrics). Thread-safe.
+
+        batches_retried counts failed attempts that were retried; batches_failed counts
+        rejected batches; requests_total counts HTTP requests, reconnects included.
+        """
+        with self._lock:
+            return dict(self._stats)
+
+    def close(self) -> None:
+        """Close the connection pool. Sends still in flight fail with ReceiverUnavailable;
+        later sends too. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._client.close()
+
+    # -- one attempt -----------------------------------------------------------------------
+
+    def _attempt(self, call: _Call, body: bytes, headers: dict[str, str],
+                 lines: int) -> SendResult:
+        call.attempts += 1
+        call.retry_after_s = None
+        if call.attempts > 1 and self._stopping.is_set():
+            # tenacity makes one more attempt after an interrupted sleep; shutdown wins over it
+            raise ReceiverUnavailable(f"stopping; last error: {call.last_error}")
+        with self._lock:
+            if self._closed:
+                raise ReceiverUnavailable("sender is closed")
+            index = self._current
+            self._sending += 1
+        url = self._urls[index]
+        call.url_index = index
+        try:
+            status, reason, retry_after, answer = self._request(
+                f"{url}/v1/batches/{call.batch_id}", body, headers)
+        except httpx.RequestError as exc:
+            message = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            self._failed(call, index, message, None)
+            raise ReceiverUnavailable(message) from exc
+        except RuntimeError as exc:
+            if not self._closed:
+                raise
+            # httpx refuses to send on a client close() shut under us: shutdown, not a fault
+            raise ReceiverUnavailable("sender is closed") from exc
+        finally:
+            with self._lock:
+                self._sending -= 1
+        if 200 <= status < 300:
+            return self._succeeded(call, index, status, answer, lines, len(body))
+        message = f"{status} {reason}: {_excerpt(answer)}".rstrip(": ")
+        if 400 <= status < 500 and status not in (408, 429):
+            self._rejected(call, index, status, message)
+            raise BatchRejected(message, status=status)
+        # 5xx, 408, 429, and whatever else (a 3xx from a misconfigured URL must not dead-letter
+        # every batch; it is retried and its log line tells the operator)
+        self._failed(call, index, message, retry_after)
+        raise ReceiverUnavailable(message, retry_after_s=retry_after)
+
+    def _request(self, target: str, body: bytes,
+                 headers: dict[str, str]) -> tuple[int, str, float | None, bytes]:
+        for tries in (1, 2):
+            with self._lock:
+                self._stats["requests_total"] += 1
+            try:
+                # stream + capped read: the answer is always read (or cut) and closed here
+                with self._client.stream("PUT", target, content=body, headers=headers) as resp:
+                    answer = _read_capped(resp)
+                    retry_after = _parse_retry_after(resp.headers.get("Retry-After"), time.time())
+                    return resp.status_code, resp.reason_phrase, retry_after, answer
+            except _STALE_CONNECTION_ERRORS as exc:
+                if tries == 2:
+                    raise
+                log.debug("send reconnect target=%s err=%s: %s", target, type(exc).__name__, exc)
+                with self._lock:
+                    self._stats["reconnects"] += 1
+        raise AssertionError("unreachable")
+
+    # -- retry policy ----------------------------------------------------------------------
+
+    def _wait_for(self, call: _Call) -> Callable[[RetryCallState], float]:
+        exponential = wait_exponential_jitter(multiplier=self._initial_backoff_s,
+                                              max=self._max_backoff_s,
+                                              jitter=self._initial_backoff_s)
+
+        def wait(retry_state: RetryCallState) -> float:
+            with self._lock:
+                moved_on = call.url_index != self._current
+            if moved_on:
+                # failed over (by us or another thread): try the next receiver soon
+                return random.uniform(0.0, self._initial_backoff_s)
+            if call.retry_after_s is not None:
+                # the receiver said when; a little jitter on top keeps threads apart
+                return call.retry_after_s + random.uniform(0.0, min(1.0, call.retry_after_s / 10))
+            return float(exponential(retry_state))
+
+        return wait
+
+    def _backoff(self, delay_s: float) -> None:
+        with self._lock:
+            self._stats["batches_retried"] += 1
+            self._backing_off += 1
+            self._retry_delay_s = delay_s
+        try:
+            self._sleep_on_event(delay_s)  # returns at once when `stopping` is set
+        finally:
+            with self._lock:
+                self._backing_off -= 1
+
+    # -- bookkeeping (all under the lock, so two failing threads log once) -----------------
+
+    def _failed(self, call: _Call, index: int, message: str, retry_after: float | None) -> None:
+        url = self._urls[index]
+        call.last_error = message
+        call.retry_after_s = retry_after
+        now = time.monotonic()
+        with self._lock:
+            self._last_error = f"{url}: {message}"
+            self._failed_attempts += 1
+            if self._failing_since is None:
+                self._failing_since = now
+                self._last_summary = now
+                self._failed_since_summary = 0
+                log.warning("send failed batch=%s receiver=%s attempt=%d err=%s",
+                            call.batch_id, url, call.attempts, message)
+            else:
+                self._failed_since_summary += 1
+                if now - self._last_summary >= self._log_summary_every_s:
+                    log.warning("send still failing receiver=%s failed_attempts=%d "
+                                "failing_for_s=%.0f err=%s", url, self._failed_since_summary,
+                                now - self._failing_since, message)
+                    self._last_summary = now
+                    self._failed_since_summary = 0
+            if index != self._current:
+                return  # a late failure against a receiver we already left
+            self._consecutive_failures += 1
+            if self._consecutive_failures >= self._failover_after and len(self._urls) > 1:
+                self._current = (index + 1) % len(self._urls)
+                self._consecutive_failures = 0
+                self._stats["failovers"] += 1
+                log.warning("receiver failover from=%s to=%s after_failures=%d err=%s",
+                            url, self._urls[self._current], self._failover_after, message)
+
+    def _answered(self, index: int) -> None:
+        """The receiver answered (2xx or a rejection): it is up. Called under the lock."""
+        if index == self._current:
+            self._consecutive_failures = 0
+        if self._failing_since is not None:
+            log.info("send recovered receiver=%s failed_attempts=%d failing_for_s=%.1f",
+                     self._urls[index], self._failed_attempts,
+                     time.monotonic() - self._failing_since)
+            self._failing_since = None
+            self._failed_attempts = 0
+
+    def _succeeded(self, call: _Call, index: int, status: int, answer: bytes, lines: int,
+                   size: int) -> SendResult:
+        try:
+            doc: Any = json.loads(answer)
+            stored, rejected = int(doc["stored"]), int(doc["rejected"])
+            duplicate = bool(doc.get("duplicate", False))
+        except (ValueError, TypeError, KeyError) as exc:
+            # a 2xx acks the batch whatever its body says; count what we sent
+            log.debug("send answer not understood batch=%s status=%d err=%s",
+                      call.batch_id, status, exc)
+            stored, rejected, duplicate = lines, 0, status == 200
+        with self._lock:
+            self._answered(index)
+            self._last_success_s = time.time()
+            self._stats["batches_sent"] += 1
+            self._stats["batches_duplicate"] += int(duplicate)
+            self._stats["lines_sent"] += lines
+            self._stats["bytes_sent"] += size
+        return SendResult(status=status, stored=stored, rejected=rejected, duplicate=duplicate,
+                          receiver=self._urls[index])
+
+    def _rejected(self, call: _Call, index: int, status: int, message: str) -> None:
+        with self._lock:
+            self._answered(index)
+            self._last_error = f"{self._urls[index]}: batch={call.batch_id} rejected: {message}"
+            self._stats["batches_failed"] += 1
+        log.error("send rejected batch=%s receiver=%s status=%d err=%s",
+                  call.batch_id, self._urls[index], status, message)

@@ -88,7 +88,7 @@ class ReceiverProc:
         except FileNotFoundError:
             return ""
 
-    def signal(self, sig: int) -> None:
+    def send_signal(self, sig: int) -> None:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, sig)
 

@@ -1,0 +1,349 @@
+"""Agent: builds the parts from AgentConfig, wires them with plain callables, owns every thread.
+
+    Supervisor --on_lines--> Batcher --put--> Spool --get--> sender threads --send--> receiver
+                                                     <--ack/nack/fail--
+
+The agent owns the one ``stopping`` event, the signal flags, the timer thread that flushes batches
+by age, ``in_flight`` sender threads, the status server and the runtime file
+``STATE_DIR/agent.json`` that tells the CLI where the running agent's status endpoint is.
+Imports every part; nothing imports it but cli.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from spoolagent import __version__, config
+from spoolagent.batcher import Batcher
+from spoolagent.collectors import Supervisor
+from spoolagent.config import AgentConfig
+from spoolagent.errors import BatchRejected, ConfigError, ReceiverUnavailable, SpoolError
+from spoolagent.sender import Sender
+from spoolagent.spool import Spool, WhenFull
+from spoolagent.status import StatusServer
+
+log = logging.getLogger(__name__)
+
+RUNTIME_FILE = "agent.json"
+REJECTED_FILE = "rejected.log"
+_REJECTED_MAX_BYTES = 64 * 1024 * 1024
+_PROD_BAD_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def runtime_file(state_dir: Path) -> Path:
+    return state_dir / RUNTIME_FILE
+
+
+class _RejectedLog:
+    """Lines the agent could not take (invalid, over-long), kept for the operator with the reason.
+
+    One entry per line: ``<ISO time> collector=<name> reason="<why>" | <the line's bytes>``.
+    Rotated once to ``rejected.log.1`` past 64 MiB, so it cannot fill the disk.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def write(self, collector: str, line: bytes, reason: str) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z").encode()
+        entry = b"%s collector=%s reason=\"%s\" | %s\n" % (
+            stamp, collector.encode(), reason.replace('"', "'").encode(), line.replace(b"\n", b"\\n"))
+        with self._lock:
+            self.count += 1
+            try:
+                if self.path.exists() and self.path.stat().st_size > _REJECTED_MAX_BYTES:
+                    os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+                with open(self.path, "ab") as f:
+                    f.write(entry)
+            except OSError as exc:
+                log.error("cannot keep a rejected line collector=%s path=%s err=%s", collector, self.path, exc)
+        if self.count <= 10 or self.count % 1000 == 0:
+            log.warning("rejected line collector=%s reason=%s total=%d kept_in=%s",
+                        collector, reason, self.count, self.path)
+
+
+class Agent:
+    """The running agent. ``run()`` blocks in the main thread until SIGTERM/SIGINT."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.stopping = threading.Event()
+        self._stop_requested = threading.Event()
+        self._reload_requested = threading.Event()
+        self._signals = 0
+        self._started_s = time.time()
+        self._batchers: dict[str, Batcher] = {}
+        self._batchers_lock = threading.Lock()
+        self._retired: dict[str, int] = {"lines_spooled": 0, "lines_invalid": 0,
+                                         "lines_unprotected": 0, "lines_discarded": 0, "batches_spooled": 0}
+        self._threads: list[threading.Thread] = []
+        self._spool_errors = 0
+        self.last_error: str | None = None
+        self.last_error_s: float | None = None
+        state_dir = cfg.agent.state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.rejected = _RejectedLog(state_dir / REJECTED_FILE)
+        self.spool = Spool(state_dir, max_bytes=cfg.spool.max_bytes, when_full=WhenFull(cfg.spool.when_full),
+                           compression=cfg.sender.compression, stopping=self.stopping)
+        self.sender = Sender(urls=cfg.sender.receivers, stopping=self.stopping, token=cfg.sender.token,
+                             timeout_s=cfg.sender.timeout_s, in_flight=cfg.sender.in_flight,
+                             ca_file=str(cfg.sender.ca_file) if cfg.sender.ca_file else None,
+                             max_backoff_s=cfg.sender.max_backoff_s, failover_after=cfg.sender.failover_after)
+        self._settings: dict[str, dict[str, Any]] = {k: dict(v) for k, v in cfg.collectors.items()}
+        self.supervisor = Supervisor(
+            cfg.agent.collectors_dir, settings=self._settings, on_lines=self._on_lines,
+            on_overlong=self._on_overlong, on_exit=self._on_exit, checkpoint_for=self._checkpoint_for,
+            stopping=self.stopping, max_line_bytes=cfg.agent.max_line_bytes, stop_grace_s=cfg.agent.stop_grace_s)
+        self.status: StatusServer | None = None
+
+    # -- wiring: collectors -> batchers -> spool -----------------------------------------------
+
+    def _batcher(self, name: str) -> Batcher:
+        b = self._batchers.get(name)
+        if b is None:
+            with self._batchers_lock:
+                b = self._batchers.get(name)
+                if b is None:
+                    settings = self._settings.get(name, {})
+                    raw_prod = None
+                    if settings.get("format", "protocol") == "raw":
+                        raw_prod = str(settings.get("prod") or _PROD_BAD_CHARS.sub("_", name)[:128])
+                    b = Batcher(name, put=self._put, on_invalid=self.rejected.write,
+                                max_lines=self.cfg.batch.max_lines, max_bytes=self.cfg.batch.max_bytes,
+                                max_wait_s=self.cfg.batch.max_wait_ms / 1000.0,
+                                max_held_bytes=4 * self.cfg.batch.max_bytes,
+                                max_line_bytes=self.cfg.agent.max_line_bytes, raw_prod=raw_prod)
+                    self._batchers[name] = b
+        return b
+
+    def _on_lines(self, name: str, lines: list[bytes]) -> None:
+        self._batcher(name).feed(lines)
+
+    def _on_overlong(self, name: str, size: int, head: bytes) -> None:
+        self.rejected.write(name, head[:4096], f"line of {size} bytes is over the limit of "
+                            f"{self.cfg.agent.max_line_bytes}; its first {min(len(head), 4096)} bytes are kept")
+
+    def _on_exit(self, name: str, returncode: int) -> None:
+        with self._batchers_lock:
+            b = self._batchers.pop(name, None)
+        if b is not None:
+            b.close()
+            for k, v in b.stats().items():
+                if k in self._retired:
+                    self._retired[k] += v
+
+    def _checkpoint_for(self, name: str) -> str:
+        return self.spool.checkpoints().get(name, "")
+
+    def _put(self, collector: str, lines: Sequence[bytes], checkpoint: str | None) -> object:
+        """Spool one batch. A failing disk is retried (the collector waits), never dropped."""
+        attempt = 0
+        while True:
+            try:
+                return self.spool.put(collector, lines, checkpoint)
+            except SpoolError as exc:
+                attempt += 1
+                self._spool_errors += 1
+                self._note_error(f"spool: {exc}")
+                if attempt == 1 or attempt % 60 == 0:
+                    log.error("cannot spool batch collector=%s lines=%d attempt=%d err=%s; retrying",
+                              collector, len(lines), attempt, exc)
+                if self.stopping.is_set() and attempt >= 3:
+                    log.error("data lost: cannot spool at shutdown collector=%s lines=%d err=%s",
+                              collector, len(lines), exc)
+                    raise
+                self.stopping.wait(1.0) if not self.stopping.is_set() else time.sleep(0.5)
+
+    def _note_error(self, err: str) -> None:
+        self.last_error = err
+        self.last_error_s = time.time()
+
+    # -- threads --------------------------------------------------------------------------------
+
+    def _flush_loop(self) -> None:
+        tick_s = max(0.01, min(0.1, self.cfg.batch.max_wait_ms / 4000.0))
+        while not self.stopping.wait(tick_s):
+            for b in list(self._batchers.values()):
+                try:
+                    b.flush_due()
+                except Exception:
+                    log.exception("flush failed collector=%s", b.collector)
+
+    def _send_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                batch = self.spool.get(timeout_s=0.5)
+            except SpoolError as exc:
+                self._note_error(f"spool: {exc}")
+                log.error("cannot read the spool err=%s", exc)
+                self.stopping.wait(1.0)
+                continue
+            if batch is None:
+                continue
+            try:
+                self.sender.send(batch.batch_id, batch.body, batch.encoding, lines=batch.lines)
+            except BatchRejected as exc:
+                self._note_error(f"batch {batch.batch_id} rejected: {exc}")
+                log.error("batch rejected, moved to failed batch=%s collector=%s lines=%d status=%d reason=%s",
+                          batch.batch_id, batch.collector, batch.lines, exc.status, exc)
+                self.spool.fail(batch.pqid, exc.status, str(exc))
+            except ReceiverUnavailable as exc:
+                self._note_error(f"receiver: {exc}")
+                self.spool.nack(batch.pqid, str(exc))
+            except Exception as exc:
+                log.exception("send failed batch=%s", batch.batch_id)
+                self._note_error(f"send: {exc}")
+                self.spool.nack(batch.pqid, str(exc))
+                self.stopping.wait(1.0)
+            else:
+                # ack only after a 2xx: a crash before this line resends the same id, and the receiver dedups
+                self.spool.ack(batch.pqid)
+
+    def _start_thread(self, target: Any, name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything /status and /metrics show. Thread-safe (reads counters)."""
+        per_collector: dict[str, dict[str, int]] = {}
+        totals = dict(self._retired)
+        for name, b in list(self._batchers.items()):
+            s = b.stats()
+            per_collector[name] = s
+            for k in totals:
+                totals[k] += s.get(k, 0)
+        collectors = []
+        for info in self.supervisor.collectors():
+            collectors.append({
+                "name": info.name, "path": str(info.path), "interval_s": info.interval_s,
+                "state": info.state.name.lower(), "pid": info.pid, "restarts": info.restarts,
+                "last_exit": info.last_exit, "last_start_s": info.last_start_s, "enabled": info.enabled,
+                **per_collector.get(info.name, {}),
+            })
+        sup = self.supervisor.stats()
+        return {
+            "agent": {"id": self.cfg.agent.id, "pid": os.getpid(), "version": __version__,
+                      "started_s": self._started_s, "uptime_s": time.time() - self._started_s,
+                      "state": "stopping" if self.stopping.is_set() else "running",
+                      "state_dir": str(self.cfg.agent.state_dir),
+                      "collectors_dir": str(self.cfg.agent.collectors_dir)},
+            "collectors": collectors,
+            "spool": self.spool.stats(),
+            "sender": {**self.sender.state(), **self.sender.stats()},
+            "lines": {"read": sup.get("lines_read_total", 0), "spooled": totals["lines_spooled"],
+                      "invalid": totals["lines_invalid"], "rejected": self.rejected.count,
+                      "unprotected": totals["lines_unprotected"], "discarded": totals["lines_discarded"]},
+            "batches": {"spooled": totals["batches_spooled"]},
+            "supervisor": sup,
+            "spool_errors": self._spool_errors,
+            "last_error": self.last_error,
+            "last_error_s": self.last_error_s,
+        }
+
+    def _write_runtime_file(self) -> None:
+        path = runtime_file(self.cfg.agent.state_dir)
+        info = {"pid": os.getpid(), "agent_id": self.cfg.agent.id, "version": __version__,
+                "started_s": self._started_s,
+                "status_url": self.status.url if self.status else None,
+                "config": str(self.cfg.path) if self.cfg.path else None}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, path)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # only flags here: logging and cleanup run in the main thread
+        if signum == signal.SIGHUP:
+            self._reload_requested.set()
+            return
+        self._signals += 1
+        self._stop_requested.set()
+        if self._signals >= 2:
+            self.supervisor.hurry()
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    def reload(self) -> None:
+        """Re-read the config file's [collectors] tables and rescan the collectors dir."""
+        if self.cfg.path is not None:
+            try:
+                new = config.load(self.cfg.path)
+            except ConfigError as exc:
+                log.error("reload failed, keeping the old settings: %s", exc)
+                self._note_error(f"reload: {exc}")
+                return
+            self._settings = {k: dict(v) for k, v in new.collectors.items()}
+        log.info("reloading collectors=%d", len(self._settings))
+        self.supervisor.reload(self._settings)
+
+    def run(self, *, install_signals: bool = True) -> int:
+        """Start everything, block until a stop is requested, stop in order. Returns the exit code."""
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, self._on_signal)
+        log.info("agent starting id=%s version=%s state_dir=%s collectors_dir=%s receivers=%s",
+                 self.cfg.agent.id, __version__, self.cfg.agent.state_dir, self.cfg.agent.collectors_dir,
+                 ",".join(self.cfg.sender.receivers))
+        st = self.spool.stats()
+        if st.get("ready_batches"):
+            log.info("spool has a backlog ready_batches=%s ready_lines=%s", st.get("ready_batches"),
+                     st.get("ready_lines"))
+        if self.cfg.status.listen:
+            self.status = StatusServer(self.cfg.status.listen, self.snapshot)
+            self.status.start()
+        self._write_runtime_file()
+        for i in range(self.cfg.sender.in_flight):
+            self._start_thread(self._send_loop, f"sender-{i}")
+        self._start_thread(self._flush_loop, "flusher")
+        self.supervisor.start()
+        log.info("agent running status=%s", self.status.url if self.status else "off")
+        while not self._stop_requested.wait(0.5):
+            if self._reload_requested.is_set():
+                self._reload_requested.clear()
+                self.reload()
+        return self.shutdown()
+
+    def shutdown(self) -> int:
+        """Stop order: collectors, readers drain into the spool, in-flight sends, the spool."""
+        t0 = time.monotonic()
+        log.info("agent stopping")
+        self.stopping.set()
+        grace = 0.0 if self._signals >= 2 else self.cfg.agent.stop_grace_s
+        self.supervisor.stop(grace)
+        with self._batchers_lock:
+            batchers = list(self._batchers.values())
+        for b in batchers:
+            b.close()
+        deadline = time.monotonic() + 2.0
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        stuck = [t.name for t in self._threads if t.is_alive()]
+        if stuck:
+            log.warning("abandoning in-flight sends threads=%s: they are resent with the same batch id", stuck)
+        self.sender.close()
+        self.spool.close()
+        if self.status:
+            self.status.stop()
+        try:
+            runtime_file(self.cfg.agent.state_dir).unlink()
+        except FileNotFoundError:
+            pass
+        log.info("agent stopped in %.2fs", time.monotonic() - t0)
+        return 0

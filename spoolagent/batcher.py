@@ -1,0 +1,203 @@
+"""Batcher: one collector's lines and checkpoints -> batches handed to a ``put`` callable.
+
+Owns the checkpoint rule of DESIGN.md. Lines of a collector that has printed ``!checkpoint`` are
+*held* until the next checkpoint; a checkpoint makes the held lines *ready*, and ready lines are
+put together with the newest token in one call (one spool transaction), so a committed token always
+covers exactly the lines before it. Several checkpoints coalesce into one batch: the newest token
+covers every line before it. Lines of a collector that never checkpoints are ready at once.
+Ready lines are cut into batches by lines, bytes and age. Held lines are capped at
+``max_held_bytes``: past the cap they are put without a token and counted (a restart may repeat them).
+
+Also parses the collector's stdout lines (protocol or raw format) with spoolagent.protocol.
+Imports only protocol and errors; never spool, sender or collectors (agent.py wires ``put``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from spoolagent import protocol
+from spoolagent.errors import InvalidLine
+
+log = logging.getLogger(__name__)
+
+PutFn = Callable[[str, Sequence[bytes], "str | None"], object]
+InvalidFn = Callable[[str, bytes, str], None]
+
+
+class Batcher:
+    """Cuts one collector's stream into batches. Thread-safe: ``feed`` runs on the collector's
+    reader thread, ``flush_due`` on a timer thread; ``put`` is called under a lock, so batches
+    (and their tokens) reach the spool in the order they were printed. ``put`` may block
+    (a full spool): the reader then stops reading and the collector feels it through its pipe.
+    """
+
+    def __init__(self, collector: str, *, put: PutFn, on_invalid: InvalidFn, max_lines: int,
+                 max_bytes: int, max_wait_s: float, max_held_bytes: int,
+                 max_line_bytes: int = protocol.DEFAULT_MAX_LINE_BYTES,
+                 raw_prod: str | None = None) -> None:
+        self.collector = collector
+        self._put = put
+        self._on_invalid = on_invalid
+        self.max_lines = max_lines
+        self.max_bytes = max_bytes
+        self.max_wait_s = max_wait_s
+        self.max_held_bytes = max_held_bytes
+        self.max_line_bytes = max_line_bytes
+        self._raw_prefix_prod = raw_prod.encode("ascii") if raw_prod is not None else None
+        self._raw_prefix = b""
+        self._raw_date = b""
+        self._lock = threading.Lock()
+        self._ready: list[bytes] = []
+        self._ready_bytes = 0
+        self._ready_since = 0.0
+        self._token: str | None = None       # newest token covering every ready line
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+        self._checkpointing = False
+        self._valid_prefixes: set[bytes] = set()
+        # counters, read without the lock by stats()
+        self.lines_spooled = 0
+        self.lines_invalid = 0
+        self.lines_unprotected = 0   # held lines spooled without a token (cap reached)
+        self.lines_discarded = 0     # held lines dropped at exit: the collector re-reads them
+        self.batches_spooled = 0
+
+    # -- input ---------------------------------------------------------------------------------
+
+    def feed(self, lines: Sequence[bytes]) -> None:
+        """Take complete stdout lines (without newline). Blocks while the spool is full."""
+        with self._lock:
+            raw = self._raw_prefix_prod is not None
+            if raw:
+                today = protocol.today()
+                if today != self._raw_date:
+                    self._raw_date = today
+                    assert self._raw_prefix_prod is not None
+                    self._raw_prefix = self._raw_prefix_prod + b" " + today + b" "
+            records: list[bytes] = []
+            for line in lines:
+                if line[:12] == protocol.CHECKPOINT_PREFIX:
+                    if records:
+                        self._add(records)
+                        records = []
+                    token = protocol.checkpoint_token(line)
+                    if token:
+                        self._checkpoint(token.decode("utf-8", "replace"))
+                    continue
+                if raw:
+                    if len(line) + len(self._raw_prefix) > self.max_line_bytes or b"\x00" in line:
+                        self._invalid(line, "NUL byte in line" if b"\x00" in line else
+                                      f"line of {len(line)} bytes is over the limit of {self.max_line_bytes}")
+                        continue
+                    records.append(self._raw_prefix + line)
+                elif self._valid(line):
+                    records.append(line)
+            if records:
+                self._add(records)
+
+    def _valid(self, line: bytes) -> bool:
+        # fast path: a (prod, date) prefix seen before needs no regex or calendar check
+        sep = line.find(b" ")
+        prefix = line[: sep + 11] if sep > 0 else b""
+        if (prefix in self._valid_prefixes and (len(line) == len(prefix) or line[len(prefix)] == 0x20)
+                and len(line) <= self.max_line_bytes and b"\x00" not in line):
+            return True
+        try:
+            protocol.validate_record(line, self.max_line_bytes)
+        except InvalidLine as exc:
+            self._invalid(line, str(exc))
+            return False
+        if len(self._valid_prefixes) > 10000:
+            self._valid_prefixes.clear()
+        self._valid_prefixes.add(prefix)
+        return True
+
+    def _invalid(self, line: bytes, reason: str) -> None:
+        self.lines_invalid += 1
+        self._on_invalid(self.collector, line, reason)
+
+    def _add(self, records: list[bytes]) -> None:
+        size = sum(map(len, records)) + len(records)
+        if self._checkpointing:
+            self._held.extend(records)
+            self._held_bytes += size
+            if self._held_bytes > self.max_held_bytes:
+                # past the cap: spool what is ready (with its token), then the held lines without one
+                n = len(self._held)
+                self._flush()
+                self._ready, self._ready_bytes = self._held, self._held_bytes
+                self._ready_since = time.monotonic()
+                self._held, self._held_bytes = [], 0
+                self.lines_unprotected += n
+                log.warning("checkpoint cap reached collector=%s lines=%d cap_bytes=%d: spooled without a "
+                            "checkpoint, a restart may repeat them", self.collector, n, self.max_held_bytes)
+                self._flush()
+            return
+        if not self._ready:
+            self._ready_since = time.monotonic()
+        self._ready.extend(records)
+        self._ready_bytes += size
+        if len(self._ready) >= self.max_lines or self._ready_bytes >= self.max_bytes:
+            self._flush()
+
+    def _checkpoint(self, token: str) -> None:
+        self._checkpointing = True
+        if self._held:
+            if not self._ready:
+                self._ready_since = time.monotonic()
+            self._ready.extend(self._held)
+            self._ready_bytes += self._held_bytes
+            self._held, self._held_bytes = [], 0
+        self._token = token
+        if len(self._ready) >= self.max_lines or self._ready_bytes >= self.max_bytes:
+            self._flush()
+
+    # -- output --------------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        if not self._ready:
+            # a token with no lines before it needs no row: the previous token resumes at the same place
+            return
+        lines, token = self._ready, self._token
+        self._put(self.collector, lines, token)
+        self.lines_spooled += len(lines)
+        self.batches_spooled += 1
+        self._ready, self._ready_bytes, self._token = [], 0, None
+
+    def flush_due(self, now: float | None = None) -> None:
+        """Put ready lines older than ``max_wait_s``. Called by the agent's timer thread."""
+        if not self._ready:
+            return
+        with self._lock:
+            if self._ready and (now or time.monotonic()) - self._ready_since >= self.max_wait_s:
+                self._flush()
+
+    def close(self) -> None:
+        """The collector exited (or the agent stops): put what is ready, drop held lines.
+
+        Held lines follow the last checkpoint: the collector reads them again from that
+        checkpoint when it restarts, so spooling them would store them twice.
+        """
+        with self._lock:
+            self._flush()
+            if self._held:
+                self.lines_discarded += len(self._held)
+                log.info("collector=%s exited with %d lines after its last checkpoint; they are read "
+                         "again from the checkpoint", self.collector, len(self._held))
+            self._held, self._held_bytes = [], 0
+            self._checkpointing = False
+            self._token = None
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "lines_spooled": self.lines_spooled,
+            "lines_invalid": self.lines_invalid,
+            "lines_unprotected": self.lines_unprotected,
+            "lines_discarded": self.lines_discarded,
+            "batches_spooled": self.batches_spooled,
+            "lines_pending": len(self._ready) + len(self._held),
+        }

@@ -1,0 +1,299 @@
+"""The ``spoolagent`` command: argv, logging setup, printing and exit codes (the only module that does these).
+
+Exit codes: 0 ok, 1 runtime error, 2 usage or config error, 3 spool busy or locked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from spoolagent import __version__, config
+from spoolagent.errors import ConfigError, SpoolBusy, SpoolError
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
+DEFAULT_CONFIG = os.environ.get("SPOOLAGENT_CONFIG", "/etc/spoolagent/agent.toml")
+
+log = logging.getLogger("spoolagent")
+
+
+class _KeyValueFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
+        line = f"{ts}.{int(record.msecs):03d} level={record.levelname.lower()} logger={record.name} {msg}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {"ts": record.created, "level": record.levelname.lower(), "logger": record.name,
+                               "msg": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(level: str = "info", fmt: str = "kv") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else _KeyValueFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+    logging.getLogger("persistqueue").setLevel(logging.WARNING)
+
+
+def _load(args: argparse.Namespace, check_paths: bool = True) -> config.AgentConfig:
+    return config.load(args.config, check_paths=check_paths)
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    setup_logging(args.log_level or cfg.agent.log_level, args.log_format or cfg.agent.log_format)
+    from spoolagent.agent import Agent  # the heavy imports only for `run`
+
+    try:
+        agent = Agent(cfg)
+    except SpoolBusy as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_BUSY
+    return agent.run()
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if args.json:
+        print(json.dumps({"ok": True, "config": str(cfg.path)}))
+        return EXIT_OK
+    from spoolagent.collectors import discover
+
+    found = discover(cfg.agent.collectors_dir)
+    print(f"{cfg.path}: OK")
+    print(f"  agent id       {cfg.agent.id}")
+    print(f"  state dir      {cfg.agent.state_dir}")
+    print(f"  collectors dir {cfg.agent.collectors_dir} ({len(found)} collectors)")
+    print(f"  receivers      {', '.join(cfg.sender.receivers)}")
+    return EXIT_OK
+
+
+def _agent_status(state_dir: Path, timeout_s: float = 3.0) -> tuple[dict[str, Any] | None, str]:
+    """The running agent's /status, or None and why not."""
+    rt = state_dir / "agent.json"
+    try:
+        info = json.loads(rt.read_text())
+    except FileNotFoundError:
+        return None, f"the agent is not running (no {rt})"
+    except (OSError, ValueError) as exc:
+        return None, f"cannot read {rt}: {exc}"
+    pid = info.get("pid")
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return None, f"the agent is not running (pid {pid} in {rt} is gone; it did not stop cleanly)"
+    except PermissionError:
+        pass
+    url = info.get("status_url")
+    if not url:
+        return None, f"the agent (pid {pid}) runs with its status endpoint switched off ([status] listen = \"\")"
+    try:
+        with urllib.request.urlopen(url + "/status", timeout=timeout_s) as resp:
+            return json.loads(resp.read()), ""
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return None, f"the agent (pid {pid}) does not answer at {url}/status: {exc}"
+
+
+def _age(seconds: object) -> str:
+    if not isinstance(seconds, int | float):
+        return "-"
+    s = float(seconds)
+    if s < 120:
+        return f"{s:.0f}s"
+    if s < 7200:
+        return f"{s / 60:.0f}m"
+    if s < 172800:
+        return f"{s / 3600:.1f}h"
+    return f"{s / 86400:.1f}d"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = _load(args, check_paths=False)
+    status, why = _agent_status(cfg.agent.state_dir)
+    if status is None:
+        spool: dict[str, Any] | None = None
+        spool_err = ""
+        try:
+            from spoolagent import cli_spool
+
+            spool = cli_spool.file_stats(cfg.agent.state_dir)
+        except (SpoolError, ImportError, OSError) as exc:
+            spool_err = str(exc)
+        if args.json:
+            print(json.dumps({"running": False, "reason": why, "spool": spool, "spool_error": spool_err or None}))
+        else:
+            print(why)
+            if spool is not None:
+                print(f"spool (from {cfg.agent.state_dir / 'spool.db'}): ready {spool.get('ready_batches')} batches /"
+                      f" {spool.get('ready_lines')} lines, in flight {spool.get('inflight_batches')}, failed "
+                      f"{spool.get('failed_batches')}, {spool.get('bytes')} bytes, oldest {_age(spool.get('oldest_age_s'))}")
+            elif spool_err:
+                print(f"spool: {spool_err}")
+        return EXIT_RUNTIME
+    if args.json:
+        print(json.dumps({"running": True, **status}, default=str))
+        return EXIT_OK
+    _print_status(status)
+    return EXIT_OK
+
+
+def _print_status(s: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    a, sp, se, ln = s["agent"], s["spool"], s["sender"], s["lines"]
+    con.print(f"[bold]spoolagent[/] {a['id']} pid {a['pid']} v{a['version']} up {_age(a['uptime_s'])} ({a['state']})")
+    con.print(f"spool   ready {sp.get('ready_batches')} batches / {sp.get('ready_lines')} lines, in flight "
+              f"{sp.get('inflight_batches')}, failed {sp.get('failed_batches')}, {sp.get('bytes')} bytes"
+              f" of {sp.get('max_bytes')}, oldest {_age(sp.get('oldest_age_s'))}, dropped {sp.get('dropped_lines', 0)} lines")
+    last_ok = se.get("last_success_s")
+    con.print(f"sender  {se.get('state')} -> {se.get('receiver')}; last success "
+              f"{_age(time.time() - last_ok) + ' ago' if isinstance(last_ok, int | float) else 'never'}; "
+              f"retry delay {se.get('retry_delay_s') or 0:.1f}s; failures in a row {se.get('consecutive_failures', 0)}")
+    con.print(f"lines   read {ln['read']}, spooled {ln['spooled']}, sent {se.get('lines_sent', 0)}, "
+              f"rejected {ln['rejected']}, dropped {sp.get('dropped_lines', 0)}")
+    if s.get("last_error"):
+        con.print(f"[red]last error[/] {s['last_error']} ({_age(time.time() - (s.get('last_error_s') or time.time()))} ago)")
+    t = Table("collector", "interval", "state", "pid", "restarts", "last exit", "spooled")
+    for c in s["collectors"]:
+        t.add_row(c["name"], f"{c['interval_s']}s", c["state"], str(c.get("pid") or "-"), str(c["restarts"]),
+                  "-" if c.get("last_exit") is None else str(c["last_exit"]), str(c.get("lines_spooled", 0)))
+    con.print(t)
+
+
+def cmd_collectors(args: argparse.Namespace) -> int:
+    cfg = _load(args, check_paths=False)
+    from spoolagent.collectors import discover
+
+    status, _ = _agent_status(cfg.agent.state_dir)
+    running = {c["name"]: c for c in (status or {}).get("collectors", [])}
+    rows = []
+    for name, interval, path in discover(cfg.agent.collectors_dir):
+        settings = dict(cfg.collectors.get(name, {}))
+        c = running.get(name, {})
+        rows.append({"name": name, "interval_s": interval, "path": str(path),
+                     "enabled": settings.get("enabled", True), "config": settings,
+                     "state": c.get("state"), "pid": c.get("pid"), "restarts": c.get("restarts")})
+    if args.json:
+        print(json.dumps({"agent_running": status is not None, "collectors": rows}))
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("name", "interval", "enabled", "state", "pid", "path", "config",
+              title=f"collectors in {cfg.agent.collectors_dir}" + ("" if status else " (agent not running)"))
+    for r in rows:
+        t.add_row(r["name"], f"{r['interval_s']}s", "yes" if r["enabled"] else "no", r["state"] or "-",
+                  str(r["pid"] or "-"), r["path"], json.dumps(r["config"]) if r["config"] else "")
+    Console().print(t)
+    return EXIT_OK
+
+
+# -- parser ---------------------------------------------------------------------------------------
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG,
+                   help=f"agent config file (TOML); default $SPOOLAGENT_CONFIG or {DEFAULT_CONFIG}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="spoolagent", formatter_class=fmt,
+        description="Run collectors, keep what they print in a durable SQLite spool, ship it in "
+                    "acknowledged batches.",
+        epilog="examples:\n  spoolagent run -c /etc/spoolagent/agent.toml\n  spoolagent check -c agent.toml\n"
+               "  spoolagent status -c agent.toml\n  spoolagent spool stats -c agent.toml --json\n"
+               "  spoolagent demo\n\nexit codes: 0 ok, 1 runtime error, 2 usage or config error, "
+               "3 spool busy or locked")
+    p.add_argument("--version", action="version", version=f"spoolagent {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run the agent in the foreground", formatter_class=fmt,
+                       epilog="signals: SIGTERM/SIGINT stop (a second one skips the grace period), "
+                              "SIGHUP reloads [collectors] and rescans the collectors dir\n\n"
+                              "example:\n  spoolagent run -c /etc/spoolagent/agent.toml")
+    _add_config(r)
+    r.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    r.add_argument("--log-format", choices=["kv", "json"])
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("check", help="validate the config; say exactly what is wrong and where",
+                       formatter_class=fmt, epilog="example:\n  spoolagent check -c agent.toml && echo valid")
+    _add_config(c)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("status", help="the running agent's health: collectors, spool, sender, last error",
+                       formatter_class=fmt, epilog="examples:\n  spoolagent status -c agent.toml\n"
+                       "  spoolagent status -c agent.toml --json | jq .spool\n\n"
+                       "exit code 1 when the agent is not running (the spool is still shown)")
+    _add_config(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    co = sub.add_parser("collectors", help="what the agent would run, and what it is doing",
+                        formatter_class=fmt, epilog="example:\n  spoolagent collectors -c agent.toml")
+    _add_config(co)
+    co.add_argument("--json", action="store_true")
+    co.set_defaults(func=cmd_collectors)
+
+    try:
+        from spoolagent import cli_spool
+    except ImportError:
+        cli_spool = None  # type: ignore[assignment]
+    if cli_spool is not None:
+        cli_spool.add_spool_parser(sub, _add_config)
+    try:
+        from spoolagent import demo
+    except ImportError:
+        demo = None  # type: ignore[assignment]
+    if demo is not None:
+        demo.add_demo_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"spoolagent: config error:\n{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SpoolBusy as exc:
+        print(f"spoolagent: {exc}", file=sys.stderr)
+        return EXIT_BUSY
+    except SpoolError as exc:
+        print(f"spoolagent: spool error: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK

@@ -1,0 +1,154 @@
+"""The agent's status endpoint: ``GET /metrics`` (Prometheus text) and ``GET /status`` (JSON).
+
+Both are rendered from one ``snapshot()`` callable (agent.py passes ``Agent.snapshot``), so the
+parts keep plain counters and never import prometheus_client. Runs a small threaded HTTP server on
+its own daemon thread. Imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+Snapshot = Callable[[], dict[str, Any]]
+
+
+def _num(v: object) -> float:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0.0
+
+
+class _AgentCollector(Collector):
+    """Turns a snapshot into Prometheus metric families at scrape time."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.snapshot()
+        lines, spool, sender = s.get("lines", {}), s.get("spool", {}), s.get("sender", {})
+
+        def counter(name: str, doc: str, value: object) -> CounterMetricFamily:
+            return CounterMetricFamily(f"spoolagent_{name}", doc, value=_num(value))
+
+        def gauge(name: str, doc: str, value: object) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"spoolagent_{name}", doc, value=_num(value))
+
+        yield counter("lines_read", "Lines read from collectors' stdout.", lines.get("read"))
+        yield counter("lines_spooled", "Lines committed to the spool.", lines.get("spooled"))
+        yield counter("lines_sent", "Lines acknowledged by a receiver.", sender.get("lines_sent"))
+        yield counter("lines_dropped", "Lines dropped from a full spool (when_full = drop_oldest).",
+                      spool.get("dropped_lines"))
+        yield counter("lines_rejected", "Lines the agent could not take (invalid or over-long), kept in "
+                      "rejected.log.", lines.get("rejected"))
+        yield counter("lines_unprotected", "Checkpointing collectors' lines spooled without a token "
+                      "(checkpoint cap reached); a restart may repeat them.", lines.get("unprotected"))
+        yield counter("batches_spooled", "Batches committed to the spool.", s.get("batches", {}).get("spooled"))
+        yield counter("batches_sent", "Batches acknowledged by a receiver (2xx).", sender.get("batches_sent"))
+        yield counter("batches_retried", "Send attempts that failed and were retried.",
+                      sender.get("batches_retried"))
+        yield counter("batches_failed", "Batches a receiver rejected (4xx), moved to the dead letter.",
+                      sender.get("batches_failed"))
+        yield counter("batches_dropped", "Batches dropped from a full spool.", spool.get("dropped_batches"))
+        yield counter("bytes_sent", "Request body bytes acknowledged by a receiver.", sender.get("bytes_sent"))
+        yield counter("spool_errors", "Failed spool writes (disk full, I/O errors); retried.",
+                      s.get("spool_errors"))
+        depth = GaugeMetricFamily("spoolagent_spool_batches", "Batches in the spool by state.", labels=["state"])
+        depth_lines = GaugeMetricFamily("spoolagent_spool_lines", "Lines in the spool by state.", labels=["state"])
+        for state in ("ready", "inflight", "failed"):
+            depth.add_metric([state], _num(spool.get(f"{state}_batches")))
+            depth_lines.add_metric([state], _num(spool.get(f"{state}_lines")))
+        yield depth
+        yield depth_lines
+        yield gauge("spool_bytes", "Bytes of the spool's rows that are not yet delivered.", spool.get("bytes"))
+        yield gauge("spool_max_bytes", "The spool's bound ([spool] max_bytes).", spool.get("max_bytes"))
+        oldest = spool.get("oldest_age_s")
+        yield gauge("spool_oldest_age_seconds", "Age of the oldest batch waiting (0 when none).", oldest or 0)
+        yield gauge("sender_up", "1 while the last send attempt succeeded.",
+                    1 if sender.get("consecutive_failures", 0) == 0 else 0)
+        yield gauge("sender_last_success_timestamp_seconds", "Wall time of the last acknowledged batch.",
+                    sender.get("last_success_s"))
+        restarts = CounterMetricFamily("spoolagent_collector_restarts", "Collector restarts.", labels=["collector"])
+        up = GaugeMetricFamily("spoolagent_collector_up", "1 while the collector runs (or waits for its "
+                               "next interval).", labels=["collector"])
+        c_lines = CounterMetricFamily("spoolagent_collector_lines_spooled", "Lines spooled per collector "
+                                      "(current run).", labels=["collector"])
+        for c in s.get("collectors", []):
+            restarts.add_metric([c["name"]], _num(c.get("restarts")))
+            up.add_metric([c["name"]], 1.0 if c.get("state") in ("running", "waiting", "starting") else 0.0)
+            c_lines.add_metric([c["name"]], _num(c.get("lines_spooled")))
+        yield restarts
+        yield up
+        yield c_lines
+        yield gauge("uptime_seconds", "Seconds since the agent started.", s.get("agent", {}).get("uptime_s"))
+
+
+class StatusServer:
+    """Serves /metrics and /status on ``listen`` (``HOST:PORT``, port 0 picks one; see ``url``).
+
+    ``start()`` binds (raises OSError if the address is taken) and serves on a daemon thread;
+    ``stop()`` blocks until the server thread ends. Thread-safe snapshot access is the caller's.
+    """
+
+    def __init__(self, listen: str, snapshot: Snapshot) -> None:
+        host, _, port = listen.rpartition(":")
+        self._addr = (host.strip("[]"), int(port))
+        self.snapshot = snapshot
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_AgentCollector(snapshot))
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.url = ""
+
+    def start(self) -> None:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                path = self.path.split("?", 1)[0]
+                try:
+                    if path == "/metrics":
+                        body, ctype = generate_latest(outer.registry), "text/plain; version=0.0.4; charset=utf-8"
+                    elif path == "/status":
+                        body = json.dumps(outer.snapshot(), default=str).encode()
+                        ctype = "application/json"
+                    elif path in ("/", "/healthz"):
+                        body, ctype = b"ok\n", "text/plain"
+                    else:
+                        self.send_error(404, "try /status or /metrics")
+                        return
+                except Exception:
+                    log.exception("status request failed path=%s", path)
+                    self.send_error(500)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("status request %s", format % args)
+
+        self._server = ThreadingHTTPServer(self._addr, Handler)
+        self._server.daemon_threads = True
+        host, port = self._server.server_address[:2]
+        self.url = f"http://{host if ':' not in str(host) else f'[{host}]'}:{port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="status", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(5)

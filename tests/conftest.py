@@ -139,3 +139,115 @@ def receiver_factory(tmp_path: Path) -> Iterator[Callable[..., ReceiverProc]]:
 def receiver(receiver_factory: Callable[..., ReceiverProc]) -> ReceiverProc:
     """One real receiver on 127.0.0.1:0 with its own data dir under tmp_path."""
     return receiver_factory()
+
+
+class AgentProc:
+    """A real ``spoolagent run`` (``python -m spoolagent run -c agent.toml``) in its own session.
+
+    ``base`` holds ``agent.toml``, ``state/`` (the spool) and ``collectors/<interval>/``.
+    ``status`` is the status endpoint's URL, read from ``state/agent.json`` once it is up.
+    """
+
+    def __init__(self, base: Path, receivers: list[str], *, extra_toml: str = "",
+                 batch: str = "max_wait_ms = 50", sender: str = "max_backoff_s = 1",
+                 spool: str = "", agent: str = "stop_grace_s = 3") -> None:
+        self.base = base
+        self.state_dir = base / "state"
+        self.collectors_dir = base / "collectors"
+        self.collectors_dir.mkdir(parents=True, exist_ok=True)
+        self.config = base / "agent.toml"
+        self.log_path = base / "agent.log"
+        recv = ", ".join(json.dumps(r) for r in receivers)
+        self.config.write_text(
+            f"[agent]\nid = \"test\"\ncollectors_dir = \"collectors\"\nstate_dir = \"state\"\n{agent}\n\n"
+            f"[spool]\n{spool}\n\n[batch]\n{batch}\n\n[sender]\nreceivers = [{recv}]\n{sender}\n\n"
+            f"[status]\nlisten = \"127.0.0.1:0\"\n\n{extra_toml}\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.status = ""
+
+    def add_collector(self, name: str, source: str, interval: int = 0) -> Path:
+        d = self.collectors_dir / str(interval)
+        d.mkdir(parents=True, exist_ok=True)
+        p = d / name
+        p.write_text(source)
+        p.chmod(0o755)
+        return p
+
+    def start(self, timeout_s: float = 20.0) -> AgentProc:
+        rt = self.state_dir / "agent.json"
+        if rt.exists():
+            rt.unlink()  # left by a killed agent
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "spoolagent", "run", "-c", str(self.config)],
+                                     stdout=log, stderr=subprocess.STDOUT, env=child_env(),
+                                     start_new_session=True)
+        log.close()
+
+        def _up() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited {self.proc.returncode}: {self.log_text()}")
+            return rt.exists()
+
+        wait_until(_up, timeout_s, what="agent runtime file")
+        self.status = json.loads(rt.read_text())["status_url"]
+        return self
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-8000:]
+        except FileNotFoundError:
+            return ""
+
+    def get_status(self) -> dict[str, Any]:
+        import urllib.request
+
+        with urllib.request.urlopen(self.status + "/status", timeout=5) as resp:
+            return json.loads(resp.read())  # type: ignore[no-any-return]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            try:
+                # the agent only, not its process group: it stops its collectors itself
+                os.kill(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def cli(self, *args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """Run ``spoolagent ARGS -c agent.toml`` and return the completed process."""
+        return subprocess.run([sys.executable, "-m", "spoolagent", *args, "-c", str(self.config)],
+                              capture_output=True, text=True, env=child_env(), timeout=timeout_s)
+
+
+@pytest.fixture
+def agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProc]]:
+    agents: list[AgentProc] = []
+
+    def make(receivers: list[str], name: str = "", **kw: Any) -> AgentProc:
+        a = AgentProc(tmp_path / (name or f"agent{len(agents)}"), receivers, **kw)
+        agents.append(a)
+        return a
+
+    yield make
+    for a in agents:
+        a.stop(signal.SIGKILL)
+        if a.proc is not None:
+            try:
+                os.killpg(a.proc.pid, signal.SIGKILL)  # and anything left in its session
+            except ProcessLookupError:
+                pass
+
+
+def count_lines(data_dir: Path, pattern: str = "*.dat") -> int:
+    return sum(p.read_bytes().count(b"\n") for p in data_dir.glob(pattern))

@@ -1,0 +1,417 @@
+"""Spool: the agent's durable queue of batches in STATE_DIR/spool.db (persist-queue SQLiteAckQueue).
+
+One row = one batch = one transaction, stored already compressed in the row format of
+``spool_format`` (never pickle). States: ready (0/1), in flight (2), failed (9, the dead letter).
+The spool is bounded by ``max_bytes``: when full, ``put`` blocks (back-pressure) or drops the
+oldest ready batches. Side tables (same file): ``spool_batches`` (metadata: attempts, last error,
+HTTP status and reason of a dead-lettered batch) and ``spool_checkpoints``.
+
+The only module that imports persistqueue. Imports ``spoolagent.errors``, ``spool_format`` and
+``spool_file`` only: never sender, collectors, config or agent.
+
+Why some writes bypass the library: a put must insert the row, its metadata and its checkpoint
+in ONE transaction (a crash never leaves a row without metadata or a checkpoint ahead of its
+lines), so ``put`` inserts into the library's table on its own connection; the library does
+everything else (get, ack, nack, ack_failed, clear_acked_data, resume of in-flight rows).
+"""
+
+from __future__ import annotations
+
+import enum
+import fcntl
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from persistqueue import SQLiteAckQueue
+from persistqueue.exceptions import Empty
+
+from spoolagent.errors import SpoolBusy, SpoolError
+from spoolagent.spool_file import file_bytes, query_stats
+from spoolagent.spool_format import (
+    ACK_FAILED,
+    ACKED,
+    BUSY_TIMEOUT_S,
+    DB_NAME,
+    ENCODINGS,
+    LOCK_NAME,
+    QUEUE_TABLE,
+    UNACK,
+    check_schema,
+    configure,
+    connect,
+    decode_row,
+    insert_row,
+    make_row,
+)
+
+log = logging.getLogger(__name__)
+
+_REFRESH_S = 2.0  # re-read the byte total from SQL this often: the operator may purge or import
+_POLL_S = 0.25  # a get also sees rows that another process (spool import/retry) made ready
+
+
+class WhenFull(enum.Enum):
+    BLOCK = "block"
+    DROP_OLDEST = "drop_oldest"
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledBatch:
+    pqid: int
+    batch_id: str
+    collector: str
+    lines: int
+    body: bytes
+    encoding: str
+    checkpoint: str | None
+    created_s: float
+    attempts: int
+
+
+class _RawBytes:
+    """persist-queue serializer: rows are already bytes in our own format."""
+
+    @staticmethod
+    def dumps(value: bytes) -> bytes:
+        return value
+
+    @staticmethod
+    def loads(value: bytes) -> bytes:
+        return value
+
+
+class Spool:
+    """The agent's spool. Thread-safe: several reader threads put, several sender threads get.
+
+    Raises SpoolBusy if another process holds STATE_DIR/spool.lock, SpoolError if the file is
+    corrupt, truncated or from a newer version.
+    """
+
+    def __init__(self, state_dir: Path, *, max_bytes: int, when_full: WhenFull, compression: str,
+                 stopping: threading.Event, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
+        if compression not in ENCODINGS:
+            raise ValueError(f"compression must be one of {sorted(ENCODINGS)}")
+        self._path = state_dir / DB_NAME
+        self._max_bytes = max_bytes
+        self._when_full = when_full
+        self._encoding = ENCODINGS[compression]
+        self._stopping = stopping
+        self._cond = threading.Condition()  # guards _bytes, _inflight, writes on _db
+        self._get_lock = threading.Lock()  # a get never races a drop_oldest delete
+        self._ready = threading.Condition()
+        self._generation = 0  # bumped by put: a getter never sleeps through a put
+        self._inflight: dict[int, int] = {}  # pqid -> row bytes
+        self._dropped_batches = 0
+        self._dropped_lines = 0
+        self._closed = False
+        state_dir.mkdir(parents=True, exist_ok=True)
+        # the lock comes first: the library's auto_resume would resend a live agent's in-flight rows
+        self._lock_fd = os.open(state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(self._lock_fd)
+            raise SpoolBusy(f"{state_dir} is in use by another agent ({LOCK_NAME} is locked)") from exc
+        try:
+            self._db = connect(self._path, create=True)
+            try:
+                check_schema(self._db, self._path, upgrade=True)
+                resumed = self._db.execute(
+                    f"SELECT count(*) FROM `{QUEUE_TABLE}` WHERE status = {UNACK}").fetchone()[0]
+                self._q = SQLiteAckQueue(str(state_dir), auto_resume=True, db_file_name=DB_NAME,
+                                         multithreading=True, timeout=busy_timeout_s,
+                                         serializer=_RawBytes)
+                # the library sets only journal_mode=WAL; durability is the product
+                for conn in (self._q._getter, self._q._putter):
+                    if conn is not None:
+                        configure(conn)
+                self._checkpoints = dict(self._db.execute(
+                    "SELECT collector, token FROM spool_checkpoints").fetchall())
+                self._bytes = 0
+                self._refresh_bytes()
+            except BaseException:
+                self._db.close()
+                raise
+        except sqlite3.DatabaseError as exc:
+            self._release_lock()
+            raise SpoolError(f"{self._path} is corrupt ({exc}); move it aside to start with an "
+                             "empty spool") from exc
+        except BaseException:
+            self._release_lock()
+            raise
+        log.info("spool open path=%s bytes=%d resumed_inflight=%d", self._path, self._bytes,
+                 resumed)
+
+    # -- put ---------------------------------------------------------------------------------
+
+    def put(self, collector: str, lines: Sequence[bytes], checkpoint: str | None = None) -> str:
+        """Spool one batch (lines without newline) in one transaction; returns its batch id.
+
+        Blocks while the spool is full with WhenFull.BLOCK (until an ack or a purge makes room,
+        or ``stopping`` is set: then it writes anyway, over the bound, rather than lose the
+        lines). Raises SpoolError on disk full or another SQLite error; a row that was committed
+        is never lost.
+        """
+        header, row = make_row(collector, lines, self._encoding, checkpoint)  # compress unlocked
+        size = len(row)
+        with self._cond:
+            self._check_open()
+            if time.monotonic() - self._refreshed > _REFRESH_S:
+                self._refresh_bytes()
+            if self._when_full is WhenFull.BLOCK:
+                self._wait_for_room(size)
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    if self._when_full is WhenFull.DROP_OLDEST:
+                        with self._get_lock:
+                            self._drop_oldest(size)
+                            pqid = self._insert(header, row)
+                    else:
+                        pqid = self._insert(header, row)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise SpoolError(f"cannot spool batch of {collector}: {exc}") from exc
+            self._bytes += size
+            if checkpoint is not None:
+                self._checkpoints[collector] = checkpoint
+        with self._ready:
+            self._generation += 1
+            self._ready.notify()
+        log.debug("spooled batch=%s pqid=%d collector=%s lines=%d bytes=%d", header.batch_id,
+                  pqid, collector, len(lines), size)
+        return header.batch_id
+
+    def _insert(self, header: Any, row: bytes) -> int:
+        pqid = insert_row(self._db, header, row)
+        if header.checkpoint is not None:
+            # the token is committed with its lines, so it is durable before the row can be acked
+            # and cleared; newest wins by row id
+            self._db.execute(
+                "INSERT INTO spool_checkpoints (collector, token, pqid, batch_id, updated_s) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (collector) DO UPDATE SET "
+                "token = excluded.token, pqid = excluded.pqid, batch_id = excluded.batch_id, "
+                "updated_s = excluded.updated_s WHERE excluded.pqid > spool_checkpoints.pqid",
+                (header.collector, header.checkpoint, pqid, header.batch_id, time.time()))
+        return pqid
+
+    def _wait_for_room(self, size: int) -> None:
+        waited = False
+        while self._bytes > 0 and self._bytes + size > self._max_bytes:
+            if self._stopping.is_set():
+                log.warning("spool full, writing anyway while stopping bytes=%d max_bytes=%d",
+                            self._bytes, self._max_bytes)
+                return
+            if not waited:
+                log.warning("spool full, blocking readers bytes=%d max_bytes=%d", self._bytes,
+                            self._max_bytes)
+                waited = True
+            self._cond.wait(0.2)
+            self._check_open()
+            if time.monotonic() - self._refreshed > 1.0:
+                self._refresh_bytes()
+        if waited:
+            log.info("spool has room again bytes=%d", self._bytes)
+
+    def _drop_oldest(self, size: int) -> None:
+        """Inside the put transaction: delete the oldest ready rows until ``size`` fits."""
+        need = self._bytes + size - self._max_bytes
+        batches = lines = freed = 0
+        while need - freed > 0:
+            rows = self._db.execute(
+                f"SELECT q._id, m.bytes, m.lines FROM `{QUEUE_TABLE}` AS q "
+                "JOIN spool_batches AS m ON m.pqid = q._id WHERE q.status < 2 "
+                "ORDER BY q._id LIMIT 64").fetchall()
+            if not rows:
+                log.error("spool over its bound with no ready batch left to drop bytes=%d "
+                          "max_bytes=%d (in flight or failed: see spool purge --failed)",
+                          self._bytes - freed + size, self._max_bytes)
+                break
+            for pqid, nbytes, nlines in rows:
+                if need - freed <= 0:
+                    break
+                self._db.execute(f"DELETE FROM `{QUEUE_TABLE}` WHERE _id = ?", (pqid,))
+                batches, lines, freed = batches + 1, lines + nlines, freed + nbytes
+        if batches:
+            self._bytes -= freed
+            self._dropped_batches += batches
+            self._dropped_lines += lines
+            log.error("spool full, dropped oldest batches=%d lines=%d bytes=%d total_dropped=%d",
+                      batches, lines, freed, self._dropped_batches)
+
+    # -- get / ack / nack / fail -------------------------------------------------------------
+
+    def get(self, timeout_s: float) -> SpooledBatch | None:
+        """The oldest ready batch, now in flight; None after ``timeout_s``. Thread-safe; blocks.
+
+        Raises SpoolError for an undecodable row (which goes to the dead letter, so the next get
+        moves on).
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            generation = self._generation
+            self._check_open()
+            with self._get_lock:
+                try:
+                    item = self._q.get(block=False, raw=True)
+                except Empty:
+                    item = None
+                except sqlite3.OperationalError as exc:
+                    if "locked" in str(exc) or "busy" in str(exc):
+                        raise SpoolError(f"cannot read the spool: {exc}") from exc
+                    self._fail_head(exc)  # e.g. a row that is text, not a blob
+                except sqlite3.Error as exc:
+                    raise SpoolError(f"cannot read the spool: {exc}") from exc
+            if item is not None:
+                return self._taken(int(item["pqid"]), item["data"])
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            with self._ready:
+                if generation == self._generation:
+                    self._ready.wait(min(remaining, _POLL_S))
+
+    def _fail_head(self, exc: Exception) -> None:
+        """The library could not read the oldest ready row: dead-letter it, so gets move on."""
+        with self._cond:
+            r = self._db.execute(f"SELECT _id FROM `{QUEUE_TABLE}` WHERE status < 2 "
+                                 "ORDER BY _id LIMIT 1").fetchone()
+        if r is None:
+            raise SpoolError(f"cannot read the spool: {exc}") from exc
+        reason = f"spool row {r[0]} is unreadable: {exc}"
+        with self._cond:
+            self._db.execute("UPDATE spool_batches SET http_status = 0, reason = ?, "
+                             "failed_s = ? WHERE pqid = ?", (reason, time.time(), r[0]))
+            self._db.execute(f"UPDATE `{QUEUE_TABLE}` SET status = {ACK_FAILED} WHERE _id = ?", (r[0],))
+        log.error("unreadable spool row moved to failed pqid=%d err=%s", r[0], exc)
+        raise SpoolError(reason) from exc
+
+    def _taken(self, pqid: int, data: bytes) -> SpooledBatch:
+        try:
+            header, body = decode_row(data, pqid)
+        except SpoolError as exc:
+            self.fail(pqid, 0, str(exc))
+            log.error("undecodable spool row moved to failed pqid=%d err=%s", pqid, exc)
+            raise
+        with self._cond:
+            r = self._db.execute("SELECT attempts FROM spool_batches WHERE pqid = ?",
+                                 (pqid,)).fetchone()
+            self._inflight[pqid] = len(data)
+        return SpooledBatch(pqid, header.batch_id, header.collector, header.lines, body,
+                            header.encoding, header.checkpoint, header.created_s,
+                            int(r[0]) if r else 0)
+
+    def ack(self, pqid: int) -> None:
+        """The batch was delivered: remove it (its checkpoint is already durable). Thread-safe."""
+        with self._cond:
+            self._check_open()
+            try:
+                self._q.ack(id=pqid)
+                # the library keeps 1,000 acked rows by default, and every get scans them
+                self._q.clear_acked_data(max_delete=1000, keep_latest=0)
+            except sqlite3.Error as exc:
+                raise SpoolError(f"cannot ack pqid={pqid}: {exc}") from exc
+            self._bytes -= self._inflight.pop(pqid, 0)
+            self._cond.notify_all()
+
+    def nack(self, pqid: int, error: str | None = None) -> None:
+        """Back to ready, same batch id; attempts + 1 and the error kept. Thread-safe."""
+        with self._cond:
+            self._check_open()
+            try:
+                self._db.execute("UPDATE spool_batches SET attempts = attempts + 1, "
+                                 "last_error = coalesce(?, last_error) WHERE pqid = ?",
+                                 (error, pqid))
+                self._q.nack(id=pqid)
+            except sqlite3.Error as exc:
+                raise SpoolError(f"cannot nack pqid={pqid}: {exc}") from exc
+            self._inflight.pop(pqid, None)
+        with self._ready:
+            self._generation += 1
+            self._ready.notify()
+
+    def fail(self, pqid: int, status: int, reason: str) -> None:
+        """Dead letter (the library's ack_failed), with HTTP status and reason kept. Thread-safe."""
+        with self._cond:
+            self._check_open()
+            try:
+                # reason first: a crash in between leaves a row that is simply resent
+                self._db.execute("UPDATE spool_batches SET attempts = attempts + 1, "
+                                 "http_status = ?, reason = ?, last_error = ?, failed_s = ? "
+                                 "WHERE pqid = ?", (status, reason, reason, time.time(), pqid))
+                self._q.ack_failed(id=pqid)
+            except sqlite3.Error as exc:
+                raise SpoolError(f"cannot fail pqid={pqid}: {exc}") from exc
+            self._inflight.pop(pqid, None)
+
+    # -- state -------------------------------------------------------------------------------
+
+    def checkpoints(self) -> dict[str, str]:
+        """The last committed checkpoint token per collector. Thread-safe, no I/O."""
+        with self._cond:
+            return dict(self._checkpoints)
+
+    def stats(self) -> dict[str, int | float | None]:
+        """DESIGN.md's ``spool stats`` keys, plus file_bytes, max_bytes, dropped_batches and
+        dropped_lines. A few index-only queries: cheap enough every second. Thread-safe."""
+        with self._cond:
+            self._check_open()
+            try:
+                out = query_stats(self._db)
+            except sqlite3.Error as exc:
+                raise SpoolError(f"cannot read spool stats: {exc}") from exc
+            self._bytes = int(out["bytes"])
+            self._refreshed = time.monotonic()
+            out.update(file_bytes=file_bytes(self._path), max_bytes=self._max_bytes,
+                       dropped_batches=self._dropped_batches, dropped_lines=self._dropped_lines)
+            return out
+
+    def _refresh_bytes(self) -> None:
+        """Re-read the byte total (caller holds _cond): the operator's CLI changes the file too."""
+        self._bytes = int(self._db.execute(
+            "SELECT total(m.bytes) FROM spool_batches AS m JOIN "
+            f"`{QUEUE_TABLE}` AS q ON q._id = m.pqid WHERE q.status != {ACKED}").fetchone()[0])
+        self._refreshed = time.monotonic()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SpoolError("the spool is closed")
+
+    def close(self) -> None:
+        """Put this process's in-flight batches back to ready, close, release the lock.
+
+        Idempotent. Call after the readers and senders have stopped.
+        """
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+            try:
+                for pqid in list(self._inflight):
+                    self._q.nack(id=pqid)
+                self._inflight.clear()
+            except sqlite3.Error as exc:
+                log.error("cannot return in-flight batches to ready err=%s", exc)
+            finally:
+                self._q.close()
+                self._db.close()
+                self._release_lock()
+        log.info("spool closed path=%s", self._path)
+
+    def _release_lock(self) -> None:
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self._lock_fd)

@@ -1,0 +1,307 @@
+"""The on-disk format of the spool: row codec, batch ids, compression and the SQL schema.
+
+Owns what ``spool.py`` (the agent's Spool) and ``spool_file.py`` (the operator's offline and
+read-only access) must agree on: the row format, the side tables next to persist-queue's own
+``ack_queue_default`` table, the status codes, and how a file is checked and upgraded.
+
+A row (the ``data`` column of persist-queue's table) is ``MAGIC + VERSION + u32 header length +
+JSON header + body``; the header carries ``batch_id, collector, lines, encoding, checkpoint,
+created_s, prods`` and the body is the lines (each ending in ``\\n``) compressed as ``encoding``.
+Never pickle: an operator may copy a spool around.
+
+Imports only ``spoolagent.errors`` and the standard library plus zstandard; never persistqueue
+(only ``spool.py`` does), never sender, collectors, config or agent. Thread-safe: pure functions,
+and ``new_batch_id`` serialises its monotonic state with a lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sqlite3
+import struct
+import threading
+import time
+import zlib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+from spoolagent.errors import SpoolError
+
+DB_NAME = "spool.db"
+LOCK_NAME = "spool.lock"
+QUEUE_TABLE = "ack_queue_default"  # persist-queue's table for queue name "default"
+SCHEMA_VERSION = 1  # PRAGMA user_version of a spool this build writes
+ROW_MAGIC = b"SPAB"
+ROW_VERSION = 1
+WAL_LIMIT_BYTES = 16 * 1024 * 1024
+BUSY_TIMEOUT_S = 120.0  # long enough that a VACUUM or purge never fails the agent
+
+# persist-queue's status codes (persistqueue.sqlackqueue.AckStatus)
+INITED, READY, UNACK, ACKED, ACK_FAILED = 0, 1, 2, 5, 9
+STATE_CODES: dict[str, tuple[int, ...]] = {
+    "ready": (INITED, READY),
+    "inflight": (UNACK,),
+    "failed": (ACK_FAILED,),
+}
+ENCODINGS = {"gzip": "gzip", "zstd": "zstd", "none": "identity"}
+
+_HEAD = struct.Struct(">4sBI")
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+# The library's DDL, verbatim, so that a spool created by the CLI (import) is the library's table.
+_QUEUE_DDL = (
+    f"CREATE TABLE IF NOT EXISTS `{QUEUE_TABLE}` (_id INTEGER PRIMARY KEY AUTOINCREMENT, "
+    "data BLOB, timestamp FLOAT, status INTEGER)"
+)
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS spool_batches (
+    pqid INTEGER PRIMARY KEY,          -- {QUEUE_TABLE}._id
+    batch_id TEXT NOT NULL UNIQUE,
+    collector TEXT NOT NULL,
+    lines INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,            -- length of the stored row
+    prods TEXT NOT NULL,               -- JSON {{prod: lines}}
+    created_s REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    http_status INTEGER,
+    reason TEXT,
+    failed_s REAL
+);
+CREATE TABLE IF NOT EXISTS spool_checkpoints (
+    collector TEXT PRIMARY KEY,
+    token TEXT NOT NULL,
+    pqid INTEGER NOT NULL,             -- the row that carried it: newest wins by row id
+    batch_id TEXT NOT NULL,
+    updated_s REAL NOT NULL
+);
+-- persist-queue has no index on status: without these every get and every COUNT walks the
+-- blobs' overflow pages (status is stored after the blob).
+CREATE INDEX IF NOT EXISTS spool_q_ready ON `{QUEUE_TABLE}`(_id) WHERE status < 2;
+CREATE INDEX IF NOT EXISTS spool_q_status ON `{QUEUE_TABLE}`(status);
+-- whoever deletes a row (the library's clear_acked_data, purge, drop_oldest), its metadata goes too
+CREATE TRIGGER IF NOT EXISTS spool_q_delete AFTER DELETE ON `{QUEUE_TABLE}`
+BEGIN DELETE FROM spool_batches WHERE pqid = OLD._id; END;
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class RowHeader:
+    batch_id: str
+    collector: str
+    lines: int
+    encoding: str
+    checkpoint: str | None
+    created_s: float
+    prods: dict[str, int]
+
+
+_id_lock = threading.Lock()
+_id_last = (0, 0)
+
+
+def new_batch_id() -> str:
+    """A ULID: 48-bit ms wall clock + 80 random bits, 26 Crockford base32 characters.
+
+    Sortable by creation (monotonic within this process, ms-ordered across agents), globally
+    unique (80 random bits), and matches ``^[A-Za-z0-9_-]{1,64}$``. Thread-safe.
+    """
+    global _id_last
+    with _id_lock:
+        ms = time.time_ns() // 1_000_000
+        last_ms, last_rand = _id_last
+        if ms <= last_ms:  # same ms (or the clock stepped back): keep order by counting up
+            ms, rand = last_ms, (last_rand + 1) & ((1 << 80) - 1)
+        else:
+            rand = secrets.randbits(80)
+        _id_last = (ms, rand)
+    value = (ms << 80) | rand
+    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+
+
+def compress(raw: bytes, encoding: str) -> bytes:
+    if encoding == "gzip":
+        c = zlib.compressobj(3, zlib.DEFLATED, 31)  # level 3: ~3 ms per MiB of logs, near level 6
+        return c.compress(raw) + c.flush()
+    if encoding == "zstd":
+        return zstandard.ZstdCompressor(level=3).compress(raw)
+    if encoding == "identity":
+        return raw
+    raise ValueError(f"unknown encoding {encoding!r}")
+
+
+def decompress(body: bytes, encoding: str) -> bytes:
+    """The lines of a body; raises SpoolError if it cannot be decoded."""
+    try:
+        if encoding == "gzip":
+            return zlib.decompress(body, 47)
+        if encoding == "zstd":
+            return zstandard.ZstdDecompressor().decompressobj().decompress(body)
+        if encoding == "identity":
+            return body
+    except (zlib.error, zstandard.ZstdError) as exc:
+        raise SpoolError(f"cannot decompress {encoding} body: {exc}") from exc
+    raise SpoolError(f"unknown body encoding {encoding!r}")
+
+
+def count_prods(lines: Sequence[bytes]) -> dict[str, int]:
+    """Lines per PROD (the first field); a line without a space counts under its whole text."""
+    counts = Counter(line[: line.find(b" ")] if b" " in line else line for line in lines)
+    return {k.decode("utf-8", "replace"): v for k, v in counts.items()}
+
+
+def encode_row(header: RowHeader, body: bytes) -> bytes:
+    head = json.dumps({
+        "batch_id": header.batch_id, "collector": header.collector, "lines": header.lines,
+        "encoding": header.encoding, "checkpoint": header.checkpoint,
+        "created_s": header.created_s, "prods": header.prods,
+    }, separators=(",", ":")).encode()
+    return _HEAD.pack(ROW_MAGIC, ROW_VERSION, len(head)) + head + body
+
+
+def decode_row(row: bytes, pqid: int | None = None) -> tuple[RowHeader, bytes]:
+    """(header, compressed body) of a stored row. Raises SpoolError naming the row."""
+    what = f"spool row {pqid}" if pqid is not None else "spool row"
+    if not isinstance(row, bytes | bytearray | memoryview) or len(row) < _HEAD.size:
+        raise SpoolError(f"{what} is not a spoolagent batch (too short or not bytes)")
+    magic, version, head_len = _HEAD.unpack_from(row)
+    if magic != ROW_MAGIC:
+        raise SpoolError(f"{what} is not a spoolagent batch (bad magic {bytes(magic)!r})")
+    if version > ROW_VERSION:
+        raise SpoolError(f"{what} was written in row format v{version} by a newer spoolagent; "
+                         f"this version reads up to v{ROW_VERSION}: upgrade spoolagent")
+    try:
+        h: dict[str, Any] = json.loads(bytes(row[_HEAD.size:_HEAD.size + head_len]))
+        header = RowHeader(str(h["batch_id"]), str(h["collector"]), int(h["lines"]),
+                           str(h["encoding"]), h["checkpoint"], float(h["created_s"]),
+                           {str(k): int(v) for k, v in h.get("prods", {}).items()})
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SpoolError(f"{what} has an undecodable header: {exc!r}") from exc
+    return header, bytes(row[_HEAD.size + head_len:])
+
+
+def make_row(collector: str, lines: Sequence[bytes], encoding: str,
+             checkpoint: str | None = None) -> tuple[RowHeader, bytes]:
+    """A new batch: (header with a fresh batch id, encoded row)."""
+    raw = b"".join(line + b"\n" for line in lines)
+    header = RowHeader(new_batch_id(), collector, len(lines), encoding, checkpoint, time.time(),
+                       count_prods(lines))
+    return header, encode_row(header, compress(raw, encoding))
+
+
+def insert_row(conn: sqlite3.Connection, header: RowHeader, row: bytes, status: int = INITED) -> int:
+    """Insert a row and its metadata (inside the caller's transaction); returns its row id."""
+    cur = conn.execute(f"INSERT INTO `{QUEUE_TABLE}` (data, timestamp, status) VALUES (?, ?, ?)",
+                       (row, time.time(), status))
+    pqid = int(cur.lastrowid or 0)
+    conn.execute(
+        "INSERT INTO spool_batches (pqid, batch_id, collector, lines, bytes, prods, created_s)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (pqid, header.batch_id, header.collector, header.lines, len(row),
+         json.dumps(header.prods, separators=(",", ":")), header.created_s))
+    return pqid
+
+
+def connect(path: Path, *, readonly: bool = False, create: bool = False) -> sqlite3.Connection:
+    """A connection to spool.db in autocommit mode (explicit BEGIN), WAL, synchronous=FULL.
+
+    Raises SpoolError if the file is missing (unless ``create``) or is not a SQLite database.
+    """
+    if not create and not path.exists():
+        raise SpoolError(f"no spool at {path} (the agent creates it when it first starts)")
+    mode = "ro" if readonly else ("rwc" if create else "rw")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode={mode}", uri=True, timeout=BUSY_TIMEOUT_S,
+                               isolation_level=None, check_same_thread=False)
+        if not readonly:
+            conn.execute("PRAGMA journal_mode=WAL")
+        configure(conn)
+        conn.execute("PRAGMA user_version").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise SpoolError(f"{path} is not a usable spool ({exc}): corrupt or not a SQLite "
+                         "database; move it aside to start with an empty spool") from exc
+    return conn
+
+
+def configure(conn: sqlite3.Connection) -> None:
+    """Per-connection settings: every commit synced (durability is the product), and a WAL that
+    is cut back after a checkpoint instead of staying as large as the biggest backlog."""
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
+
+
+def check_schema(conn: sqlite3.Connection, path: Path, *, upgrade: bool) -> bool:
+    """Check (and with ``upgrade``, create or upgrade) the schema; False if there is no spool yet.
+
+    Raises SpoolError for a newer version, a corrupt or a foreign file.
+    """
+    try:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise SpoolError(f"{path} was written by a newer spoolagent (spool schema v{version}; "
+                             f"this version knows up to v{SCHEMA_VERSION}): upgrade spoolagent")
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if version == SCHEMA_VERSION and not {QUEUE_TABLE, "spool_batches"} <= tables:
+            raise SpoolError(f"{path} claims spool schema v{version} but lacks its tables")
+        _check_file_size(conn, path)
+        if not upgrade:
+            return QUEUE_TABLE in tables
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(_QUEUE_DDL)
+            for stmt in _split_sql(_SCHEMA):
+                conn.execute(stmt)
+            if version < SCHEMA_VERSION:
+                _index_unindexed_rows(conn)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return True
+    except sqlite3.DatabaseError as exc:
+        raise SpoolError(f"{path} is corrupt ({exc}); move it aside to start with an empty "
+                         "spool") from exc
+
+
+def _split_sql(script: str) -> list[str]:
+    stmts, buf = [], ""
+    for line in script.splitlines(keepends=True):
+        code = line.split("--", 1)[0]
+        buf += code
+        if code.rstrip().endswith(";") and sqlite3.complete_statement(buf):
+            stmts.append(buf.strip())
+            buf = ""
+    return stmts
+
+
+def _index_unindexed_rows(conn: sqlite3.Connection) -> None:
+    """Metadata for rows that lack it (a spool written by the bare library): decode each."""
+    rows = conn.execute(f"SELECT _id, data FROM `{QUEUE_TABLE}` WHERE _id NOT IN "
+                        "(SELECT pqid FROM spool_batches)").fetchall()
+    for pqid, data in rows:
+        header, _ = decode_row(data, pqid)
+        conn.execute(
+            "INSERT INTO spool_batches (pqid, batch_id, collector, lines, bytes, prods, created_s)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (pqid, header.batch_id, header.collector, header.lines, len(data),
+             json.dumps(header.prods), header.created_s))
+
+
+def _check_file_size(conn: sqlite3.Connection, path: Path) -> None:
+    """A truncated file: without a WAL to fill the gap, the file must hold every page."""
+    wal = Path(str(path) + "-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        return
+    pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
+    page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+    if os.path.getsize(path) < pages * page_size:
+        raise SpoolError(f"{path} is truncated ({os.path.getsize(path)} bytes, its header says "
+                         f"{pages * page_size}); move it aside to start with an empty spool")

@@ -1,0 +1,365 @@
+"""Spool: real SQLite files in tmp_path, real child processes killed with SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from spoolagent.errors import SpoolBusy, SpoolError
+from spoolagent.spool import Spool, SpooledBatch, WhenFull
+from spoolagent.spool_file import SpoolFile
+from spoolagent.spool_format import decompress, new_batch_id
+from tests.conftest import child_env, wait_until
+
+ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def make_lines(n: int, tag: str = "x", prod: str = "app") -> list[bytes]:
+    return [f"{prod} 2024-05-01 {tag} line {i:06d} ".encode() + b"y" * 160 for i in range(n)]
+
+
+def body_lines(b: SpooledBatch) -> list[bytes]:
+    return decompress(b.body, b.encoding).split(b"\n")[:-1]
+
+
+@pytest.fixture
+def open_spool(tmp_path: Path) -> Iterator[object]:
+    spools: list[Spool] = []
+
+    def make(max_bytes: int = 1 << 30, when_full: WhenFull = WhenFull.BLOCK,
+             compression: str = "zstd", stopping: threading.Event | None = None) -> Spool:
+        s = Spool(tmp_path / "state", max_bytes=max_bytes, when_full=when_full,
+                  compression=compression, stopping=stopping or threading.Event())
+        spools.append(s)
+        return s
+
+    yield make
+    for s in spools:
+        s.close()
+
+
+@pytest.mark.parametrize("compression,encoding", [("gzip", "gzip"), ("zstd", "zstd"),
+                                                  ("none", "identity")])
+def test_put_get_ack_round_trip(open_spool, compression: str, encoding: str) -> None:
+    spool = open_spool(compression=compression)
+    lines = make_lines(500) + [b"app 2024-05-01 \xff\xfe not utf-8", b"web 2024-05-02"]
+    bid = spool.put("tail", lines, checkpoint="inode=7 off=99")
+    assert ID_RE.match(bid)
+    assert spool.stats()["ready_lines"] == 502
+    b = spool.get(timeout_s=1)
+    assert b is not None
+    assert (b.batch_id, b.collector, b.lines, b.encoding, b.checkpoint, b.attempts) == (
+        bid, "tail", 502, encoding, "inode=7 off=99", 0)
+    assert body_lines(b) == lines
+    st = spool.stats()
+    assert (st["ready_batches"], st["inflight_batches"], st["inflight_lines"]) == (0, 1, 502)
+    spool.ack(b.pqid)
+    assert spool.get(timeout_s=0.05) is None
+    st = spool.stats()
+    assert (st["ready_batches"], st["inflight_batches"], st["bytes"], st["oldest_age_s"]) == (
+        0, 0, 0, None)
+
+
+def test_batch_ids_unique_and_sortable(open_spool) -> None:
+    ids = [new_batch_id() for _ in range(20000)]
+    assert len(set(ids)) == len(ids) and ids == sorted(ids)
+    assert all(ID_RE.match(i) and len(i) == 26 for i in ids[:100])
+    spool = open_spool()
+    put = [spool.put("c", [b"p 2024-01-01 %d" % i]) for i in range(30)]
+    assert put == sorted(put)
+    got = []
+    while (b := spool.get(timeout_s=0.05)) is not None:
+        got.append(b.batch_id)
+    assert got == put  # oldest first
+
+
+def test_nack_keeps_id_and_counts_attempts(open_spool, tmp_path: Path) -> None:
+    spool = open_spool()
+    bid = spool.put("c", make_lines(10))
+    for attempt in range(3):
+        b = spool.get(timeout_s=1)
+        assert b is not None and b.batch_id == bid and b.attempts == attempt
+        spool.nack(b.pqid, f"503 try {attempt}")
+    with SpoolFile(tmp_path / "state") as f:
+        (info,) = f.batches()
+    assert (info.batch_id, info.state, info.attempts, info.last_error) == (
+        bid, "ready", 3, "503 try 2")
+
+
+def test_fail_keeps_status_and_reason(open_spool, tmp_path: Path) -> None:
+    spool = open_spool()
+    bid = spool.put("c", make_lines(7))
+    b = spool.get(timeout_s=1)
+    assert b is not None
+    spool.fail(b.pqid, 400, "bad line framing")
+    assert spool.get(timeout_s=0.05) is None
+    st = spool.stats()
+    assert (st["failed_batches"], st["failed_lines"], st["ready_batches"]) == (1, 7, 0)
+    with SpoolFile(tmp_path / "state") as f:
+        (info,) = f.batches(["failed"])
+    assert (info.batch_id, info.http_status, info.reason) == (bid, 400, "bad line framing")
+
+
+CHILD = r"""
+import json, sys, threading, time
+from pathlib import Path
+from spoolagent.spool import Spool, WhenFull
+spool = Spool(Path(sys.argv[1]), max_bytes=1 << 30, when_full=WhenFull.BLOCK,
+              compression="gzip", stopping=threading.Event())
+ids = []
+for i in range(10):
+    lines = [b"app 2024-05-01 batch %d line %d" % (i, j) for j in range(200)]
+    ids.append(spool.put("c%d" % (i % 2), lines, checkpoint="tok-%02d" % i))
+inflight = [spool.get(1.0) for _ in range(3)]
+spool.ack(inflight[0].pqid)
+print(json.dumps({"ids": ids, "acked": inflight[0].batch_id,
+                  "inflight": [b.batch_id for b in inflight[1:]]}), flush=True)
+time.sleep(120)
+"""
+
+
+def test_inflight_batch_resent_with_same_id_after_kill(open_spool, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(state)], stdout=subprocess.PIPE,
+                            env=child_env())
+    try:
+        assert proc.stdout is not None
+        told = json.loads(proc.stdout.readline())
+        # the child holds the lock: a second opener is refused, and does not touch its rows
+        with pytest.raises(SpoolBusy):
+            open_spool()
+        with SpoolFile(state) as f:
+            st = f.stats()
+        assert (st["ready_batches"], st["inflight_batches"]) == (7, 2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    spool = open_spool()
+    st = spool.stats()
+    assert (st["ready_batches"], st["inflight_batches"], st["ready_lines"]) == (9, 0, 1800)
+    # the newest token of each collector, although tok-00 went with the acked row
+    assert spool.checkpoints() == {"c0": "tok-08", "c1": "tok-09"}
+    got = []
+    while (b := spool.get(timeout_s=0.05)) is not None:
+        i = int(body_lines(b)[0].split()[3])
+        assert body_lines(b) == [b"app 2024-05-01 batch %d line %d" % (i, j) for j in range(200)]
+        assert b.batch_id == told["ids"][i]
+        got.append(b.batch_id)
+        spool.ack(b.pqid)
+    assert got == [i for i in told["ids"] if i != told["acked"]]
+    assert set(told["inflight"]) <= set(got)
+
+
+def test_checkpoints_survive_ack_and_clear_newest_wins(open_spool, tmp_path: Path) -> None:
+    spool = open_spool()
+    spool.put("tail", make_lines(3), checkpoint="a")
+    spool.put("tail", make_lines(3), checkpoint="b")
+    spool.put("tail", make_lines(3))  # no token: keeps "b"
+    spool.put("journal", make_lines(3), checkpoint="cursor=1")
+    assert spool.checkpoints() == {"tail": "b", "journal": "cursor=1"}
+    while (b := spool.get(timeout_s=0.05)) is not None:
+        spool.ack(b.pqid)
+    spool.close()
+    again = open_spool()
+    assert again.checkpoints() == {"tail": "b", "journal": "cursor=1"}
+
+
+def test_close_returns_inflight_to_ready(open_spool) -> None:
+    spool = open_spool()
+    bid = spool.put("c", make_lines(5))
+    assert spool.get(timeout_s=1) is not None
+    spool.close()
+    again = open_spool()
+    st = again.stats()
+    assert (st["ready_batches"], st["inflight_batches"]) == (1, 0)
+    b = again.get(timeout_s=1)
+    assert b is not None and b.batch_id == bid
+
+
+def test_block_put_waits_for_ack_and_stopping_releases_it(open_spool) -> None:
+    stopping = threading.Event()
+    spool = open_spool(max_bytes=60_000, compression="none", stopping=stopping)
+    spool.put("c", make_lines(200))  # ~40 KB: a second one does not fit
+    done: list[str] = []
+    t = threading.Thread(target=lambda: done.append(spool.put("c", make_lines(200, "2"))))
+    t.start()
+    t.join(0.5)
+    assert t.is_alive() and not done  # blocked: back-pressure
+    b = spool.get(timeout_s=1)
+    assert b is not None
+    spool.ack(b.pqid)
+    t.join(5)
+    assert done and not t.is_alive()
+    t2 = threading.Thread(target=lambda: done.append(spool.put("c", make_lines(200, "3"))))
+    t2.start()
+    t2.join(0.5)
+    assert t2.is_alive()
+    stopping.set()  # shutting down: write over the bound rather than lose lines held in memory
+    t2.join(5)
+    assert len(done) == 2
+    assert spool.stats()["bytes"] > 60_000
+
+
+def test_drop_oldest_drops_ready_never_inflight(open_spool) -> None:
+    spool = open_spool(max_bytes=130_000, when_full=WhenFull.DROP_OLDEST, compression="none")
+    ids = [spool.put("c", make_lines(200, str(i))) for i in range(3)]  # ~40 KB each
+    first = spool.get(timeout_s=1)
+    assert first is not None and first.batch_id == ids[0]
+    ids += [spool.put("c", make_lines(200, str(i))) for i in range(3, 6)]
+    st = spool.stats()
+    assert st["bytes"] <= 130_000
+    assert (st["dropped_batches"], st["dropped_lines"]) == (3, 600)
+    left = [first.batch_id]
+    while (b := spool.get(timeout_s=0.05)) is not None:
+        left.append(b.batch_id)
+    assert left == [ids[0], ids[4], ids[5]]  # 1, 2, 3 dropped; 0 was in flight
+    assert len(ids) - len(left) == st["dropped_batches"]
+
+
+def test_second_opener_gets_spool_busy(open_spool) -> None:
+    first = open_spool()
+    with pytest.raises(SpoolBusy):
+        open_spool()
+    first.close()
+    open_spool().put("c", [b"a 2024-01-01 ok"])
+
+
+def test_acked_rows_do_not_accumulate(open_spool, tmp_path: Path) -> None:
+    spool = open_spool(compression="none")
+    db = tmp_path / "state" / "spool.db"
+    sizes = []
+    for cycle in range(120):
+        spool.put("c", make_lines(1000, str(cycle)))
+        b = spool.get(timeout_s=1)
+        assert b is not None
+        spool.ack(b.pqid)
+        if cycle in (20, 119):
+            sizes.append(db.stat().st_size + Path(str(db) + "-wal").stat().st_size)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM ack_queue_default").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM spool_batches").fetchone() == (0,)
+    assert sizes[1] <= sizes[0] * 1.5 + 1_000_000, sizes  # 120 x 190 KB went through
+
+
+def test_concurrent_putters_and_getters_each_batch_once(open_spool) -> None:
+    spool = open_spool(compression="gzip")
+    put: list[str] = []
+    got: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def putter(k: int) -> None:
+        for i in range(25):
+            bid = spool.put(f"c{k}", make_lines(50, f"{k}-{i}"))
+            with lock:
+                put.append(bid)
+
+    def getter() -> None:
+        while not stop.is_set():
+            b = spool.get(timeout_s=0.1)
+            if b is not None:
+                with lock:
+                    got.append(b.batch_id)
+                spool.ack(b.pqid)
+
+    getters = [threading.Thread(target=getter) for _ in range(2)]
+    putters = [threading.Thread(target=putter, args=(k,)) for k in range(4)]
+    for t in getters + putters:
+        t.start()
+    for t in putters:
+        t.join(60)
+    wait_until(lambda: len(got) == 100, timeout_s=30, what="all batches got")
+    stop.set()
+    for t in getters:
+        t.join(10)
+    assert sorted(got) == sorted(put) and len(set(got)) == 100
+
+
+def _write_spool(state: Path) -> None:
+    s = Spool(state, max_bytes=1 << 30, when_full=WhenFull.BLOCK, compression="none",
+              stopping=threading.Event())
+    for i in range(40):
+        s.put("c", make_lines(300, str(i)))
+    s.close()
+
+
+def test_garbage_spool_db_gives_clear_error(tmp_path: Path, open_spool) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "spool.db").write_bytes(b"this is not a database, it is a log line\n" * 200)
+    with pytest.raises(SpoolError, match="not a usable spool|corrupt"):
+        open_spool()
+    with pytest.raises(SpoolError):
+        SpoolFile(state)
+    # the lock was released: with the file moved aside, the agent can start
+    (state / "spool.db").rename(state / "spool.db.corrupt")
+    open_spool().put("c", [b"a 2024-01-01 ok"])
+
+
+def test_truncated_spool_db_gives_clear_error(tmp_path: Path, open_spool) -> None:
+    state = tmp_path / "state"
+    _write_spool(state)
+    db = state / "spool.db"
+    with open(db, "r+b") as f:
+        f.truncate(db.stat().st_size // 2)
+    with pytest.raises(SpoolError, match="truncated|corrupt"):
+        open_spool()
+
+
+def test_newer_version_gives_clear_error(tmp_path: Path, open_spool) -> None:
+    state = tmp_path / "state"
+    _write_spool(state)
+    with sqlite3.connect(state / "spool.db") as conn:
+        conn.execute("PRAGMA user_version=7")
+    with pytest.raises(SpoolError, match="newer spoolagent"):
+        open_spool()
+
+
+def test_undecodable_row_goes_to_failed_and_names_the_row(tmp_path: Path, open_spool) -> None:
+    state = tmp_path / "state"
+    s = open_spool()
+    s.put("c", make_lines(2, "before"))
+    s.close()
+    with sqlite3.connect(state / "spool.db") as conn:
+        conn.execute("UPDATE ack_queue_default SET data = x'00112233445566778899'")
+    s = open_spool()
+    good = s.put("c", make_lines(2, "after"))
+    with pytest.raises(SpoolError, match="spool row 1 .*not a spoolagent batch"):
+        s.get(timeout_s=1)
+    b = s.get(timeout_s=1)
+    assert b is not None and b.batch_id == good
+    assert s.stats()["failed_batches"] == 1
+
+
+def test_text_row_goes_to_failed_and_names_the_row(tmp_path: Path, open_spool) -> None:
+    s = open_spool()
+    s.put("c", make_lines(2, "before"))
+    good = s.put("c", make_lines(2, "after"))
+    with sqlite3.connect(tmp_path / "state" / "spool.db") as conn:
+        conn.execute("UPDATE ack_queue_default SET data = 'SPAB' || x'ff' WHERE _id = 1")
+    with pytest.raises(SpoolError, match="spool row 1 "):
+        s.get(timeout_s=1)
+    b = s.get(timeout_s=1)
+    assert b is not None and b.batch_id == good
+    assert s.stats()["failed_batches"] == 1
+
+
+def test_newer_row_format_gives_clear_error(open_spool, tmp_path: Path) -> None:
+    s = open_spool()
+    s.put("c", make_lines(2))
+    with sqlite3.connect(tmp_path / "state" / "spool.db") as conn:
+        conn.execute("UPDATE ack_queue_default SET data = "
+                     "CAST(substr(data, 1, 4) || x'09' || substr(data, 6) AS BLOB)")
+    with pytest.raises(SpoolError, match="row format v9 by a newer spoolagent"):
+        s.get(timeout_s=1)

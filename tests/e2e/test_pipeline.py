@@ -1,0 +1,264 @@
+"""End to end: real collectors -> real agent -> (fault proxy) -> real receiver -> files, line by line."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import AgentProc, ReceiverProc, child_env, count_lines, wait_until
+from tests.httpfault import HttpFaultProxy
+
+TODAY = datetime.date.today().isoformat()
+
+# A checkpointing collector: resumes at the sequence number in its token, prints `total` lines,
+# a checkpoint after every `every` lines, then idles. Killed at any moment, it loses nothing.
+CKPT = """\
+import json, os, sys, time, datetime
+cfg = json.loads(os.environ["SPOOLAGENT_COLLECTOR_CONFIG"] or "{}")
+total, every, prod = cfg.get("total", 1000), cfg.get("every", 100), cfg.get("prod", "ck")
+i = int(os.environ.get("SPOOLAGENT_CHECKPOINT") or 0)
+d = datetime.date.today().isoformat().encode()
+out = sys.stdout.buffer
+while i < total:
+    n = min(every, total - i)
+    out.write(b"".join(b"%s %s seq=%08d %s\\n" % (prod.encode(), d, j, b"x" * cfg.get("pad", 40))
+                       for j in range(i, i + n)))
+    i += n
+    out.write(b"!checkpoint %d\\n" % i)
+    out.flush()
+    if cfg.get("delay"):
+        time.sleep(cfg["delay"])
+while True:
+    time.sleep(3600)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _seqs(data_dir: Path, prod: str) -> Counter[int]:
+    c: Counter[int] = Counter()
+    for p in data_dir.glob(f"{prod}_*.dat"):
+        for line in p.read_bytes().splitlines():
+            c[int(line.split(b" ")[0].split(b"=")[1])] += 1
+    return c
+
+
+def _assert_exactly_once(data_dir: Path, prod: str, total: int) -> None:
+    seen = _seqs(data_dir, prod)
+    missing = [i for i in range(total) if seen[i] == 0]
+    dups = {i: n for i, n in seen.items() if n > 1}
+    assert not missing and not dups, f"missing={missing[:10]} ({len(missing)}) dups={list(dups.items())[:10]} ({len(dups)})"
+    assert sum(seen.values()) == total
+
+
+def test_interval_0_and_interval_n_collectors_land_in_date_files(
+        receiver: ReceiverProc, agent_factory: Callable[..., AgentProc]) -> None:
+    a = agent_factory([receiver.url], extra_toml='[collectors.tick]\nformat = "raw"\nprod = "periodic"\n')
+    a.add_collector("zero.py", "import sys, time, datetime\nd = datetime.date.today().isoformat()\n"
+                    "for i in range(500):\n    print(f'app {d} zero {i}')\nsys.stdout.flush()\ntime.sleep(3600)\n")
+    a.add_collector("tick.sh", "#!/bin/sh\necho \"tick $$\"\n", interval=1)
+    a.start()
+    app = receiver.data_dir / f"app_{TODAY}.dat"
+    wait_until(lambda: app.exists() and app.read_bytes().count(b"\n") == 500, 20, what="500 app lines")
+    assert app.read_bytes().splitlines() == [b"zero %d" % i for i in range(500)]
+    periodic = receiver.data_dir / f"periodic_{TODAY}.dat"
+    wait_until(lambda: periodic.exists() and periodic.read_bytes().count(b"\n") >= 2, 20, what="2 ticks")
+    assert all(line.startswith(b"tick ") for line in periodic.read_bytes().splitlines())
+    st = a.get_status()
+    names = {c["name"]: c for c in st["collectors"]}
+    assert names["zero"]["state"] == "running" and names["tick"]["interval_s"] == 1
+    assert a.stop() == 0
+    assert st["sender"]["lines_sent"] >= 500
+
+
+def test_receiver_down_lines_pile_up_then_arrive_exactly_once(
+        receiver_factory: Callable[..., ReceiverProc], agent_factory: Callable[..., AgentProc]) -> None:
+    port = _free_port()
+    r = receiver_factory(start=False)
+    a = agent_factory([f"http://127.0.0.1:{port}"], extra_toml="[collectors.ck]\ntotal = 3000\nevery = 50\n")
+    a.add_collector("ck.py", CKPT)
+    a.start()
+    wait_until(lambda: a.get_status()["spool"]["ready_lines"] + a.get_status()["spool"]["inflight_lines"] == 3000,
+               30, what="3000 lines spooled while the receiver is down")
+    st = a.get_status()
+    assert st["sender"]["lines_sent"] == 0 and st["sender"]["consecutive_failures"] > 0
+    r.start(port=port)
+    wait_until(lambda: count_lines(r.data_dir) >= 3000, 30, what="backlog delivered")
+    wait_until(lambda: a.get_status()["spool"]["ready_batches"] == 0, 10)
+    _assert_exactly_once(r.data_dir, "ck", 3000)
+
+
+def test_inflight_batch_resent_with_same_id_after_kill(
+        receiver: ReceiverProc, agent_factory: Callable[..., AgentProc]) -> None:
+    proxy = HttpFaultProxy(receiver.url, mode="hold")
+    try:
+        a = agent_factory([proxy.url], batch="max_lines = 500\nmax_wait_ms = 50",
+                          extra_toml="[collectors.ck]\ntotal = 2000\nevery = 100\n")
+        a.add_collector("ck.py", CKPT)
+        a.start()
+        # the receiver has stored the held batches, but the agent never saw the answer
+        wait_until(lambda: len(proxy.batch_ids()) >= 2, 20, what="2 batches in flight")
+        held = proxy.batch_ids()
+        a.kill()
+        proxy.mode = "pass"
+        a.start()
+        wait_until(lambda: count_lines(receiver.data_dir) >= 2000, 30, what="all lines")
+        wait_until(lambda: a.get_status()["spool"]["ready_batches"] == 0, 10)
+        resent = proxy.batch_ids()[len(held):]
+        assert set(held) <= set(resent), f"held {held} not resent with the same ids: {resent}"
+        _assert_exactly_once(receiver.data_dir, "ck", 2000)
+        assert a.stop() == 0
+    finally:
+        proxy.close()
+
+
+def test_checkpointing_collector_exactly_once_across_random_sigkills(
+        receiver: ReceiverProc, agent_factory: Callable[..., AgentProc]) -> None:
+    total = 100_000
+    a = agent_factory([receiver.url], batch="max_lines = 2000\nmax_wait_ms = 50",
+                      extra_toml=f"[collectors.ck]\ntotal = {total}\nevery = 200\ndelay = 0.002\n")
+    a.add_collector("ck.py", CKPT)
+    rnd = random.Random(20261126)
+    kills = 0
+    for _ in range(8):
+        a.start()
+        goal = min(total, count_lines(receiver.data_dir) + rnd.randint(2000, 15000))
+        wait_until(lambda: count_lines(receiver.data_dir) >= goal, 30, what=f"{goal} lines before the kill")
+        a.kill()  # mid-stream: batches spooled, in flight, and lines held after the last checkpoint
+        kills += 1
+        if goal >= total:
+            break
+    assert kills >= 3
+    a.start()
+    wait_until(lambda: count_lines(receiver.data_dir) >= total, 90, what=f"{total} lines")
+    wait_until(lambda: a.get_status()["spool"]["ready_batches"] == 0, 10)
+    _assert_exactly_once(receiver.data_dir, "ck", total)
+    assert a.stop() == 0
+
+
+def _progress_collector(total: int, progress: Path) -> str:
+    return f"""\
+import datetime, sys
+d = datetime.date.today().isoformat().encode()
+out = sys.stdout.buffer
+for i in range(0, {total}, 100):
+    out.write(b"".join(b"fill %s seq=%08d %s\\n" % (d, j, b"y" * 150) for j in range(i, i + 100)))
+    out.flush()
+    with open({str(progress)!r}, "w") as f:
+        f.write(str(i + 100))
+import time
+while True:
+    time.sleep(3600)
+"""
+
+
+def test_full_spool_block_slows_collector_and_loses_nothing(
+        receiver_factory: Callable[..., ReceiverProc], agent_factory: Callable[..., AgentProc],
+        tmp_path: Path) -> None:
+    total, port = 20_000, _free_port()
+    progress = tmp_path / "progress"
+    r = receiver_factory(start=False)
+    a = agent_factory([f"http://127.0.0.1:{port}"], batch='max_bytes = "16KiB"\nmax_wait_ms = 20',
+                      spool='max_bytes = "256KiB"\nwhen_full = "block"', sender='compression = "none"\nmax_backoff_s = 1')
+    a.add_collector("fill.py", _progress_collector(total, progress))
+    a.start()
+
+    def stalled() -> bool:
+        before = progress.read_text() if progress.exists() else ""
+        time.sleep(1.0)  # a stall can only be seen over time: the collector made no progress for 1 s
+        return bool(before) and progress.read_text() == before
+
+    wait_until(stalled, 30, interval_s=0.1, what="the collector to be blocked by the full spool")
+    written = int(progress.read_text())
+    assert written < total, "the collector was never slowed"
+    st = a.get_status()["spool"]
+    assert st["bytes"] <= 256 * 1024 + 64 * 1024
+    assert st.get("dropped_lines", 0) == 0
+    r.start(port=port)
+    wait_until(lambda: count_lines(r.data_dir) >= total, 60, what="everything after the spool drained")
+    seen = _seqs(r.data_dir, "fill")
+    assert sorted(seen) == list(range(total)) and set(seen.values()) == {1}
+
+
+def test_full_spool_drop_oldest_counts_match_missing(
+        receiver_factory: Callable[..., ReceiverProc], agent_factory: Callable[..., AgentProc],
+        tmp_path: Path) -> None:
+    total, port = 20_000, _free_port()
+    progress = tmp_path / "progress"
+    r = receiver_factory(start=False)
+    a = agent_factory([f"http://127.0.0.1:{port}"], batch='max_bytes = "16KiB"\nmax_wait_ms = 20',
+                      spool='max_bytes = "256KiB"\nwhen_full = "drop_oldest"',
+                      sender='compression = "none"\nmax_backoff_s = 1')
+    a.add_collector("fill.py", _progress_collector(total, progress))
+    a.start()
+    wait_until(lambda: progress.exists() and int(progress.read_text()) == total, 30, what="collector done")
+    wait_until(lambda: a.get_status()["lines"]["spooled"] == total, 30, what="all lines spooled or dropped")
+    dropped = a.get_status()["spool"]["dropped_lines"]
+    assert dropped > 0
+    r.start(port=port)
+    wait_until(lambda: a.get_status()["spool"]["ready_batches"] == 0
+               and a.get_status()["spool"]["inflight_batches"] == 0, 60, what="spool drained")
+    seen = _seqs(r.data_dir, "fill")
+    assert set(seen.values()) == {1}
+    assert len(seen) + a.get_status()["spool"]["dropped_lines"] == total
+    assert max(seen) == total - 1  # the newest lines were kept
+
+
+def test_400_moves_batch_to_failed_and_sender_carries_on(
+        receiver: ReceiverProc, agent_factory: Callable[..., AgentProc]) -> None:
+    proxy = HttpFaultProxy(receiver.url, mode="status_once:400")
+    try:
+        a = agent_factory([proxy.url], batch="max_lines = 100\nmax_wait_ms = 20",
+                          extra_toml="[collectors.ck]\ntotal = 1000\nevery = 100\n")
+        a.add_collector("ck.py", CKPT)
+        a.start()
+        wait_until(lambda: count_lines(receiver.data_dir) >= 900, 20, what="the other batches")
+        st = a.get_status()
+        assert st["spool"]["failed_batches"] == 1
+        failed_lines = st["spool"]["failed_lines"]
+        assert count_lines(receiver.data_dir) == 1000 - failed_lines
+        assert "400" in (st.get("last_error") or "")
+        assert a.stop() == 0
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize("toml, expect", [
+    ('[agent]\nstate_dir = "s"\ncollectors_dir = "c"\nbogus = 1\n', "[agent] bogus: unknown key"),
+    ('[agent]\nstate_dir = "s"\ncollectors_dir = "c"\n[batch]\nmax_bytes = "12XB"\n', "[batch] max_bytes"),
+    ('[agent]\nstate_dir = "s"\ncollectors_dir = "nowhere"\n', "[agent] collectors_dir"),
+    ('[agent]\nstate_dir = "s"\ncollectors_dir = "c"\n[spool]\nwhen_full = "explode"\n', "[spool] when_full"),
+    ('[agent\n', "invalid TOML"),
+])
+def test_bad_config_clear_message_exit_2(tmp_path: Path, toml: str, expect: str) -> None:
+    (tmp_path / "c").mkdir()
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(toml)
+    for cmd in ("check", "run"):
+        p = subprocess.run([sys.executable, "-m", "spoolagent", cmd, "-c", str(cfg)], capture_output=True,
+                           text=True, env=child_env(), timeout=30)
+        assert p.returncode == 2, p.stderr
+        assert expect in p.stderr, p.stderr
+
+
+def test_check_ok_exit_0(tmp_path: Path) -> None:
+    (tmp_path / "c").mkdir()
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('[agent]\nstate_dir = "s"\ncollectors_dir = "c"\n')
+    p = subprocess.run([sys.executable, "-m", "spoolagent", "check", "-c", str(cfg), "--json"],
+                       capture_output=True, text=True, env=child_env(), timeout=30)
+    assert p.returncode == 0 and json.loads(p.stdout)["ok"] is True

@@ -61,7 +61,8 @@ def _assert_exactly_once(data_dir: Path, prod: str, total: int) -> None:
     seen = _seqs(data_dir, prod)
     missing = [i for i in range(total) if seen[i] == 0]
     dups = {i: n for i, n in seen.items() if n > 1}
-    assert not missing and not dups, f"missing={missing[:10]} ({len(missing)}) dups={list(dups.items())[:10]} ({len(dups)})"
+    assert not missing and not dups, (
+        f"missing={missing[:10]} ({len(missing)}) dups={list(dups.items())[:10]} ({len(dups)})")
     assert sum(seen.values()) == total
 
 
@@ -137,7 +138,7 @@ def test_checkpointing_collector_exactly_once_across_random_sigkills(
     for _ in range(8):
         a.start()
         goal = min(total, count_lines(receiver.data_dir) + rnd.randint(2000, 15000))
-        wait_until(lambda: count_lines(receiver.data_dir) >= goal, 30, what=f"{goal} lines before the kill")
+        wait_until(lambda g=goal: count_lines(receiver.data_dir) >= g, 30, what=f"{goal} lines before the kill")
         a.kill()  # mid-stream: batches spooled, in flight, and lines held after the last checkpoint
         kills += 1
         if goal >= total:
@@ -173,7 +174,8 @@ def test_full_spool_block_slows_collector_and_loses_nothing(
     progress = tmp_path / "progress"
     r = receiver_factory(start=False)
     a = agent_factory([f"http://127.0.0.1:{port}"], batch='max_bytes = "16KiB"\nmax_wait_ms = 20',
-                      spool='max_bytes = "256KiB"\nwhen_full = "block"', sender='compression = "none"\nmax_backoff_s = 1')
+                      spool='max_bytes = "256KiB"\nwhen_full = "block"',
+                      sender='compression = "none"\nmax_backoff_s = 1')
     a.add_collector("fill.py", _progress_collector(total, progress))
     a.start()
 

@@ -34,6 +34,7 @@ from tenacity import (
     Retrying,
     retry_if_exception_type,
     sleep_using_event,
+    stop_any,
     stop_when_event_set,
     wait_exponential_jitter,
 )
@@ -171,7 +172,7 @@ class Sender:
         )
         self._sleep_on_event = sleep_using_event(stopping)
         self._lock = threading.Lock()
-        self._closed = False
+        self._closed = threading.Event()
         self._current = 0                # index into _urls, shared by all threads
         self._consecutive_failures = 0   # against _urls[_current]
         self._sending = 0
@@ -209,7 +210,8 @@ class Sender:
         retrying = Retrying(
             retry=retry_if_exception_type(ReceiverUnavailable),
             wait=self._wait_for(call),
-            stop=stop_when_event_set(self._stopping),
+            # shutdown stops retrying; so does close() (the agent is past the in-flight send)
+            stop=stop_any(stop_when_event_set(self._stopping), stop_when_event_set(self._closed)),
             sleep=self._backoff,
             reraise=True,
         )
@@ -219,7 +221,7 @@ class Sender:
     def state(self) -> dict[str, object]:
         """A JSON-ready snapshot for /status. Thread-safe, never blocks on the network."""
         with self._lock:
-            if self._closed:
+            if self._closed.is_set():
                 state = SenderState.STOPPED
             elif self._backing_off:
                 state = SenderState.BACKOFF
@@ -249,9 +251,9 @@ class Sender:
         """Close the connection pool. Sends still in flight fail with ReceiverUnavailable;
         later sends too. Idempotent."""
         with self._lock:
-            if self._closed:
+            if self._closed.is_set():
                 return
-            self._closed = True
+            self._closed.set()
         self._client.close()
 
     # -- one attempt -----------------------------------------------------------------------
@@ -264,7 +266,7 @@ class Sender:
             # tenacity makes one more attempt after an interrupted sleep; shutdown wins over it
             raise ReceiverUnavailable(f"stopping; last error: {call.last_error}")
         with self._lock:
-            if self._closed:
+            if self._closed.is_set():
                 raise ReceiverUnavailable("sender is closed")
             index = self._current
             self._sending += 1
@@ -278,7 +280,7 @@ class Sender:
             self._failed(call, index, message, None)
             raise ReceiverUnavailable(message) from exc
         except RuntimeError as exc:
-            if not self._closed:
+            if not self._closed.is_set():
                 raise
             # httpx refuses to send on a client close() shut under us: shutdown, not a fault
             raise ReceiverUnavailable("sender is closed") from exc

@@ -1,0 +1,491 @@
+"""The collector supervisor, tcollector-compatible: discovery, scheduling, reload and stop.
+
+Owns ``collectors_dir/<interval>/<program>``: which collectors exist (:func:`discover`), their
+named states (:class:`CollectorState`), when each runs (interval 0: long-running, respawned with
+exponential backoff; interval N: started every N s and terminated when it overruns), picking up
+new, changed and removed files and new settings, and stopping everything. How a single process is
+spawned and its pipes read lives in ``spoolagent.procs`` and ``spoolagent.pipes``. Imports only
+``spoolagent.errors``, those, ``spoolagent.discovery`` and the standard library; must not import spool, sender, batcher, config or
+agent (the agent wires it with plain callables).
+
+Threads: :meth:`Supervisor.start` starts one thread, ``collectors-supervisor``. It is the only
+thread that spawns, signals, reaps and changes a collector's state, and it lives until
+:meth:`Supervisor.stop` has seen every collector die and every reader finish. That matters: the
+children's parent-death signal is bound to the thread that forked them. Each run has a stdout
+reader thread (hands lines to ``on_lines``, then calls ``on_exit``) and a stderr reader thread.
+
+Conventions (tcollector's; discovery rules in ``spoolagent.discovery``): a ``.py`` file runs
+under the agent's interpreter, anything else is exec'd directly (a script without a shebang fails
+with ENOEXEC: FAILED until the file changes); exit code 13 means "do not restart me" (EXITED until
+the file or its settings change). Processes a collector's main process leaves behind in its group
+when it exits get SIGTERM, then SIGKILL after the grace period.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spoolagent.discovery import check_dir, discover, is_ignored_name, scan
+from spoolagent.errors import CollectorFailed
+from spoolagent.pipes import Counters, StderrLimiter
+from spoolagent.procs import CollectorNotExecutable, Run, spawn
+
+__all__ = ["CollectorInfo", "CollectorState", "Supervisor", "check_dir", "discover",
+           "is_ignored_name"]
+
+log = logging.getLogger(__name__)
+
+EXIT_DO_NOT_RESTART = 13
+ENV_CONFIG = "SPOOLAGENT_COLLECTOR_CONFIG"
+ENV_CHECKPOINT = "SPOOLAGENT_CHECKPOINT"
+_POLL_S = 0.25  # exit detection for a process that exits while something else holds its stdout
+_AFTER_RANK = {"": 0, "restart": 1, "disable": 2, "remove": 3}
+
+
+class CollectorState(enum.Enum):
+    STARTING = "starting"  # being spawned
+    RUNNING = "running"  # process alive (or exited, its output still being handed over)
+    BACKOFF = "backoff"  # interval 0: exited or failed to spawn; respawn at a later time
+    WAITING = "waiting"  # interval N: waiting for its next start time
+    STOPPING = "stopping"  # SIGTERM sent; SIGKILL after the grace period
+    STOPPED = "stopped"  # stopped by the supervisor's stop()
+    DISABLED = "disabled"  # enabled = false in its settings
+    EXITED = "exited"  # exited with 13: not restarted until its file or settings change
+    FAILED = "failed"  # cannot be exec'd: not retried until its file or settings change
+
+
+@dataclass(frozen=True)
+class CollectorInfo:
+    name: str
+    path: Path
+    interval_s: int
+    state: CollectorState
+    pid: int | None
+    restarts: int  # respawns of an interval-0 collector after it exited on its own
+    last_exit: int | None  # returncode of the last run; -N = killed by signal N
+    last_start_s: float | None  # wall clock
+    enabled: bool
+    runs: int = 0  # processes started, for any reason
+    overruns: int = 0  # interval-N runs terminated because the next start time came
+
+
+@dataclass(eq=False)
+class _Collector:
+    name: str
+    path: Path
+    interval_s: int
+    ident: tuple[int, int, int, int]
+    config_json: str
+    enabled: bool
+    backoff_s: float
+    state: CollectorState = CollectorState.WAITING
+    next_start: float = 0.0  # monotonic
+    run: Run | None = None
+    restarts: int = 0
+    runs: int = 0
+    overruns: int = 0
+    last_exit: int | None = None
+    last_start_s: float | None = None
+    respawn: bool = False  # the next start respawns an interval-0 collector that exited
+    after_run: str = ""  # what to do when the current run is over: see _AFTER_RANK
+
+
+def _enabled(settings: Mapping[str, Any]) -> bool:
+    return settings.get("enabled", True) is not False
+
+
+class Supervisor:
+    """Runs the collectors of ``collectors_dir`` and hands their stdout lines to ``on_lines``.
+
+    Callbacks run on the collector's stdout reader thread, in order: ``on_lines(name, lines)``
+    (may block: reading stops and the collector is slowed through its pipe), ``on_overlong(name,
+    size, head)`` and, once per run after its last line, ``on_exit(name, returncode)``.
+    ``checkpoint_for(name)`` runs on the supervisor thread before every spawn, after the previous
+    run's on_exit returned. While ``stopping`` is set nothing new is spawned.
+    Raises CollectorFailed if ``collectors_dir`` is not a readable directory.
+    """
+
+    def __init__(self, collectors_dir: Path, *, settings: Mapping[str, Mapping[str, Any]],
+                 on_lines: Callable[[str, list[bytes]], None],
+                 on_overlong: Callable[[str, int, bytes], None],
+                 on_exit: Callable[[str, int], None],
+                 checkpoint_for: Callable[[str], str],
+                 stopping: threading.Event,
+                 max_line_bytes: int = 1 << 20, stop_grace_s: float = 5.0,
+                 rescan_s: float = 5.0, backoff_initial_s: float = 1.0,
+                 backoff_max_s: float = 60.0, backoff_reset_s: float = 60.0,
+                 overlong_head_bytes: int = 1024, stderr_lines_per_s: float = 10.0,
+                 stderr_burst: int = 100) -> None:
+        check_dir(collectors_dir)
+        self.collectors_dir = collectors_dir.absolute()
+        self._settings = _copy_settings(settings)
+        self._on_lines = on_lines
+        self._on_overlong = on_overlong
+        self._on_exit = on_exit
+        self._checkpoint_for = checkpoint_for
+        self._stopping = stopping
+        self.max_line_bytes = max_line_bytes
+        self.stop_grace_s = stop_grace_s
+        self.rescan_s = rescan_s
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.backoff_reset_s = backoff_reset_s
+        self.overlong_head_bytes = overlong_head_bytes
+        self.stderr_lines_per_s = stderr_lines_per_s
+        self.stderr_burst = stderr_burst
+        self._counters = Counters("restarts_total", "spawn_failures_total",
+                                  "overlong_lines_total", "lines_read_total", "bytes_read_total",
+                                  "overruns_total", "stderr_lines_suppressed_total",
+                                  "callback_errors_total")
+        self._lock = threading.Lock()  # guards _collectors, _settings, _reload_pending
+        self._collectors: dict[str, _Collector] = {}
+        self._reload_pending = True
+        self._wake = threading.Event()
+        self._stop_requested = threading.Event()
+        self._hurry = threading.Event()
+        self._stop_grace_now_s = stop_grace_s
+        self._thread: threading.Thread | None = None
+        self._dir_error = ""
+        self._dups: list[Path] = []
+
+    # -- public ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the supervisor thread; non-blocking. A second call, or one after stop(), does
+        nothing."""
+        if self._thread is not None or self._stop_requested.is_set():
+            return
+        self._thread = threading.Thread(target=self._main, name="collectors-supervisor",
+                                        daemon=True)
+        self._thread.start()
+
+    def reload(self, settings: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        """Rescan ``collectors_dir`` and, if given, take new settings (a collector whose settings
+        changed is restarted; ``enabled = false`` stops it). Non-blocking, thread-safe: the
+        supervisor thread applies it moments later. Not for use inside a signal handler."""
+        with self._lock:
+            if settings is not None:
+                self._settings = _copy_settings(settings)
+            self._reload_pending = True
+        self._wake.set()
+
+    def stop(self, grace_s: float | None = None, *, fast: bool = False,
+             drain_timeout_s: float | None = None) -> None:
+        """SIGTERM every collector's process group, SIGKILL what is left after ``grace_s``
+        (default ``stop_grace_s``), then wait until the readers handed over everything the
+        collectors printed and ``on_exit`` ran for each. Blocks; thread-safe; idempotent.
+        A second call (say, on a second SIGTERM), or ``fast=True``, skips the grace period.
+        With ``drain_timeout_s`` it returns after that long even if a blocked ``on_lines`` holds
+        a reader up (logged as an error: those lines are not handed over)."""
+        if fast or self._stop_requested.is_set():
+            self._hurry.set()
+        if not self._stop_requested.is_set():
+            self._stop_grace_now_s = self.stop_grace_s if grace_s is None else grace_s
+            self._stop_requested.set()
+        self._wake.set()
+        thread = self._thread
+        if thread is None:
+            with self._lock:
+                for c in self._collectors.values():
+                    c.state = CollectorState.STOPPED
+            return
+        thread.join(drain_timeout_s)
+        if thread.is_alive():
+            log.error("collectors still handing over lines after drain_timeout_s=%s; giving up",
+                      drain_timeout_s)
+
+    def collectors(self) -> list[CollectorInfo]:
+        """A snapshot of every known collector, by name. Thread-safe, non-blocking."""
+        with self._lock:
+            return [self._info(c) for _, c in sorted(self._collectors.items())]
+
+    def stats(self) -> dict[str, int]:
+        """Counters since start: restarts_total, spawn_failures_total, overlong_lines_total,
+        lines_read_total, bytes_read_total, overruns_total, stderr_lines_suppressed_total,
+        callback_errors_total. Thread-safe."""
+        return self._counters.snapshot()
+
+    # -- supervisor thread ----------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            self._loop()
+        except Exception:
+            log.exception("collector supervisor failed; killing all collectors")
+            with self._lock:
+                for c in self._collectors.values():
+                    if c.run is not None:
+                        c.run.abandon()
+                    c.state = CollectorState.FAILED
+
+    def _loop(self) -> None:
+        next_scan = 0.0
+        while True:
+            self._wake.clear()  # before looking: a wake-up from now on ends the wait below
+            now = time.monotonic()
+            stopping = self._stop_requested.is_set()
+            with self._lock:
+                if not stopping and (self._reload_pending or now >= next_scan):
+                    self._reload_pending = False
+                    next_scan = now + self.rescan_s
+                    self._rescan(now)
+                self._reap(now)
+                self._finish(now)
+                if stopping:
+                    if self._stop_all(now):
+                        return
+                    due = []
+                else:
+                    self._check_overruns(now)
+                    due = [] if self._stopping.is_set() else self._due(now)
+                self._enforce_kills(now)
+            for c in due:
+                self._start_run(c)
+            self._wake.wait(self._timeout(time.monotonic(), next_scan))
+
+    def _rescan(self, now: float) -> None:
+        try:
+            found, dups = scan(self.collectors_dir)
+        except CollectorFailed as exc:
+            if str(exc) != self._dir_error:
+                log.warning("collector rescan failed err=%s (keeping what runs)", exc)
+                self._dir_error = str(exc)
+            return
+        self._dir_error = ""
+        if dups != self._dups:
+            for p in dups:
+                log.warning("collector skipped: duplicate name path=%s", p)
+            self._dups = dups
+        seen: set[str] = set()
+        for f in found:
+            seen.add(f.name)
+            settings = self._settings.get(f.name, {})
+            config_json = json.dumps(settings, sort_keys=True, default=str)
+            enabled = _enabled(settings)
+            c = self._collectors.get(f.name)
+            if c is None:
+                c = _Collector(f.name, f.path, f.interval_s, f.ident, config_json, enabled,
+                               self.backoff_initial_s, next_start=now)
+                c.state = CollectorState.WAITING if enabled else CollectorState.DISABLED
+                self._collectors[f.name] = c
+                log.info("collector found name=%s interval_s=%d path=%s enabled=%s",
+                         f.name, f.interval_s, f.path, enabled)
+                continue
+            changed = ((f.path, f.interval_s, f.ident, config_json)
+                       != (c.path, c.interval_s, c.ident, c.config_json))
+            c.path, c.interval_s, c.ident, c.config_json = (f.path, f.interval_s, f.ident,
+                                                            config_json)
+            c.enabled = enabled
+            if c.after_run == "remove":  # removed and put back before its run was over
+                c.after_run = "restart" if enabled else "disable"
+            if not changed:
+                continue
+            log.info("collector changed name=%s interval_s=%d enabled=%s", f.name,
+                     f.interval_s, enabled)
+            if c.run is not None:
+                self._after(c, "restart" if enabled else "disable")
+                self._terminate(c, now)
+            elif enabled:
+                c.state, c.next_start = CollectorState.WAITING, now
+                c.backoff_s, c.respawn = self.backoff_initial_s, False
+            else:
+                c.state = CollectorState.DISABLED
+        for name in [n for n in self._collectors if n not in seen]:
+            c = self._collectors[name]
+            if c.run is None:
+                del self._collectors[name]
+                log.info("collector removed name=%s", name)
+            elif c.after_run != "remove":
+                log.info("collector removed name=%s; stopping pid=%d", name, c.run.pid)
+                self._after(c, "remove")
+                self._terminate(c, now)
+
+    @staticmethod
+    def _after(c: _Collector, what: str) -> None:
+        if _AFTER_RANK[what] > _AFTER_RANK[c.after_run]:
+            c.after_run = what
+
+    def _terminate(self, c: _Collector, now: float, grace_s: float | None = None) -> None:
+        grace_s = self.stop_grace_s if grace_s is None else grace_s
+        if c.run is not None and c.run.terminate(now, grace_s):
+            c.state = CollectorState.STOPPING
+
+    def _reap(self, now: float) -> None:
+        for c in self._collectors.values():
+            if c.run is not None and c.run.reap(now, self.stop_grace_s):
+                c.last_exit = c.run.returncode
+
+    def _enforce_kills(self, now: float) -> None:
+        hurry = self._hurry.is_set() and self._stop_requested.is_set()
+        for c in self._collectors.values():
+            if c.run is not None:
+                c.run.kill_if_due(now, hurry)
+
+    def _finish(self, now: float) -> None:
+        for name, c in list(self._collectors.items()):
+            run = c.run
+            if run is None or not run.finished.is_set():
+                continue
+            c.run = None
+            rc = run.returncode if run.returncode is not None else -1
+            after, c.after_run = c.after_run, ""
+            if after == "remove":
+                del self._collectors[name]
+            elif self._stop_requested.is_set():
+                c.state = CollectorState.STOPPED
+            elif after == "disable" or not c.enabled:
+                c.state = CollectorState.DISABLED
+            elif after == "restart":
+                c.state, c.next_start = CollectorState.WAITING, now
+                c.backoff_s, c.respawn = self.backoff_initial_s, False
+            elif rc == EXIT_DO_NOT_RESTART:
+                c.state = CollectorState.EXITED
+                log.info("collector exited name=%s rc=13 (not restarted)", name)
+            elif c.interval_s == 0:
+                up_s = (run.exited_mono or now) - run.started_mono
+                if up_s >= self.backoff_reset_s:
+                    c.backoff_s = self.backoff_initial_s
+                delay_s = c.backoff_s
+                c.backoff_s = min(c.backoff_s * 2, self.backoff_max_s)
+                c.state, c.next_start, c.respawn = CollectorState.BACKOFF, now + delay_s, True
+                (log.warning if rc != 0 else log.info)(
+                    "collector exited name=%s rc=%d up_s=%.1f respawn_in_s=%.1f",
+                    name, rc, up_s, delay_s)
+            else:
+                c.state = CollectorState.WAITING
+                if rc != 0 and not run.term_sent:
+                    log.warning("collector failed name=%s rc=%d", name, rc)
+
+    def _check_overruns(self, now: float) -> None:
+        for c in self._collectors.values():
+            run = c.run
+            if (c.interval_s == 0 or run is None or run.exited.is_set() or run.term_sent
+                    or now < c.next_start):
+                continue
+            log.warning("collector overran its interval name=%s interval_s=%d pid=%d; SIGTERM",
+                        c.name, c.interval_s, run.pid)
+            c.overruns += 1
+            self._counters.add("overruns_total")
+            self._terminate(c, now)
+
+    def _due(self, now: float) -> list[_Collector]:
+        due = [c for c in self._collectors.values()
+               if c.run is None and c.enabled and c.next_start <= now
+               and c.state in (CollectorState.WAITING, CollectorState.BACKOFF)]
+        for c in due:
+            c.state = CollectorState.STARTING
+        return due
+
+    def _stop_all(self, now: float) -> bool:
+        """Terminate every run; True once none is left."""
+        left = False
+        for c in self._collectors.values():
+            if c.run is None:
+                if c.state not in (CollectorState.EXITED, CollectorState.FAILED,
+                                   CollectorState.DISABLED):
+                    c.state = CollectorState.STOPPED
+                continue
+            left = True
+            self._terminate(c, now, self._stop_grace_now_s)
+        return not left
+
+    def _timeout(self, now: float, next_scan: float) -> float:
+        t = next_scan - now
+        with self._lock:
+            for c in self._collectors.values():
+                run = c.run
+                if run is None:
+                    if c.state in (CollectorState.WAITING, CollectorState.BACKOFF):
+                        t = min(t, c.next_start - now)
+                    continue
+                if not run.exited.is_set():
+                    # stdout closes a moment before the exit can be reaped: poll fast then
+                    recent_eof = run.eof.is_set() and now - run.eof_mono < 1.0
+                    t = min(t, 0.005 if recent_eof else _POLL_S)
+                    if c.interval_s and not run.term_sent:
+                        t = min(t, c.next_start - now)
+                if run.kill_at is not None:
+                    t = min(t, run.kill_at - now)
+        return max(t, 0.0)
+
+    def _start_run(self, c: _Collector) -> None:
+        """Spawn one run of ``c``; called on the supervisor thread without the lock held (the
+        callbacks and the spawn may take a while), the only thread that changes ``c``."""
+        if self._stop_requested.is_set():
+            with self._lock:
+                c.state = CollectorState.STOPPED
+            return
+        argv = [sys.executable, str(c.path)] if c.path.suffix == ".py" else [str(c.path)]
+        try:
+            # a checkpoint_for that fails must not take the supervisor down: retry later
+            token = self._checkpoint_for(c.name)
+            env = dict(os.environ)
+            env[ENV_CONFIG] = c.config_json
+            env[ENV_CHECKPOINT] = token or ""
+            proc = spawn(argv, env)
+        except Exception as exc:
+            with self._lock:
+                self._spawn_failed(c, exc, time.monotonic())
+            return
+        name = c.name
+        run = Run(name, proc, on_lines=lambda lines: self._on_lines(name, lines),
+                  on_overlong=lambda size, head: self._on_overlong(name, size, head),
+                  on_exit=lambda rc: self._on_exit(name, rc), wake=self._wake.set,
+                  max_line_bytes=self.max_line_bytes, head_bytes=self.overlong_head_bytes,
+                  counters=self._counters,
+                  stderr_limiter=StderrLimiter(self.stderr_lines_per_s, self.stderr_burst))
+        with self._lock:
+            c.run = run
+            c.state = CollectorState.RUNNING
+            c.runs += 1
+            c.last_start_s = time.time()
+            if c.interval_s:
+                c.next_start = run.started_mono + c.interval_s
+            if c.respawn:
+                c.restarts += 1
+                self._counters.add("restarts_total")
+                c.respawn = False
+        (log.debug if c.interval_s and c.runs > 1 else log.info)(
+            "collector started name=%s pid=%d interval_s=%d run=%d", c.name, run.pid,
+            c.interval_s, c.runs)
+
+    def _spawn_failed(self, c: _Collector, exc: Exception, now: float) -> None:
+        self._counters.add("spawn_failures_total")
+        if isinstance(exc, CollectorNotExecutable):
+            c.state = CollectorState.FAILED
+            log.error("collector cannot run name=%s err=%s (until the file changes)", c.name, exc)
+            return
+        if c.interval_s:
+            c.state, c.next_start = CollectorState.WAITING, now + c.interval_s
+        else:
+            c.state, c.next_start = CollectorState.BACKOFF, now + c.backoff_s
+            c.backoff_s = min(c.backoff_s * 2, self.backoff_max_s)
+        if isinstance(exc, CollectorFailed):
+            log.warning("collector spawn failed name=%s err=%s retry_in_s=%.1f", c.name, exc,
+                        c.next_start - now)
+        else:
+            log.error("collector spawn failed name=%s retry_in_s=%.1f", c.name,
+                      c.next_start - now, exc_info=exc)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _info(c: _Collector) -> CollectorInfo:
+        run = c.run
+        pid = run.pid if run is not None and not run.exited.is_set() else None
+        return CollectorInfo(c.name, c.path, c.interval_s, c.state, pid, c.restarts, c.last_exit,
+                             c.last_start_s, c.enabled, c.runs, c.overruns)
+
+
+def _copy_settings(settings: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {str(name): dict(table) for name, table in settings.items()}

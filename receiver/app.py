@@ -1,0 +1,263 @@
+"""make_app: the receiver's HTTP API as a tornado Application with thin handlers.
+
+- ``PUT /v1/batches/{id}``: 201 stored / 200 duplicate, JSON ``{batch_id, stored, rejected,
+  duplicate}``; 400 bad id or undecodable body; 401 bad token; 413 too large; 503 + Retry-After
+  (storage unavailable, or the same id being stored right now and not done within the claim wait).
+- ``POST /`` (any other path): the seed's protocol, lines stored without dedup, 200 JSON
+  ``{stored, rejected}``.
+- ``GET /healthz``, ``GET /metrics``: liveness; Prometheus text (no token).
+
+Bodies are streamed in and capped before they are decoded; decoding, checking and storing run on
+the executor, never on the event loop. Errors become JSON ``{"error": ...}`` with one log line
+each, naming the batch. Imports ingest, metrics, errors (and tornado); no handlers of logging.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import tornado.ioloop
+import tornado.web
+
+from receiver import body
+from receiver.errors import (
+    BadRequest,
+    BodyTooLarge,
+    ReceiverError,
+    RetryableError,
+    StorageUnavailable,
+)
+from receiver.ingest import Ingestor, Outcome
+from receiver.metrics import CONTENT_TYPE, Metrics
+
+log = logging.getLogger(__name__)
+
+_BATCH_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+
+
+@dataclass
+class Inflight:
+    """Requests and TCP chunks being handled now, so a stopping server can wait for them.
+    Touched only on the event loop."""
+
+    count: int = 0
+
+
+@dataclass
+class AppContext:
+    """What the handlers need, wired once by the server."""
+
+    ingestor: Ingestor
+    metrics: Metrics
+    executor: Executor
+    token: str | None
+    max_body_bytes: int
+    inflight: Inflight = field(default_factory=Inflight)
+
+
+def make_app(ctx: AppContext) -> tornado.web.Application:
+    """The Application for one process. Handlers share ``ctx``; the server owns its parts."""
+    args = {"ctx": ctx}
+    return tornado.web.Application(
+        [
+            (r"/healthz", HealthHandler, args),
+            (r"/metrics", MetricsHandler, args),
+            (r"/v1/batches/([^/]*)", BatchHandler, args),
+            (r"/.*", LinesHandler, args),
+        ],
+        log_function=_log_request,
+        compress_response=False,
+    )
+
+
+def authorized(token: str | None, header: str | None) -> bool:
+    """True if no token is set, or ``header`` is ``Bearer <token>`` (constant-time compare)."""
+    if token is None:
+        return True
+    scheme, _, given = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
+                                                              token.encode())
+
+
+class _Handler(tornado.web.RequestHandler):
+    handler_name = "other"
+
+    def initialize(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+        self._started = time.monotonic()
+        self._counted = True
+        ctx.inflight.count += 1
+
+    def on_finish(self) -> None:
+        self._release()
+        m = self.ctx.metrics
+        m.requests.labels(self.handler_name, str(self.get_status())).inc()
+        m.request_duration.labels(self.handler_name).observe(time.monotonic() - self._started)
+
+    def on_connection_close(self) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.ctx.inflight.count -= 1
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        self.finish({"error": self._reason})
+
+    def check_xsrf_cookie(self) -> None:  # an API for programs, not browsers
+        return
+
+
+class HealthHandler(_Handler):
+    handler_name = "healthz"
+
+    def get(self) -> None:
+        self.write({"status": "ok"})
+
+
+class MetricsHandler(_Handler):
+    handler_name = "metrics"
+
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE)
+        self.write(self.ctx.metrics.render())
+
+
+class _BodyHandler(_Handler):
+    """Streams the body in, refusing it (413) once it is past what the cap could decode from."""
+
+    def prepare(self) -> None:
+        self._chunks: list[bytes] = []
+        self._received = 0
+        self._too_large = False
+        self._raw_cap = body.raw_cap(self.ctx.max_body_bytes)
+        if not authorized(self.ctx.token, self.request.headers.get("Authorization")):
+            self._refuse(401, "bad or missing token")
+            return
+        length = self.request.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > self._raw_cap:
+            self._refuse(413, f"body of {length} bytes is over the cap")
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._too_large:
+            return
+        self._received += len(chunk)
+        if self._received > self._raw_cap:
+            self._too_large = True
+            self._chunks = []
+        else:
+            self._chunks.append(chunk)
+
+    def _take_body(self) -> bytes:
+        if self._too_large:
+            raise BodyTooLarge(f"body is over the cap of {self._raw_cap} bytes")
+        raw = b"".join(self._chunks)
+        self._chunks = []
+        return raw
+
+    def _refuse(self, status: int, reason: str, batch_id: str | None = None,
+                retry_after_s: int | None = None) -> None:
+        if batch_id is None and self.path_args:
+            batch_id = self.path_args[0]
+        if status >= 500:
+            log.error("request refused batch=%s status=%d path=%s err=%s",
+                      batch_id, status, self.request.path, reason)
+        else:
+            log.warning("request refused batch=%s status=%d path=%s err=%s",
+                        batch_id, status, self.request.path, reason)
+        self.set_status(status)
+        if retry_after_s is not None:
+            self.set_header("Retry-After", str(retry_after_s))
+        payload: dict[str, Any] = {"error": reason}
+        if batch_id is not None:
+            payload["batch_id"] = batch_id
+        self.finish(payload)
+
+    async def _run(self, batch_id: str | None, work: Any, *args: Any) -> Outcome | None:
+        """Run ``work(*args)`` on the executor; answer errors here. None if it was refused."""
+        try:
+            raw = self._take_body()
+            loop = tornado.ioloop.IOLoop.current()
+            outcome: Outcome = await loop.run_in_executor(self.ctx.executor, work, *args, raw)
+            return outcome
+        except BadRequest as exc:
+            self._refuse(400, str(exc), batch_id)
+        except BodyTooLarge as exc:
+            self._refuse(413, str(exc), batch_id)
+        except RetryableError as exc:
+            if isinstance(exc, StorageUnavailable):
+                self.ctx.metrics.storage_errors.inc()
+            self._refuse(503, str(exc), batch_id, retry_after_s=exc.retry_after_s)
+        except ReceiverError as exc:
+            self._refuse(500, str(exc), batch_id)
+        except Exception as exc:  # the top of a request: answer 5xx (retried), keep serving
+            log.exception("request failed batch=%s path=%s", batch_id, self.request.path)
+            self._refuse(500, f"internal error: {type(exc).__name__}", batch_id)
+        return None
+
+    def _count(self, source: str, outcome: Outcome) -> None:
+        m = self.ctx.metrics
+        m.lines_stored.labels(source).inc(outcome.stored)
+        if outcome.rejected:
+            m.lines_rejected.labels(source).inc(outcome.rejected)
+        m.bytes_stored.inc(outcome.bytes_stored)
+
+
+@tornado.web.stream_request_body
+class BatchHandler(_BodyHandler):
+    """``PUT /v1/batches/{id}``: store a batch exactly once."""
+
+    handler_name = "batch"
+
+    def prepare(self) -> None:
+        super().prepare()
+        if not self._finished and _BATCH_ID_RE.match(self.path_args[0]) is None:
+            self._refuse(400, "batch id must match [A-Za-z0-9_-]{1,64}")
+
+    async def put(self, batch_id: str) -> None:
+        encoding = self.request.headers.get("Content-Encoding")
+        outcome = await self._run(batch_id, self.ctx.ingestor.put_batch, batch_id, encoding)
+        if outcome is None:
+            return
+        if outcome.duplicate:
+            self.ctx.metrics.batches_duplicate.inc()
+            log.debug("duplicate batch=%s", batch_id)
+        else:
+            self.ctx.metrics.batches_stored.inc()
+            self._count("batch", outcome)
+            if outcome.rejected:
+                log.warning("batch stored with rejected lines batch=%s stored=%d rejected=%d",
+                            batch_id, outcome.stored, outcome.rejected)
+        self.set_status(200 if outcome.duplicate else 201)
+        self.finish(outcome.as_json())
+
+
+@tornado.web.stream_request_body
+class LinesHandler(_BodyHandler):
+    """``POST /`` (any path): the seed's protocol, lines stored without dedup."""
+
+    handler_name = "post"
+
+    async def post(self) -> None:
+        encoding = self.request.headers.get("Content-Encoding")
+        outcome = await self._run(None, self.ctx.ingestor.put_lines, "post", encoding)
+        if outcome is None:
+            return
+        self._count("post", outcome)
+        if outcome.rejected:
+            log.warning("post stored with rejected lines stored=%d rejected=%d",
+                        outcome.stored, outcome.rejected)
+        self.finish({"stored": outcome.stored, "rejected": outcome.rejected})
+
+
+def _log_request(handler: tornado.web.RequestHandler) -> None:
+    request = handler.request
+    log.debug("request method=%s path=%s status=%d duration_ms=%.1f", request.method,
+              request.path, handler.get_status(), 1000.0 * request.request_time())

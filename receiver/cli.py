@@ -1,0 +1,115 @@
+"""The ``spoolreceiver`` command (also ``python -m receiver``): argv, logging set-up, exit codes.
+
+The only module of the receiver that installs logging handlers or exits. Exit codes: 0 stopped
+cleanly, 1 runtime error (storage unusable, cannot bind), 2 usage or config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from receiver import config, server
+from receiver.errors import ConfigError, ReceiverError
+
+log = logging.getLogger(__name__)
+
+_EPILOG = """examples:
+  spoolreceiver --data-dir /var/lib/spoolreceiver --listen 0.0.0.0:8016
+  spoolreceiver --data-dir ./data --listen 127.0.0.1:0 --ready-file ./ready.json
+  spoolreceiver --config /etc/spoolreceiver.toml --processes 0 --log-format json
+
+The config file is TOML with the flags' names as keys (data_dir, listen, tcp_listen, token_file,
+processes, threads, max_body, max_line, tls_cert, tls_key, fsync, dedup_retention, max_open_files,
+claim_wait, shutdown_grace, ready_file, log_level, log_format); flags override it.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="spoolreceiver", description="Receive spoolagent batches and store them exactly once "
+        "in DATA_DIR/{PROD}_{DATE}.dat.", epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, help="TOML file with the same settings as the flags")
+    p.add_argument("--data-dir", dest="data_dir", help="where the .dat files are written")
+    p.add_argument("--listen", help="HTTP HOST:PORT (port 0 = any free port)")
+    p.add_argument("--tcp-listen", dest="tcp_listen", help="TCP line listener HOST:PORT")
+    p.add_argument("--token-file", dest="token_file",
+                   help="file holding the bearer token required on PUT and POST")
+    p.add_argument("--processes", help="worker processes (default 1; 0 = one per CPU)")
+    p.add_argument("--threads", help="storage threads per process (default 4)")
+    p.add_argument("--max-body", dest="max_body",
+                   help="cap on a decompressed body, e.g. 64MiB (default)")
+    p.add_argument("--max-line", dest="max_line", help="longest valid line (default 1MiB)")
+    p.add_argument("--tls-cert", dest="tls_cert", help="serve HTTPS (and TLS on TCP) with this cert")
+    p.add_argument("--tls-key", dest="tls_key", help="the key of --tls-cert")
+    p.add_argument("--fsync", action=argparse.BooleanOptionalAction, default=None,
+                   help="fsync every batch before answering (default: on)")
+    p.add_argument("--dedup-retention", dest="dedup_retention",
+                   help="how long a batch id is remembered, e.g. 30d (default), 12h, 90m")
+    p.add_argument("--max-open-files", dest="max_open_files",
+                   help="data files kept open per process (default 128)")
+    p.add_argument("--ready-file", dest="ready_file",
+                   help="once listening, write JSON {pid, http, tcp} here (atomically)")
+    p.add_argument("--log-level", dest="log_level", help="DEBUG, INFO (default), WARNING, ERROR")
+    p.add_argument("--log-format", dest="log_format", choices=config.LOG_FORMATS,
+                   help="kv (default): key=value lines; json: one JSON object per line")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if k != "config"}
+    try:
+        cfg = config.load(flags, args.config, os.environ)
+    except ConfigError as exc:
+        print(f"spoolreceiver: config error: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(cfg.log_level, cfg.log_format)
+    if cfg.crash_at or cfg.fault_enospc_after_bytes is not None:
+        log.warning("test-only fault switches are on crash_at=%s enospc_after_bytes=%s",
+                    cfg.crash_at, cfg.fault_enospc_after_bytes)
+    try:
+        return server.run(cfg)
+    except (ReceiverError, OSError) as exc:
+        log.error("receiver failed err=%s", exc)
+        return 1
+
+
+class _KeyValueFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = (f"ts={_timestamp(record)} level={record.levelname.lower()} pid={record.process} "
+                f"logger={record.name} {record.getMessage()}")
+        if record.exc_info:
+            line += " exc=" + json.dumps(self.formatException(record.exc_info))
+        return line
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": _timestamp(record), "level": record.levelname.lower(), "pid": record.process,
+               "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    when = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else _KeyValueFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # tornado's own access log is replaced by the app's DEBUG request lines
+    logging.getLogger("tornado.access").setLevel(logging.WARNING)

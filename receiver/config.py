@@ -1,0 +1,229 @@
+"""ReceiverConfig: the receiver's settings from a TOML file, then CLI flags, validated once.
+
+The only module of the receiver that reads config files or the environment. The environment holds
+nothing but the test-only fault switches (``SPOOLRECEIVER_CRASH_AT``,
+``SPOOLRECEIVER_FAULT_ENOSPC_AFTER_BYTES``). Imports only ``receiver.errors``.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from receiver.errors import ConfigError
+
+CRASH_POINTS = ("after_intent", "mid_append", "before_mark")
+LOG_FORMATS = ("kv", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_LINE_BYTES = 1024 * 1024
+DEFAULT_DEDUP_RETENTION_S = 30 * 86400.0
+
+# every setting a TOML file may hold (the same names as the flags, with underscores)
+_KEYS = frozenset({
+    "data_dir", "listen", "tcp_listen", "token_file", "processes", "threads", "max_body",
+    "max_line", "tls_cert", "tls_key", "fsync", "dedup_retention", "max_open_files", "claim_wait",
+    "shutdown_grace", "ready_file", "log_level", "log_format",
+})
+_PATH_KEYS = frozenset({"data_dir", "token_file", "tls_cert", "tls_key", "ready_file"})
+_SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B?|B)?\s*\Z", re.IGNORECASE)
+_DURATION_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d|w)?\s*\Z")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A HOST:PORT to listen on (port 0 = any free port)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ReceiverConfig:
+    """Every setting of one receiver; built by ``load``, never changed afterwards."""
+
+    data_dir: Path
+    listen: Endpoint
+    tcp_listen: Endpoint | None = None
+    token: str | None = None
+    processes: int = 1
+    threads: int = 4
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    fsync: bool = True
+    dedup_retention_s: float = DEFAULT_DEDUP_RETENTION_S
+    max_open_files: int = 128
+    claim_wait_s: float = 30.0
+    shutdown_grace_s: float = 30.0
+    ready_file: Path | None = None
+    log_level: str = "INFO"
+    log_format: str = "kv"
+    # test-only fault switches, from the environment
+    crash_at: str | None = None
+    fault_enospc_after_bytes: int | None = None
+
+
+def parse_size(value: object, key: str) -> int:
+    """``"64MiB"``, ``"512KiB"``, ``"1GB"`` or a number of bytes -> bytes. Raises ConfigError."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    m = _SIZE_RE.match(str(value))
+    if m is None or isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size such as 65536, 512KiB or 64MiB, got {value!r}")
+    unit = (m.group(2) or "B").upper()
+    power = "BKMGT".index(unit[0])
+    base = 1000 if unit.endswith("B") and "I" not in unit and unit != "B" else 1024
+    return int(float(m.group(1)) * base**power)
+
+
+def parse_duration(value: object, key: str) -> float:
+    """``"30d"``, ``"12h"``, ``"90m"``, ``"45s"``, ``"250ms"`` or seconds -> seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    m = _DURATION_RE.match(str(value))
+    if m is None or isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a duration such as 45s, 90m, 12h or 30d, got {value!r}")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
+
+
+def parse_endpoint(value: object, key: str) -> Endpoint:
+    """``HOST:PORT`` or ``[V6]:PORT`` -> Endpoint. Raises ConfigError."""
+    text = str(value).strip()
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{key}: expected HOST:PORT such as 127.0.0.1:8016, got {value!r}")
+    return Endpoint(host, int(port))
+
+
+def load(flags: Mapping[str, Any], config_path: Path | None = None,
+         environ: Mapping[str, str] | None = None) -> ReceiverConfig:
+    """Build the config: defaults, then the TOML file, then ``flags`` (None = not given).
+
+    Paths in the TOML file are relative to its directory. Raises ConfigError naming the setting.
+    """
+    settings: dict[str, Any] = {}
+    if config_path is not None:
+        settings.update(_read_toml(config_path))
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    return _build(settings, environ or {})
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from exc
+    unknown = sorted(set(raw) - _KEYS)
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown key {unknown[0]!r} "
+                          f"(known: {', '.join(sorted(_KEYS))})")
+    out: dict[str, Any] = dict(raw)
+    for key in _PATH_KEYS & set(raw):
+        if not isinstance(raw[key], str):
+            raise ConfigError(f"config file {path}: {key} must be a string path")
+        out[key] = path.parent / raw[key]
+    return out
+
+
+def _build(s: dict[str, Any], environ: Mapping[str, str]) -> ReceiverConfig:
+    if s.get("data_dir") in (None, ""):
+        raise ConfigError("data_dir: required (--data-dir DIR or data_dir in the config file)")
+    if s.get("listen") in (None, ""):
+        raise ConfigError("listen: required (--listen HOST:PORT or listen in the config file)")
+    tls_cert = _opt_path(s.get("tls_cert"))
+    tls_key = _opt_path(s.get("tls_key"))
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("tls_cert/tls_key: give both or neither")
+    log_level = str(s.get("log_level", "INFO")).upper()
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"log_level: expected one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+    log_format = str(s.get("log_format", "kv"))
+    if log_format not in LOG_FORMATS:
+        raise ConfigError(f"log_format: expected kv or json, got {log_format!r}")
+    fsync = s.get("fsync", True)
+    if not isinstance(fsync, bool):
+        raise ConfigError(f"fsync: expected true or false, got {fsync!r}")
+    tcp = s.get("tcp_listen")
+    cfg = ReceiverConfig(
+        data_dir=Path(s["data_dir"]),
+        listen=parse_endpoint(s["listen"], "listen"),
+        tcp_listen=parse_endpoint(tcp, "tcp_listen") if tcp not in (None, "") else None,
+        token=_read_token(s.get("token_file")),
+        processes=_int(s.get("processes", 1), "processes", 0),
+        threads=_int(s.get("threads", 4), "threads", 1),
+        max_body_bytes=parse_size(s.get("max_body", DEFAULT_MAX_BODY_BYTES), "max_body"),
+        max_line_bytes=parse_size(s.get("max_line", DEFAULT_MAX_LINE_BYTES), "max_line"),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        fsync=fsync,
+        dedup_retention_s=parse_duration(s.get("dedup_retention", DEFAULT_DEDUP_RETENTION_S),
+                                         "dedup_retention"),
+        max_open_files=_int(s.get("max_open_files", 128), "max_open_files", 1),
+        claim_wait_s=parse_duration(s.get("claim_wait", 30.0), "claim_wait"),
+        shutdown_grace_s=parse_duration(s.get("shutdown_grace", 30.0), "shutdown_grace"),
+        ready_file=_opt_path(s.get("ready_file")),
+        log_level=log_level,
+        log_format=log_format,
+        **_faults(environ),
+    )
+    if cfg.max_body_bytes < 1 or cfg.max_line_bytes < 1:
+        raise ConfigError("max_body/max_line: must be at least 1 byte")
+    if cfg.dedup_retention_s <= 0:
+        raise ConfigError("dedup_retention: must be more than 0")
+    return cfg
+
+
+def _faults(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The test-only fault switches. Never set them in production: they kill or fail on purpose."""
+    out: dict[str, Any] = {}
+    crash_at = environ.get("SPOOLRECEIVER_CRASH_AT", "")
+    if crash_at:
+        if crash_at not in CRASH_POINTS:
+            raise ConfigError(f"SPOOLRECEIVER_CRASH_AT: expected one of {', '.join(CRASH_POINTS)}, "
+                              f"got {crash_at!r}")
+        out["crash_at"] = crash_at
+    enospc = environ.get("SPOOLRECEIVER_FAULT_ENOSPC_AFTER_BYTES", "")
+    if enospc:
+        out["fault_enospc_after_bytes"] = parse_size(enospc, "SPOOLRECEIVER_FAULT_ENOSPC_AFTER_BYTES")
+    return out
+
+
+def _int(value: object, key: str, minimum: int) -> int:
+    try:
+        number = int(str(value)) if not isinstance(value, bool) else None
+    except ValueError:
+        number = None
+    if number is None or number < minimum:
+        raise ConfigError(f"{key}: expected an integer >= {minimum}, got {value!r}")
+    return number
+
+
+def _opt_path(value: object) -> Path | None:
+    return None if value in (None, "") else Path(str(value))
+
+
+def _read_token(path: object) -> str | None:
+    if path in (None, ""):
+        return None
+    try:
+        token = Path(str(path)).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"token_file: cannot read {path}: {exc}") from exc
+    if not token:
+        raise ConfigError(f"token_file: {path} is empty")
+    return token

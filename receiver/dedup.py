@@ -1,0 +1,239 @@
+"""DedupIndex: the receiver's durable state in ``DATA_DIR/.receiver/``: which batch ids are stored
+(with their counts), the intent journal of appends in progress, and per-id claims.
+
+One SQLite database in WAL mode (``state.sqlite3``) holds two tables:
+
+- ``batches(id, stored, rejected, stored_at)``: a row means the batch is durably stored;
+- ``intents(file, batch_id, size_before, ...)``: a row means an append to ``file`` may be in progress
+  or torn. It is written (and committed) before the append and deleted in the *same transaction*
+  that inserts the batch row, so "stored" and "no intent left" become true together: a crash at any
+  point leaves either a stored batch or an intent that the next holder of the file's lock rolls back.
+
+Claims: the same id stored twice at once (threads or processes) is serialised by an exclusive
+``flock`` on one of 256 stripe files under ``claims/`` (crc32 of the id); flock is per open file,
+so it excludes threads of one process as well as other processes, and dies with its holder.
+
+Thread-safe: one SQLite connection per thread (and per process: none crosses a fork). Every SQLite
+failure is raised as StorageUnavailable. Imports only ``receiver.errors``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import sqlite3
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from receiver.errors import BatchInProgress, StorageUnavailable
+
+log = logging.getLogger(__name__)
+
+_CLAIM_STRIPES = 256
+_STORAGE_RETRY_AFTER_S = 5
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    id TEXT PRIMARY KEY, stored INTEGER NOT NULL, rejected INTEGER NOT NULL,
+    stored_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS batches_stored_at ON batches (stored_at);
+CREATE TABLE IF NOT EXISTS intents (
+    file TEXT PRIMARY KEY, batch_id TEXT, size_before INTEGER NOT NULL, pid INTEGER NOT NULL,
+    created_at REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+@dataclass(frozen=True)
+class StoredBatch:
+    """What a stored batch answered: its line counts."""
+
+    stored: int
+    rejected: int
+
+
+@dataclass(frozen=True)
+class Intent:
+    """An append that was begun and never recorded as done: roll ``file`` back to ``size_before``."""
+
+    file: str
+    batch_id: str | None
+    size_before: int
+
+
+class DedupIndex:
+    """The dedup index, intent journal and claims of one data dir. Thread-safe."""
+
+    def __init__(self, state_dir: Path, *, fsync: bool = True, busy_timeout_s: float = 30.0) -> None:
+        self.state_dir = state_dir
+        self.db_path = state_dir / "state.sqlite3"
+        self.claims_dir = state_dir / "claims"
+        self._synchronous = "FULL" if fsync else "NORMAL"
+        self._busy_timeout_s = busy_timeout_s
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def create(self) -> None:
+        """Create the directories and the schema (idempotent). Blocks; raises StorageUnavailable."""
+        try:
+            self.claims_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot create {self.claims_dir}: {exc}",
+                                     retry_after_s=_STORAGE_RETRY_AFTER_S) from exc
+        with self._errors("create schema"):
+            self._conn().executescript(_SCHEMA)
+
+    def close(self) -> None:
+        """Close every connection. Call once no other thread uses the index any more."""
+        with self._all_lock:
+            conns, self._all = self._all, []
+        for conn in conns:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        self._local = threading.local()
+
+    # -- batches ------------------------------------------------------------------------------
+
+    def lookup(self, batch_id: str) -> StoredBatch | None:
+        """The counts of ``batch_id`` if it is stored, else None. Blocks briefly."""
+        with self._errors("lookup", batch_id):
+            row = self._conn().execute(
+                "SELECT stored, rejected FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        return None if row is None else StoredBatch(int(row[0]), int(row[1]))
+
+    @contextlib.contextmanager
+    def claim(self, batch_id: str, timeout_s: float) -> Iterator[None]:
+        """Hold the exclusive claim of ``batch_id`` (shared with ids of the same stripe).
+
+        Waits up to ``timeout_s`` for another holder, then raises BatchInProgress (a retryable 503).
+        """
+        path = self.claims_dir / f"{zlib.crc32(batch_id.encode()) % _CLAIM_STRIPES:02x}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot open claim {path}: {exc}",
+                                     retry_after_s=_STORAGE_RETRY_AFTER_S) from exc
+        try:
+            deadline = time.monotonic() + timeout_s
+            pause_s = 0.002
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise BatchInProgress(
+                            f"batch {batch_id} is being stored by another request",
+                            retry_after_s=1) from None
+                    time.sleep(pause_s)
+                    pause_s = min(pause_s * 2, 0.05)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    def purge(self, older_than_s: float) -> int:
+        """Forget batch ids stored more than ``older_than_s`` ago; a later resend of one of them is
+        stored again. Returns how many were forgotten."""
+        cutoff = time.time() - older_than_s  # wall clock: the retention must survive restarts
+        with self._errors("purge"):
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                n = conn.execute("DELETE FROM batches WHERE stored_at < ?", (cutoff,)).rowcount
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return int(n)
+
+    # -- intents ------------------------------------------------------------------------------
+
+    def intents(self, files: Iterable[str] | None = None) -> list[Intent]:
+        """The intents left on ``files`` (all intents if None). The caller holds the files' locks."""
+        with self._errors("read intents"):
+            conn = self._conn()
+            if files is None:
+                rows = conn.execute("SELECT file, batch_id, size_before FROM intents").fetchall()
+            else:
+                names = list(files)
+                marks = ",".join("?" * len(names))
+                rows = conn.execute(
+                    f"SELECT file, batch_id, size_before FROM intents WHERE file IN ({marks})",
+                    names).fetchall()
+        return [Intent(str(r[0]), r[1], int(r[2])) for r in rows]
+
+    def record_intents(self, batch_id: str | None, sizes: Mapping[str, int]) -> None:
+        """Durably record that ``batch_id`` is about to append to each file, from its size.
+
+        Replaces the intents already there (the caller rolled them back to the same size first).
+        """
+        now, pid = time.time(), os.getpid()
+        rows = [(name, batch_id, size, pid, now) for name, size in sizes.items()]
+        with self._errors("record intents", batch_id):
+            self._write(lambda c: c.executemany(
+                "INSERT OR REPLACE INTO intents VALUES (?, ?, ?, ?, ?)", rows))
+
+    def commit(self, batch_id: str | None, stored: int, rejected: int, files: Iterable[str]) -> None:
+        """In one transaction: record ``batch_id`` as stored (if it has one) and clear the intents
+        of ``files``. Only after this returns is the append kept by a crash."""
+        names = [(name,) for name in files]
+        now = time.time()
+
+        def work(conn: sqlite3.Connection) -> None:
+            if batch_id is not None:
+                conn.execute("INSERT INTO batches VALUES (?, ?, ?, ?)",
+                             (batch_id, stored, rejected, now))
+            conn.executemany("DELETE FROM intents WHERE file = ?", names)
+
+        with self._errors("commit", batch_id):
+            self._write(work)
+
+    def drop_intents(self, files: Iterable[str]) -> None:
+        """Clear the intents of ``files`` after their appends were rolled back."""
+        names = [(name,) for name in files]
+        with self._errors("drop intents"):
+            self._write(lambda c: c.executemany("DELETE FROM intents WHERE file = ?", names))
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _write(self, work: Callable[[sqlite3.Connection], object]) -> None:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")  # take the write lock now: COMMIT cannot then be busy
+        try:
+            work(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None or getattr(self._local, "pid", None) != os.getpid():
+            conn = sqlite3.connect(self.db_path, timeout=self._busy_timeout_s,
+                                   isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            self._local.conn, self._local.pid = conn, os.getpid()
+            with self._all_lock:
+                self._all.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def _errors(self, what: str, batch_id: str | None = None) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            code = getattr(exc, "sqlite_errorname", type(exc).__name__)
+            log.debug("dedup index failed op=%s batch=%s code=%s err=%s", what, batch_id, code, exc)
+            raise StorageUnavailable(f"dedup index: {what} failed: {code}: {exc}",
+                                     retry_after_s=_STORAGE_RETRY_AFTER_S) from exc

@@ -1,0 +1,104 @@
+"""Ingestor: what happens to a body, whatever carried it (PUT batch, POST /, TCP).
+
+``put_batch``: answer a stored id as a duplicate, else decode (capped), check every line, claim the
+id, look again (a concurrent copy may have just been stored), then append the valid lines and the
+rejected ones in one all-or-nothing store call that also records the id. ``put_lines`` does the same
+without an id (no dedup). Rejected lines go to ``_rejected/rejected_{DATE}.jsonl`` (DATE = the
+receiver's local date of receipt), one JSON object per line:
+
+``{"received_at": ISO-8601 UTC, "source": "batch"|"post"|"tcp", "batch_id": str|null,
+"line_no": n, "reason": str, "length": bytes, "line": text (invalid UTF-8 as \\xNN),
+"line_b64": exact bytes, base64, "truncated": bool}``
+
+(a line is kept whole up to 64 KiB; longer ones, over-long lines above all, keep their first
+64 KiB and say ``"truncated": true``). Blocking and thread-safe: call it from an executor.
+Imports body, validate, dedup, store and errors.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+from dataclasses import dataclass
+
+from receiver import body
+from receiver.dedup import DedupIndex
+from receiver.store import REJECTED_DIR, PartitionedStore
+from receiver.validate import CheckedBody, LineChecker, Rejected
+
+_KEEP_REJECTED_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The answer to one body: line counts, whether it was a duplicate, bytes appended."""
+
+    batch_id: str | None
+    stored: int
+    rejected: int
+    duplicate: bool
+    bytes_stored: int = 0
+
+    def as_json(self) -> dict[str, object]:
+        return {"batch_id": self.batch_id, "stored": self.stored, "rejected": self.rejected,
+                "duplicate": self.duplicate}
+
+
+class Ingestor:
+    """Decodes, checks, deduplicates and stores bodies. Thread-safe; every call blocks."""
+
+    def __init__(self, store: PartitionedStore, dedup: DedupIndex, *, max_body_bytes: int,
+                 max_line_bytes: int, claim_wait_s: float) -> None:
+        self._store = store
+        self._dedup = dedup
+        self._checker = LineChecker(max_line_bytes)
+        self._max_body_bytes = max_body_bytes
+        self._claim_wait_s = claim_wait_s
+
+    def put_batch(self, batch_id: str, encoding: str | None, raw: bytes) -> Outcome:
+        """Store batch ``batch_id`` exactly once. Raises BadRequest, BodyTooLarge,
+        BatchInProgress (the same id is being stored and did not finish within the claim wait)
+        or StorageUnavailable (nothing of the batch left behind)."""
+        prior = self._dedup.lookup(batch_id)
+        if prior is not None:  # the common resend: no need to decode it
+            return Outcome(batch_id, prior.stored, prior.rejected, duplicate=True)
+        checked = self._checker.check(body.decode(raw, encoding, self._max_body_bytes))
+        with self._dedup.claim(batch_id, self._claim_wait_s):
+            prior = self._dedup.lookup(batch_id)  # a concurrent copy may have won the claim
+            if prior is not None:
+                return Outcome(batch_id, prior.stored, prior.rejected, duplicate=True)
+            return self._append(batch_id, "batch", checked)
+
+    def put_lines(self, source: str, encoding: str | None, raw: bytes) -> Outcome:
+        """Store lines without dedup (POST / and TCP). Raises as ``put_batch`` does."""
+        checked = self._checker.check(body.decode(raw, encoding, self._max_body_bytes))
+        return self._append(None, source, checked)
+
+    def _append(self, batch_id: str | None, source: str, checked: CheckedBody) -> Outcome:
+        parts = checked.parts
+        if checked.rejected:
+            now = datetime.datetime.now()
+            name = f"{REJECTED_DIR}/rejected_{now.date().isoformat()}.jsonl"
+            parts = dict(parts)
+            parts[name] = _rejected_records(now, source, batch_id, checked.rejected)
+        self._store.append(batch_id, parts, checked.stored, len(checked.rejected))
+        bytes_stored = sum(len(d) for n, d in checked.parts.items())
+        return Outcome(batch_id, checked.stored, len(checked.rejected), duplicate=False,
+                       bytes_stored=bytes_stored)
+
+
+def _rejected_records(now: datetime.datetime, source: str, batch_id: str | None,
+                      rejected: list[Rejected]) -> bytes:
+    received_at = now.astimezone(datetime.UTC).isoformat(timespec="milliseconds")
+    out = []
+    for r in rejected:
+        kept = r.raw[:_KEEP_REJECTED_BYTES]
+        out.append(json.dumps({
+            "received_at": received_at, "source": source, "batch_id": batch_id,
+            "line_no": r.line_no, "reason": r.reason, "length": len(r.raw),
+            "line": kept.decode("utf-8", "backslashreplace"),
+            "line_b64": base64.b64encode(kept).decode("ascii"),
+            "truncated": len(kept) < len(r.raw),
+        }, ensure_ascii=False).encode("utf-8"))
+    return b"\n".join(out) + b"\n"

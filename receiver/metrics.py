@@ -1,0 +1,60 @@
+"""Metrics: the receiver's Prometheus metrics, summed over all its processes.
+
+prometheus-client's multiprocess mode is always on: every process (one, or each of the
+``--processes N`` workers) writes its values to mmap files in a directory of its own receiver
+instance (``DATA_DIR/.receiver/metrics/<parent pid>/``), and ``/metrics`` in any worker reads and
+sums them all. So the counters are totals for the whole receiver and survive a worker being
+respawned. The only importer of ``prometheus_client``; imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
+from prometheus_client.multiprocess import MultiProcessCollector
+
+CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """The receiver's metrics. Thread-safe (prometheus-client values take a lock)."""
+
+    def __init__(self, directory: Path) -> None:
+        """``directory`` must exist and be shared by every process of this receiver."""
+        self.directory = directory
+        # multiprocess values need the directory in the environment when a value is created, and
+        # the library chooses its value class at import: choose it here, whatever imported it first
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+        values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+        self.batches_stored = Counter(
+            "spoolreceiver_batches_stored", "Batches stored (first time seen).", registry=None)
+        self.batches_duplicate = Counter(
+            "spoolreceiver_batches_duplicate", "Batches answered as duplicates.", registry=None)
+        self.lines_stored = Counter(
+            "spoolreceiver_lines_stored", "Valid lines appended to data files.", ["source"],
+            registry=None)
+        self.lines_rejected = Counter(
+            "spoolreceiver_lines_rejected", "Invalid lines kept under _rejected/.", ["source"],
+            registry=None)
+        self.bytes_stored = Counter(
+            "spoolreceiver_bytes_stored", "Bytes appended to data files.", registry=None)
+        self.storage_errors = Counter(
+            "spoolreceiver_storage_errors", "Bodies refused with 503 because storage failed.",
+            registry=None)
+        self.requests = Counter(
+            "spoolreceiver_requests", "HTTP requests answered.", ["handler", "code"], registry=None)
+        self.request_duration = Histogram(
+            "spoolreceiver_request_duration_seconds", "Time to answer an HTTP request.",
+            ["handler"], buckets=_LATENCY_BUCKETS, registry=None)
+        self.tcp_connections = Counter(
+            "spoolreceiver_tcp_connections", "TCP connections accepted.", registry=None)
+
+    def render(self) -> bytes:
+        """The Prometheus text of every process of this receiver. Reads a few small files."""
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(self.directory))  # type: ignore[no-untyped-call]
+        return generate_latest(registry)

@@ -1,0 +1,263 @@
+"""run(cfg): the receiver's processes: prepare the data dir, bind, fork, serve, stop.
+
+Start-up, in the first process: create ``DATA_DIR``, ``_rejected/`` and ``.receiver/``, roll back
+appends a crash left unrecorded, purge old batch ids, then bind the listening sockets (so port 0
+works and ``--processes N`` workers share them) and, once listening, write the ready file
+atomically. With one process it serves itself; with N (0 = one per CPU) it forks N workers and
+supervises them: a worker that dies is replaced (its half-done appends are rolled back by the
+next writer of each file), and SIGTERM/SIGINT is passed on to every worker.
+
+Stop (SIGTERM or SIGINT in a worker): stop accepting, let the requests and TCP chunks being
+handled finish (up to ``shutdown_grace_s``), close connections, drain the executor, close the
+store and the index, exit 0. The signal handlers only set an event.
+Imports app, tcp, ingest, store, dedup, metrics, config, errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import ssl
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import tornado.httpserver
+import tornado.ioloop
+import tornado.netutil
+
+from receiver import body
+from receiver.app import AppContext, make_app
+from receiver.config import Endpoint, ReceiverConfig
+from receiver.dedup import DedupIndex
+from receiver.ingest import Ingestor
+from receiver.metrics import Metrics
+from receiver.store import PartitionedStore
+from receiver.tcp import LineServer
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = ".receiver"
+_PURGE_INTERVAL_MAX_S = 600.0
+_PURGE_INTERVAL_MIN_S = 0.2
+_RESPAWN_DELAY_S = 0.5
+
+
+def run(cfg: ReceiverConfig) -> int:
+    """Run the receiver until SIGTERM/SIGINT. Blocks; returns the exit code.
+    Raises StorageUnavailable (data dir unusable) and OSError (cannot bind)."""
+    state_dir = cfg.data_dir / STATE_DIR
+    dedup = DedupIndex(state_dir, fsync=cfg.fsync)
+    dedup.create()
+    store = _make_store(cfg, dedup)
+    store.create()
+    rolled = store.recover()
+    purged = dedup.purge(cfg.dedup_retention_s)
+    store.close()
+    dedup.close()  # no SQLite connection may cross a fork
+    log.info("storage ready data_dir=%s rolled_back=%d purged_ids=%d", cfg.data_dir, rolled, purged)
+
+    http_socks = _bind(cfg.listen)
+    tcp_socks = _bind(cfg.tcp_listen) if cfg.tcp_listen else []
+    metrics_dir = _metrics_dir(state_dir)
+    ready = {"pid": os.getpid(), "http": _address(http_socks),
+             "tcp": _address(tcp_socks) if tcp_socks else None}
+    processes = cfg.processes or os.cpu_count() or 1
+    try:
+        if processes == 1:
+            return asyncio.run(_serve(cfg, http_socks, tcp_socks, metrics_dir, ready))
+        return _supervise(cfg, processes, http_socks, tcp_socks, metrics_dir, ready)
+    finally:
+        if os.getpid() == ready["pid"]:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _make_store(cfg: ReceiverConfig, dedup: DedupIndex) -> PartitionedStore:
+    return PartitionedStore(cfg.data_dir, dedup, fsync=cfg.fsync,
+                            max_open_files=cfg.max_open_files, crash_at=cfg.crash_at,
+                            fault_enospc_after_bytes=cfg.fault_enospc_after_bytes)
+
+
+def _bind(endpoint: Endpoint) -> list[socket.socket]:
+    return tornado.netutil.bind_sockets(endpoint.port, endpoint.host, backlog=1024)
+
+
+def _address(socks: list[socket.socket]) -> str:
+    host, port = socks[0].getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _metrics_dir(state_dir: Path) -> Path:
+    """A fresh metrics directory for this receiver; those of receivers no longer alive go."""
+    root = state_dir / "metrics"
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.iterdir():
+        if old.name.isdigit() and not _alive(int(old.name)):
+            shutil.rmtree(old, ignore_errors=True)
+    mine = root / str(os.getpid())
+    shutil.rmtree(mine, ignore_errors=True)
+    mine.mkdir()
+    return mine
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_ready(path: Path | None, ready: dict[str, object]) -> None:
+    if path is None:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(ready))
+    os.replace(tmp, path)  # atomic: a reader sees the whole file or none
+
+
+def _ssl_context(cfg: ReceiverConfig) -> ssl.SSLContext | None:
+    if cfg.tls_cert is None or cfg.tls_key is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key))
+    return ctx
+
+
+def _supervise(cfg: ReceiverConfig, n: int, http_socks: list[socket.socket],
+               tcp_socks: list[socket.socket], metrics_dir: Path, ready: dict[str, object]) -> int:
+    """Fork ``n`` workers and keep them running until SIGTERM/SIGINT; then wait for them."""
+    watched = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+    # a real (no-op) handler: an ignored SIGCHLD might never be reported by sigtimedwait
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+    workers: dict[int, int] = {}  # pid -> worker number
+
+    def spawn(number: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker: serve, then leave without running the parent's cleanup
+            code = 1
+            try:
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+                code = asyncio.run(_serve(cfg, http_socks, tcp_socks, metrics_dir, None))
+            except BaseException:
+                log.exception("worker failed number=%d", number)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        workers[pid] = number
+        log.info("worker started number=%d pid=%d", number, pid)
+
+    for number in range(n):
+        spawn(number)
+    _write_ready(cfg.ready_file, ready)
+    log.info("receiver listening http=%s tcp=%s processes=%d pid=%d", ready["http"],
+             ready["tcp"], n, os.getpid())
+    stopping = False
+    respawn: list[tuple[float, int]] = []  # (monotonic deadline, worker number)
+    while workers or (respawn and not stopping):
+        timeout_s = 1.0
+        if respawn:
+            timeout_s = max(0.0, min(d for d, _ in respawn) - time.monotonic())
+        info = signal.sigtimedwait(watched, timeout_s)
+        if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT) and not stopping:
+            stopping = True
+            log.info("stopping workers=%d signal=%d", len(workers), info.si_signo)
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+        while workers:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            number = workers.pop(pid, -1)
+            code = os.waitstatus_to_exitcode(status)
+            if not stopping and number >= 0:
+                log.error("worker died number=%d pid=%d exit=%d; replacing it", number, pid, code)
+                respawn.append((time.monotonic() + _RESPAWN_DELAY_S, number))
+        now = time.monotonic()
+        for item in [r for r in respawn if r[0] <= now]:
+            respawn.remove(item)
+            if not stopping:
+                spawn(item[1])
+    log.info("receiver stopped")
+    return 0
+
+
+async def _serve(cfg: ReceiverConfig, http_socks: list[socket.socket],
+                 tcp_socks: list[socket.socket], metrics_dir: Path,
+                 ready: dict[str, object] | None) -> int:
+    """Serve in this process until SIGTERM/SIGINT; write the ready file if ``ready`` is given."""
+    metrics = Metrics(metrics_dir)
+    dedup = DedupIndex(cfg.data_dir / STATE_DIR, fsync=cfg.fsync)
+    store = _make_store(cfg, dedup)
+    executor = ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="store")
+    ingestor = Ingestor(store, dedup, max_body_bytes=cfg.max_body_bytes,
+                        max_line_bytes=cfg.max_line_bytes, claim_wait_s=cfg.claim_wait_s)
+    ctx = AppContext(ingestor=ingestor, metrics=metrics, executor=executor, token=cfg.token,
+                     max_body_bytes=cfg.max_body_bytes)
+    ssl_ctx = _ssl_context(cfg)
+    http = tornado.httpserver.HTTPServer(
+        make_app(ctx), ssl_options=ssl_ctx, max_body_size=body.raw_cap(cfg.max_body_bytes),
+        idle_connection_timeout=300, body_timeout=120)
+    http.add_sockets(http_socks)
+    tcp = LineServer(ctx, cfg.max_line_bytes, ssl_options=ssl_ctx)
+    if tcp_socks:
+        tcp.add_sockets(tcp_socks)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    purge_s = min(max(cfg.dedup_retention_s / 4, _PURGE_INTERVAL_MIN_S), _PURGE_INTERVAL_MAX_S)
+    purger = tornado.ioloop.PeriodicCallback(
+        lambda: _purge(loop, executor, dedup, cfg.dedup_retention_s), purge_s * 1000)
+    purger.start()
+    if ready is not None:
+        _write_ready(cfg.ready_file, ready)
+        log.info("receiver listening http=%s tcp=%s processes=1 pid=%d", ready["http"],
+                 ready["tcp"], os.getpid())
+    else:
+        log.info("worker serving pid=%d", os.getpid())
+
+    await stop.wait()
+    log.info("stopping inflight=%d pid=%d", ctx.inflight.count, os.getpid())
+    purger.stop()
+    http.stop()
+    tcp.stop()
+    deadline = time.monotonic() + cfg.shutdown_grace_s
+    while ctx.inflight.count > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    if ctx.inflight.count:
+        log.warning("grace period over, stopping anyway inflight=%d", ctx.inflight.count)
+    tcp.close_connections()
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(http.close_all_connections(), timeout=5)
+    await loop.run_in_executor(None, executor.shutdown, True)
+    store.close()
+    dedup.close()
+    log.info("stopped pid=%d", os.getpid())
+    return 0
+
+
+def _purge(loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor, dedup: DedupIndex,
+           retention_s: float) -> None:
+    def work() -> None:
+        try:
+            n = dedup.purge(retention_s)
+        except Exception as exc:  # the top of a periodic job: log, try again next time
+            log.warning("dedup purge failed err=%s", exc)
+            return
+        if n:
+            log.info("dedup ids purged count=%d retention_s=%.0f", n, retention_s)
+
+    loop.run_in_executor(executor, work)

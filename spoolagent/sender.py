@@ -248,8 +248,9 @@ class Sender:
             return dict(self._stats)
 
     def close(self) -> None:
-        """Close the connection pool. Sends still in flight fail with ReceiverUnavailable;
-        later sends too. Idempotent."""
+        """Close the connection pool; later sends raise ReceiverUnavailable and no send retries.
+        Idempotent, never blocks. It does not interrupt a request already on the wire: that one
+        ends with its answer or after ``timeout_s`` (httpx cannot abort a blocked read)."""
         with self._lock:
             if self._closed.is_set():
                 return

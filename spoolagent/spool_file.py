@@ -13,9 +13,10 @@ collectors, config, agent or cli. Not thread-safe: one SpoolFile per thread.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from spoolagent.errors import SpoolBusy, SpoolError
 from spoolagent.spool_format import (
     ACK_FAILED,
     ACKED,
+    BUSY_TIMEOUT_S,
     DB_NAME,
     QUEUE_TABLE,
     READY,
@@ -84,9 +86,10 @@ def _breakdown(conn: sqlite3.Connection, cols: str, extra: str) -> dict[str, dic
         state = state_name(status)
         if state not in STATE_CODES:
             continue
-        d = res.setdefault(name, {f"{s}_{k}": 0 for s in STATE_CODES for k in ("lines",)})
+        keys = ("batches", "lines") if n is not None else ("lines",)
+        d = res.setdefault(name, {f"{s}_{k}": 0 for s in STATE_CODES for k in keys})
         if n is not None:
-            d[f"{state}_batches"] = d.get(f"{state}_batches", 0) + n
+            d[f"{state}_batches"] += n
         d[f"{state}_lines"] += int(lines)
     return res
 
@@ -118,6 +121,7 @@ class BatchInfo:
 
     def as_json(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__slots__}
+        d["prods"] = json.loads(self.prods)
         d["age_s"] = round(max(0.0, time.time() - self.created_s), 3)
         return d
 
@@ -137,11 +141,13 @@ class SpoolFile:
     version. Blocking calls wait up to the busy timeout for the agent's write transactions.
     """
 
-    def __init__(self, state_dir: Path, *, readonly: bool = True, create: bool = False) -> None:
+    def __init__(self, state_dir: Path, *, readonly: bool = True, create: bool = False,
+                 busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
         self.path = state_dir / DB_NAME
         if create:
             state_dir.mkdir(parents=True, exist_ok=True)
-        self.conn = connect(self.path, readonly=readonly, create=create)
+        self.conn = connect(self.path, readonly=readonly, create=create,
+                            busy_timeout_s=busy_timeout_s)
         try:
             self.exists = check_schema(self.conn, self.path, upgrade=not readonly)
         except BaseException:
@@ -263,10 +269,39 @@ class SpoolFile:
         self.exists = True
         return header.batch_id
 
-    def page_stats(self) -> tuple[int, int, int]:
-        """(page_size, page_count, freelist_count)."""
-        return tuple(int(self._execute(f"PRAGMA {p}").fetchone()[0])  # type: ignore[return-value]
-                     for p in ("page_size", "page_count", "freelist_count"))
+    def compact(self, on_progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
+        """VACUUM in place, then cut the WAL back; returns (file bytes before, after).
+
+        Safe while the agent runs: VACUUM is one write transaction (the agent's writes wait on
+        the busy timeout, its reads go on) and keeps every row id (INTEGER PRIMARY KEYs), so the
+        agent's in-flight row ids stay valid. Never ``VACUUM INTO`` + rename while the agent holds
+        the file open: it would go on writing to the replaced inode and lose those batches.
+        ``on_progress(done, total)`` follows the bytes written to the WAL.
+        """
+        page_size, pages, free = (int(self._execute(f"PRAGMA {p}").fetchone()[0])
+                                  for p in ("page_size", "page_count", "freelist_count"))
+        total = max(1, (pages - free) * page_size)
+        before = file_bytes(self.path)
+        wal = Path(str(self.path) + "-wal")
+        wal_start = wal.stat().st_size if wal.exists() else 0
+
+        def tick() -> int:
+            if on_progress is not None:
+                done = (wal.stat().st_size if wal.exists() else 0) - wal_start
+                on_progress(min(max(done, 0), total), total)
+            return 0
+
+        self.conn.set_progress_handler(tick, 50_000)
+        try:
+            self._execute("VACUUM")
+        finally:
+            self.conn.set_progress_handler(None, 0)
+        # TRUNCATE waits (busy timeout) for the agent's readers; if they keep it busy the WAL
+        # is cut back at the next checkpoint instead (journal_size_limit)
+        self._execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if on_progress is not None:
+            on_progress(total, total)
+        return before, file_bytes(self.path)
 
 
 def query_stats_empty() -> dict[str, Any]:

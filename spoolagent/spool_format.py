@@ -32,7 +32,7 @@ from typing import Any
 
 import zstandard
 
-from spoolagent.errors import SpoolError
+from spoolagent.errors import SpoolBusy, SpoolError
 
 DB_NAME = "spool.db"
 LOCK_NAME = "spool.lock"
@@ -209,7 +209,8 @@ def insert_row(conn: sqlite3.Connection, header: RowHeader, row: bytes, status: 
     return pqid
 
 
-def connect(path: Path, *, readonly: bool = False, create: bool = False) -> sqlite3.Connection:
+def connect(path: Path, *, readonly: bool = False, create: bool = False,
+            busy_timeout_s: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
     """A connection to spool.db in autocommit mode (explicit BEGIN), WAL, synchronous=FULL.
 
     Raises SpoolError if the file is missing (unless ``create``) or is not a SQLite database.
@@ -218,13 +219,23 @@ def connect(path: Path, *, readonly: bool = False, create: bool = False) -> sqli
         raise SpoolError(f"no spool at {path} (the agent creates it when it first starts)")
     mode = "ro" if readonly else ("rwc" if create else "rw")
     try:
-        conn = sqlite3.connect(f"file:{path}?mode={mode}", uri=True, timeout=BUSY_TIMEOUT_S,
+        conn = sqlite3.connect(f"file:{path}?mode={mode}", uri=True, timeout=busy_timeout_s,
                                isolation_level=None, check_same_thread=False)
-        if not readonly:
+    except sqlite3.Error as exc:
+        raise SpoolError(f"cannot open {path}: {exc}") from exc
+    try:
+        if not readonly and conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
             conn.execute("PRAGMA journal_mode=WAL")
         configure(conn)
         conn.execute("PRAGMA user_version").fetchone()
+    except sqlite3.OperationalError as exc:
+        conn.close()
+        if _is_busy(exc):
+            raise SpoolBusy(f"{path} stayed locked by another writer: {exc}") from exc
+        raise SpoolError(f"{path} is not a usable spool ({exc}): corrupt or not a SQLite "
+                         "database; move it aside to start with an empty spool") from exc
     except sqlite3.DatabaseError as exc:
+        conn.close()
         raise SpoolError(f"{path} is not a usable spool ({exc}): corrupt or not a SQLite "
                          "database; move it aside to start with an empty spool") from exc
     return conn
@@ -251,7 +262,7 @@ def check_schema(conn: sqlite3.Connection, path: Path, *, upgrade: bool) -> bool
         if version == SCHEMA_VERSION and not {QUEUE_TABLE, "spool_batches"} <= tables:
             raise SpoolError(f"{path} claims spool schema v{version} but lacks its tables")
         _check_file_size(conn, path)
-        if not upgrade:
+        if not upgrade or (version == SCHEMA_VERSION and _SCHEMA_OBJECTS <= _objects(conn)):
             return QUEUE_TABLE in tables
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -266,9 +277,26 @@ def check_schema(conn: sqlite3.Connection, path: Path, *, upgrade: bool) -> bool
             conn.execute("ROLLBACK")
             raise
         return True
+    except sqlite3.OperationalError as exc:
+        if _is_busy(exc):
+            raise SpoolBusy(f"{path} stayed locked by another writer: {exc}") from exc
+        raise SpoolError(f"{path} is corrupt ({exc}); move it aside to start with an empty "
+                         "spool") from exc
     except sqlite3.DatabaseError as exc:
         raise SpoolError(f"{path} is corrupt ({exc}); move it aside to start with an empty "
                          "spool") from exc
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+_SCHEMA_OBJECTS = {"spool_batches", "spool_checkpoints", "spool_q_ready", "spool_q_status",
+                   "spool_q_delete"}
+
+
+def _objects(conn: sqlite3.Connection) -> set[str]:
+    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
 
 
 def _split_sql(script: str) -> list[str]:

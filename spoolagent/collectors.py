@@ -5,8 +5,8 @@ named states (:class:`CollectorState`), when each runs (interval 0: long-running
 exponential backoff; interval N: started every N s and terminated when it overruns), picking up
 new, changed and removed files and new settings, and stopping everything. How a single process is
 spawned and its pipes read lives in ``spoolagent.procs`` and ``spoolagent.pipes``. Imports only
-``spoolagent.errors``, those, ``spoolagent.discovery`` and the standard library; must not import spool, sender, batcher, config or
-agent (the agent wires it with plain callables).
+``spoolagent.errors``, those, ``spoolagent.discovery`` and the standard library; must not import
+spool, sender, batcher, config or agent (the agent wires it with plain callables).
 
 Threads: :meth:`Supervisor.start` starts one thread, ``collectors-supervisor``. It is the only
 thread that spawns, signals, reaps and changes a collector's state, and it lives until
@@ -153,7 +153,7 @@ class Supervisor:
         self._wake = threading.Event()
         self._stop_requested = threading.Event()
         self._hurry = threading.Event()
-        self._stop_grace_now_s = stop_grace_s
+        self._stop_deadline = 0.0  # monotonic: SIGKILL for whatever still runs
         self._thread: threading.Thread | None = None
         self._dir_error = ""
         self._dups: list[Path] = []
@@ -190,7 +190,8 @@ class Supervisor:
         if fast or self._stop_requested.is_set():
             self._hurry.set()
         if not self._stop_requested.is_set():
-            self._stop_grace_now_s = self.stop_grace_s if grace_s is None else grace_s
+            grace_s = self.stop_grace_s if grace_s is None else grace_s
+            self._stop_deadline = time.monotonic() + grace_s
             self._stop_requested.set()
         self._wake.set()
         thread = self._thread
@@ -315,10 +316,12 @@ class Supervisor:
         if _AFTER_RANK[what] > _AFTER_RANK[c.after_run]:
             c.after_run = what
 
-    def _terminate(self, c: _Collector, now: float, grace_s: float | None = None) -> None:
+    def _terminate(self, c: _Collector, now: float, grace_s: float | None = None) -> bool:
         grace_s = self.stop_grace_s if grace_s is None else grace_s
         if c.run is not None and c.run.terminate(now, grace_s):
             c.state = CollectorState.STOPPING
+            return True
+        return False
 
     def _reap(self, now: float) -> None:
         for c in self._collectors.values():
@@ -396,16 +399,21 @@ class Supervisor:
                     c.state = CollectorState.STOPPED
                 continue
             left = True
-            self._terminate(c, now, self._stop_grace_now_s)
+            c.state = CollectorState.STOPPING
+            if not self._terminate(c, now, max(self._stop_deadline - now, 0.0)):
+                # already terminating (an overrun, a change): the stop deadline still applies
+                if c.run.kill_at is not None and c.run.kill_at > self._stop_deadline:
+                    c.run.kill_at = self._stop_deadline
         return not left
 
     def _timeout(self, now: float, next_scan: float) -> float:
         t = next_scan - now
+        spawning = not self._stopping.is_set() and not self._stop_requested.is_set()
         with self._lock:
             for c in self._collectors.values():
                 run = c.run
                 if run is None:
-                    if c.state in (CollectorState.WAITING, CollectorState.BACKOFF):
+                    if spawning and c.state in (CollectorState.WAITING, CollectorState.BACKOFF):
                         t = min(t, c.next_start - now)
                     continue
                 if not run.exited.is_set():
@@ -450,7 +458,10 @@ class Supervisor:
             c.runs += 1
             c.last_start_s = time.time()
             if c.interval_s:
-                c.next_start = run.started_mono + c.interval_s
+                # keep to the schedule (no drift by the spawn time) unless far behind it
+                due_at = c.next_start + c.interval_s
+                c.next_start = due_at if due_at > run.started_mono else (
+                    run.started_mono + c.interval_s)
             if c.respawn:
                 c.restarts += 1
                 self._counters.add("restarts_total")

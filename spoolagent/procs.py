@@ -130,8 +130,9 @@ def _read_status(fd: int, proc: subprocess.Popen[bytes]) -> str:
             proc.wait()
             _close_pipes(proc)
             raise CollectorFailed(f"spawn wrapper did not exec within {_STATUS_TIMEOUT_S}s")
-        ready, _, _ = select.select([fd], [], [], remaining)
-        if not ready:
+        poller = select.poll()  # not select.select: the agent may hold fds past 1024
+        poller.register(fd, select.POLLIN)
+        if not poller.poll(remaining * 1000):
             continue
         chunk = os.read(fd, 256)
         if not chunk:

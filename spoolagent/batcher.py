@@ -137,6 +137,11 @@ class Batcher:
                             "checkpoint, a restart may repeat them", self.collector, n, self.max_held_bytes)
                 self._flush()
             return
+        if len(records) > self.max_lines:
+            # one large read: cut it into batches of max_lines (no token to keep together here)
+            for i in range(0, len(records), self.max_lines):
+                self._add(records[i : i + self.max_lines])
+            return
         if not self._ready:
             self._ready_since = time.monotonic()
         self._ready.extend(records)

@@ -144,7 +144,7 @@ def run_demo(args: argparse.Namespace) -> int:
         t.add_row(str(writer.written), f"{a.get('spoolagent_lines_read_total', 0):.0f}",
                   f"{a.get('spoolagent_lines_spooled_total', 0):.0f}", f"{a.get('spoolagent_lines_sent_total', 0):.0f}",
                   f"{r.get('spoolreceiver_lines_stored_total', 0):.0f}" if r else "-",
-                  f"{a.get('spoolagent_spool_batches{state=\"ready\"}', 0):.0f}",
+                  "%.0f" % a.get('spoolagent_spool_batches{state="ready"}', 0),
                   f"{a.get('spoolagent_spool_bytes', 0):.0f}")
         return t
 

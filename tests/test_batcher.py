@@ -36,11 +36,11 @@ def test_cut_by_lines_and_flush_on_close() -> None:
     s = Sink()
     b = make(s)
     b.feed([rec(i) for i in range(7)])
-    assert [len(x[1]) for x in s.batches] == [7]  # one feed call is cut once it reaches the limit
+    assert [len(x[1]) for x in s.batches] == [3, 3]  # a large read is cut into max_lines batches
     b.feed([rec(7)])
-    assert len(s.batches) == 1
+    assert len(s.batches) == 2
     b.close()
-    assert [x[1] for x in s.batches][-1] == [rec(7)]
+    assert [x[1] for x in s.batches][-1] == [rec(6), rec(7)]
     assert all(x[2] is None for x in s.batches)
 
 

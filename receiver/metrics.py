@@ -2,7 +2,8 @@
 
 prometheus-client's multiprocess mode is always on: every process (one, or each of the
 ``--processes N`` workers) writes its values to mmap files in a directory of its own receiver
-instance (``DATA_DIR/.receiver/metrics/<parent pid>/``), and ``/metrics`` in any worker reads and
+instance (``/dev/shm/spoolreceiver-metrics-<parent pid>/``, never on the data disk: a
+new page of an mmap on a full filesystem is a SIGBUS), and ``/metrics`` in any worker reads and
 sums them all. So the counters are totals for the whole receiver and survive a worker being
 respawned. The only importer of ``prometheus_client``; imports nothing from the package.
 """

@@ -24,6 +24,7 @@ import shutil
 import signal
 import socket
 import ssl
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,6 +48,7 @@ STATE_DIR = ".receiver"
 _PURGE_INTERVAL_MAX_S = 600.0
 _PURGE_INTERVAL_MIN_S = 0.2
 _RESPAWN_DELAY_S = 0.5
+_METRICS_PREFIX = "spoolreceiver-metrics-"
 
 
 def run(cfg: ReceiverConfig) -> int:
@@ -65,7 +67,7 @@ def run(cfg: ReceiverConfig) -> int:
 
     http_socks = _bind(cfg.listen)
     tcp_socks = _bind(cfg.tcp_listen) if cfg.tcp_listen else []
-    metrics_dir = _metrics_dir(state_dir)
+    metrics_dir = _metrics_dir()
     ready = {"pid": os.getpid(), "http": _address(http_socks),
              "tcp": _address(tcp_socks) if tcp_socks else None}
     processes = cfg.processes or os.cpu_count() or 1
@@ -93,16 +95,20 @@ def _address(socks: list[socket.socket]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _metrics_dir(state_dir: Path) -> Path:
-    """A fresh metrics directory for this receiver; those of receivers no longer alive go."""
-    root = state_dir / "metrics"
-    root.mkdir(parents=True, exist_ok=True)
-    for old in root.iterdir():
-        if old.name.isdigit() and not _alive(int(old.name)):
+def _metrics_dir() -> Path:
+    """A fresh metrics directory for this receiver; those of receivers no longer alive go.
+
+    Not on the data disk: prometheus-client mmaps sparse files, and touching a new page of one on
+    a full filesystem is a SIGBUS. RAM-backed /dev/shm when there is one, else the temp dir."""
+    shm = Path("/dev/shm")
+    root = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    for old in root.glob(f"{_METRICS_PREFIX}*"):
+        pid = old.name[len(_METRICS_PREFIX):]
+        if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
-    mine = root / str(os.getpid())
+    mine = root / f"{_METRICS_PREFIX}{os.getpid()}"
     shutil.rmtree(mine, ignore_errors=True)
-    mine.mkdir()
+    mine.mkdir(mode=0o700)
     return mine
 
 

@@ -1,0 +1,197 @@
+"""receiver.store and receiver.dedup: locks across real processes, rollback by the next holder of a
+file's lock, all-or-nothing over several files, the bounded cache of open files, moved files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from receiver.dedup import DedupIndex
+from receiver.errors import BatchInProgress, StorageUnavailable
+from receiver.store import PartitionedStore
+from tests.conftest import child_env
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "data"
+    d.mkdir()
+    return d
+
+
+def _open(data_dir: Path, **kw: object) -> tuple[PartitionedStore, DedupIndex]:
+    dedup = DedupIndex(data_dir / ".receiver", fsync=False)
+    dedup.create()
+    store = PartitionedStore(data_dir, dedup, fsync=False, **kw)  # type: ignore[arg-type]
+    store.create()
+    return store, dedup
+
+
+@pytest.fixture
+def opened(data_dir: Path) -> Iterator[tuple[PartitionedStore, DedupIndex]]:
+    store, dedup = _open(data_dir)
+    yield store, dedup
+    store.close()
+    dedup.close()
+
+
+_CHILD = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from receiver.dedup import DedupIndex
+    from receiver.store import PartitionedStore
+    data_dir, crash_at, batch, tag, count = Path(sys.argv[1]), sys.argv[2] or None, sys.argv[3], \\
+        sys.argv[4], int(sys.argv[5])
+    dedup = DedupIndex(data_dir / ".receiver", fsync=False)
+    dedup.create()
+    store = PartitionedStore(data_dir, dedup, fsync=False, crash_at=crash_at)
+    for i in range(count):
+        lines = b"".join(b"%s %d %d\\n" % (tag.encode(), i, j) for j in range(50))
+        store.append(f"{batch}-{i}", {"a_2026-01-01.dat": lines, "b_2026-01-01.dat": lines}, 100, 0)
+""")
+
+
+def _child(data_dir: Path, crash_at: str, batch: str, tag: str, count: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", _CHILD, str(data_dir), crash_at, batch, tag,
+                             str(count)], env=child_env())
+
+
+def test_next_holder_of_the_lock_rolls_back_a_crashed_append(
+        data_dir: Path, opened: tuple[PartitionedStore, DedupIndex]) -> None:
+    store, dedup = opened
+    store.append("before", {"a_2026-01-01.dat": b"kept\n", "b_2026-01-01.dat": b"kept\n"}, 2, 0)
+    child = _child(data_dir, "mid_append", "crashed", "torn", 1)
+    assert child.wait(30) == -9
+    assert (data_dir / "a_2026-01-01.dat").read_bytes() != b"kept\n"  # torn bytes on disk
+    assert {i.file for i in dedup.intents()} == {"a_2026-01-01.dat", "b_2026-01-01.dat"}
+    # no restart: this live store is the next holder of the lock, and rolls back before appending
+    store.append("after", {"a_2026-01-01.dat": b"next\n"}, 1, 0)
+    assert (data_dir / "a_2026-01-01.dat").read_bytes() == b"kept\nnext\n"
+    assert [i.file for i in dedup.intents()] == ["b_2026-01-01.dat"]
+    assert dedup.lookup("crashed-0") is None and dedup.lookup("after") is not None
+    assert store.recover() == 0  # b had no bytes appended yet: nothing to truncate, intent dropped
+    assert dedup.intents() == []
+    assert (data_dir / "b_2026-01-01.dat").read_bytes() == b"kept\n"
+
+
+def test_before_mark_crash_rolls_back_every_file_of_the_batch(
+        data_dir: Path, opened: tuple[PartitionedStore, DedupIndex]) -> None:
+    store, dedup = opened
+    child = _child(data_dir, "before_mark", "crashed", "whole", 1)
+    assert child.wait(30) == -9
+    assert (data_dir / "b_2026-01-01.dat").stat().st_size > 0  # fully appended, never recorded
+    assert store.recover() == 2
+    assert (data_dir / "a_2026-01-01.dat").read_bytes() == b""
+    assert (data_dir / "b_2026-01-01.dat").read_bytes() == b""
+    assert dedup.lookup("crashed-0") is None and dedup.intents() == []
+
+
+def test_two_processes_appending_to_the_same_files_never_interleave(data_dir: Path) -> None:
+    children = [_child(data_dir, "", f"p{n}", f"p{n}", 40) for n in range(3)]
+    assert [c.wait(120) for c in children] == [0, 0, 0]
+    for name in ("a_2026-01-01.dat", "b_2026-01-01.dat"):
+        lines = (data_dir / name).read_bytes().split(b"\n")[:-1]
+        assert len(lines) == 3 * 40 * 50
+        # each append of 50 lines is contiguous, and in order within its process
+        blocks = [lines[i:i + 50] for i in range(0, len(lines), 50)]
+        for block in blocks:
+            tag, i, _ = block[0].split()
+            assert block == [b"%s %s %d" % (tag, i, j) for j in range(50)]
+    # and both files got the batches in the same order: the two locks were held together
+    a_order = (data_dir / "a_2026-01-01.dat").read_bytes()
+    assert a_order == (data_dir / "b_2026-01-01.dat").read_bytes()
+
+
+def test_failure_on_the_second_file_rolls_back_the_first(data_dir: Path) -> None:
+    store, dedup = _open(data_dir, fault_enospc_after_bytes=10)
+    try:
+        with pytest.raises(StorageUnavailable):
+            store.append("multi", {"a_2026-01-01.dat": b"12345\n", "b_2026-01-01.dat": b"67890\n"},
+                         2, 0)
+        assert (data_dir / "a_2026-01-01.dat").read_bytes() == b""
+        assert (data_dir / "b_2026-01-01.dat").read_bytes() == b""
+        assert dedup.lookup("multi") is None and dedup.intents() == []
+    finally:
+        store.close()
+        dedup.close()
+
+
+def test_names_outside_the_data_dir_are_refused(opened: tuple[PartitionedStore, DedupIndex]) -> None:
+    store, _ = opened
+    for name in ("../x.dat", "/etc/passwd", ".receiver/state.sqlite3", "a/b.dat", "_rejected/../x"):
+        with pytest.raises(ValueError):
+            store.append(None, {name: b"x\n"}, 1, 0)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_cache_of_open_files_is_bounded(data_dir: Path) -> None:
+    store, dedup = _open(data_dir, max_open_files=3)
+    try:
+        store.append(None, {"warm_2026-01-01.dat": b"x\n"}, 1, 0)
+        base = _open_fds()
+        for day in range(1, 29):
+            store.append(None, {f"p_2026-02-{day:02d}.dat": b"x\n"}, 1, 0)
+        assert _open_fds() <= base + 3
+        assert len(list(data_dir.glob("p_*.dat"))) == 28
+    finally:
+        store.close()
+        dedup.close()
+
+
+def test_a_moved_file_is_reopened_not_written_behind_the_move(
+        data_dir: Path, opened: tuple[PartitionedStore, DedupIndex]) -> None:
+    store, _ = opened
+    store.append(None, {"w_2026-01-01.dat": b"one\n"}, 1, 0)
+    os.rename(data_dir / "w_2026-01-01.dat", data_dir / "archived.old")
+    store.append(None, {"w_2026-01-01.dat": b"two\n"}, 1, 0)
+    assert (data_dir / "archived.old").read_bytes() == b"one\n"
+    assert (data_dir / "w_2026-01-01.dat").read_bytes() == b"two\n"
+    (data_dir / "w_2026-01-01.dat").unlink()
+    store.append(None, {"w_2026-01-01.dat": b"three\n"}, 1, 0)
+    assert (data_dir / "w_2026-01-01.dat").read_bytes() == b"three\n"
+
+
+def test_claim_excludes_threads_and_times_out_retryably(data_dir: Path) -> None:
+    dedup = DedupIndex(data_dir / ".receiver", fsync=False)
+    dedup.create()
+    held = threading.Event()
+    release = threading.Event()
+
+    def holder() -> None:
+        with dedup.claim("same", timeout_s=5):
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    try:
+        assert held.wait(10)
+        with pytest.raises(BatchInProgress) as info:
+            with dedup.claim("same", timeout_s=0.2):
+                pass
+        assert info.value.retry_after_s > 0
+    finally:
+        release.set()
+        t.join(10)
+    with dedup.claim("same", timeout_s=1):
+        pass
+    dedup.close()
+
+
+def test_purge_forgets_only_old_ids(opened: tuple[PartitionedStore, DedupIndex]) -> None:
+    store, dedup = opened
+    store.append("old", {}, 0, 0)
+    assert dedup.purge(3600) == 0
+    assert dedup.lookup("old") is not None
+    assert dedup.purge(0) == 1
+    assert dedup.lookup("old") is None

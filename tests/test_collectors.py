@@ -482,6 +482,28 @@ def test_fast_stop_skips_the_grace_period(coll_dir: Path, rec: Recorder,
     assert not pid_alive(pid)
 
 
+def test_hurry_during_stop_skips_the_rest_of_the_grace(coll_dir: Path, rec: Recorder,
+                                                       make_sup: Factory) -> None:
+    write(coll_dir, 0, "stubborn.py", """
+        import os, signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(os.getpid(), flush=True)
+        time.sleep(60)
+    """)
+    sup = make_sup(stop_grace_s=30.0)
+    wait_until(lambda: rec.lines("stubborn"), 10)
+    pid = int(rec.lines("stubborn")[0])
+    t0 = time.monotonic()
+    stopper = threading.Thread(target=sup.stop)
+    stopper.start()
+    wait_until(lambda: info(sup, "stubborn").state is CollectorState.STOPPING, 5)
+    assert pid_alive(pid)
+    sup.hurry()  # what the agent's handler does on a second SIGTERM
+    stopper.join(10)
+    assert not stopper.is_alive() and time.monotonic() - t0 < 5.0
+    assert not pid_alive(pid)
+
+
 def test_stop_hands_over_everything_printed(coll_dir: Path, tmp_path: Path, rec: Recorder,
                                             make_sup: Factory) -> None:
     marker = tmp_path / "written"

@@ -109,7 +109,8 @@ class Supervisor:
 
     Callbacks run on the collector's stdout reader thread, in order: ``on_lines(name, lines)``
     (may block: reading stops and the collector is slowed through its pipe), ``on_overlong(name,
-    size, head)`` and, once per run after its last line, ``on_exit(name, returncode)``.
+    size, head)`` and, once per run after its last line and its exit, ``on_exit(name,
+    returncode)`` (-N: killed by signal N).
     ``checkpoint_for(name)`` runs on the supervisor thread before every spawn, after the previous
     run's on_exit returned. While ``stopping`` is set nothing new is spawned.
     Raises CollectorFailed if ``collectors_dir`` is not a readable directory.

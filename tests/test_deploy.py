@@ -213,7 +213,6 @@ def test_unit_has_the_documented_settings(name: str) -> None:
     one = {k: v[-1] for k, v in u.items()}
     assert one["User"] == name and one["StateDirectory"] == name
     assert one["Restart"] == "always"
-    assert "/bin/kill -HUP $MAINPID" in u["ExecReload"]
     assert one["ExecStart"].startswith(VENV_BIN + name)
     assert f"/etc/{name}/" in one["ExecStart"]
     for key, value in {"ProtectSystem": "strict", "NoNewPrivileges": "yes", "PrivateTmp": "yes",
@@ -231,10 +230,20 @@ def test_unit_has_the_documented_settings(name: str) -> None:
 
 
 def test_agent_unit_lets_the_agent_stop_its_collectors() -> None:
-    one = {k: v[-1] for k, v in _unit("spoolagent").items()}
+    u = _unit("spoolagent")
+    one = {k: v[-1] for k, v in u.items()}
+    # reload = check the config, then SIGHUP (the agent re-reads [collectors.*] and rescans)
+    assert u["ExecReload"] == [f"{VENV_BIN}spoolagent check --config /etc/spoolagent/agent.toml",
+                               "/bin/kill -HUP $MAINPID"]
     assert one["KillMode"] == "mixed"
     assert set(one["SupplementaryGroups"].split()) == {"adm", "systemd-journal"}
     assert one["RestartPreventExitStatus"] == "2"
+
+
+def test_receiver_unit_sends_no_sighup_it_would_not_survive() -> None:
+    # receiver/server.py handles SIGTERM and SIGINT only; SIGHUP's default action ends a process
+    assert "ExecReload" not in _unit("spoolreceiver")
+    assert _unit("spoolreceiver")["KillMode"] == ["control-group"]
 
 
 def _units_with_stand_in_binaries(tmp_path: Path) -> list[Path]:

@@ -72,7 +72,7 @@ class LineChecker:
         n_lines = body.count(b"\n") + (0 if ends_nl else 1)
         has_nul = b"\x00" in body
         maybe_long = len(body) > self.max_line_bytes
-        if not (has_nul or maybe_long or body.startswith(b"\n") or b"\n\n" in body):
+        if not (has_nul or maybe_long):
             fast = self._check_one_prefix(body, n_lines, ends_nl)
             if fast is not None:
                 return fast
@@ -89,10 +89,13 @@ class LineChecker:
         name, _reason = self._judge(prefix[:-1], sp)
         if name is None:
             return None
-        # each line after the first begins right after a newline: count those that begin with prefix
-        if body.count(b"\n" + prefix) != n_lines - 1:
+        # every line after the first begins right after a newline; the replace removes the prefix
+        # from those that begin with it, so its length change counts them. All of them begin with
+        # it (so none is empty either) exactly when that count is n_lines - 1.
+        stripped = body.replace(b"\n" + prefix, b"\n")
+        if (len(body) - len(stripped)) // len(prefix) != n_lines - 1:
             return None
-        data = body.replace(b"\n" + prefix, b"\n")[len(prefix):]
+        data = stripped[len(prefix):]
         if not ends_nl:
             data += b"\n"
         return CheckedBody({name: data}, n_lines, [])

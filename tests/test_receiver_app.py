@@ -8,6 +8,8 @@ import gzip
 import json
 import signal
 import socket
+import ssl
+import subprocess
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -316,3 +318,25 @@ def test_sigterm_lets_the_batch_being_stored_finish(receiver: ReceiverProc) -> N
     sender.join(60)
     assert answer == [201]
     assert receiver.read_lines() == {"web_2026-01-01.dat": _data(lines)}
+
+
+def test_tls_and_json_logs(receiver_factory: Callable[..., ReceiverProc], tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    made = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+         "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key),
+         "-out", str(cert)], capture_output=True, timeout=60)
+    if made.returncode != 0:
+        pytest.skip(f"openssl cannot make a test certificate: {made.stderr[-300:]!r}")
+    r = receiver_factory("--tls-cert", str(cert), "--tls-key", str(key), "--log-format", "json")
+    url = r.url.replace("http://", "https://")
+    ctx = ssl.create_default_context(cafile=str(cert))
+    with httpx.Client(verify=ctx, timeout=10) as client:
+        resp = client.put(f"{url}/v1/batches/tls-1", content=b"web 2026-01-01 over tls\nbad\n")
+        assert resp.status_code == 201
+        assert client.put(f"{url}/v1/batches/bad.id", content=b"").status_code == 400
+    assert r.read_lines() == {"web_2026-01-01.dat": [b"over tls"]}
+    events = [json.loads(line) for line in r.log_text().splitlines() if line.startswith("{")]
+    assert {"ts", "level", "pid", "logger", "msg"} <= set(events[0])
+    assert any("batch=bad.id" in e["msg"] and e["level"] == "warning" for e in events)
+    assert any("batch=tls-1" in e["msg"] for e in events)  # stored with a rejected line

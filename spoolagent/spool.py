@@ -17,6 +17,7 @@ everything else (get, ack, nack, ack_failed, clear_acked_data, resume of in-flig
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import fcntl
 import logging
@@ -110,6 +111,7 @@ class Spool:
         self._inflight: dict[int, int] = {}  # pqid -> row bytes
         self._dropped_batches = 0
         self._dropped_lines = 0
+        self._drop_logged_s = -1e9
         self._closed = False
         state_dir.mkdir(parents=True, exist_ok=True)
         # the lock comes first: the library's auto_resume would resend a live agent's in-flight rows
@@ -161,21 +163,22 @@ class Spool:
         """
         header, row = make_row(collector, lines, self._encoding, checkpoint)  # compress unlocked
         size = len(row)
-        with self._cond:
+        # Lock order: _get_lock before _cond before the SQLite write lock. A get holds _get_lock
+        # while the library's UPDATE waits for the SQLite write lock, so taking _get_lock inside
+        # our own write transaction would deadlock (seen with drop_oldest and a sender retrying).
+        dropping = self._when_full is WhenFull.DROP_OLDEST
+        with self._get_lock if dropping else contextlib.nullcontext(), self._cond:
             self._check_open()
             if time.monotonic() - self._refreshed > _REFRESH_S:
                 self._refresh_bytes()
-            if self._when_full is WhenFull.BLOCK:
+            if not dropping:
                 self._wait_for_room(size)
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    if self._when_full is WhenFull.DROP_OLDEST:
-                        with self._get_lock:
-                            self._drop_oldest(size)
-                            pqid = self._insert(header, row)
-                    else:
-                        pqid = self._insert(header, row)
+                    if dropping:
+                        self._drop_oldest(size)
+                    pqid = self._insert(header, row)
                     self._db.execute("COMMIT")
                 except BaseException:
                     if self._db.in_transaction:
@@ -247,8 +250,13 @@ class Spool:
             self._bytes -= freed
             self._dropped_batches += batches
             self._dropped_lines += lines
-            log.error("spool full, dropped oldest batches=%d lines=%d bytes=%d total_dropped=%d",
-                      batches, lines, freed, self._dropped_batches)
+            # data lost: ERROR, but summarised (a full spool drops on every put)
+            now = time.monotonic()
+            if now - self._drop_logged_s >= 10.0:
+                log.error("spool full, dropped oldest batches=%d lines=%d bytes=%d total_dropped_batches=%d "
+                          "total_dropped_lines=%d", batches, lines, freed, self._dropped_batches,
+                          self._dropped_lines)
+                self._drop_logged_s = now
 
     # -- get / ack / nack / fail -------------------------------------------------------------
 

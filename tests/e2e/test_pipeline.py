@@ -153,14 +153,15 @@ def test_checkpointing_collector_exactly_once_across_random_sigkills(
 
 def _progress_collector(total: int, progress: Path) -> str:
     return f"""\
-import datetime, sys
+import datetime, os, sys
 d = datetime.date.today().isoformat().encode()
 out = sys.stdout.buffer
 for i in range(0, {total}, 100):
     out.write(b"".join(b"fill %s seq=%08d %s\\n" % (d, j, b"y" * 150) for j in range(i, i + 100)))
     out.flush()
-    with open({str(progress)!r}, "w") as f:
+    with open({str(progress)!r} + ".tmp", "w") as f:
         f.write(str(i + 100))
+    os.replace({str(progress)!r} + ".tmp", {str(progress)!r})
 import time
 while True:
     time.sleep(3600)

@@ -515,6 +515,18 @@ def test_examples_run_with_write_execute_memory_refused(tmp_path: Path) -> None:
         status_url = json.loads(runtime.read_text())["status_url"]
         _run_healthcheck(DEPLOY / "docker" / "Dockerfile.agent", status_url)
 
+        def _collectors() -> list[str]:
+            with urllib.request.urlopen(status_url + "/status", timeout=5) as resp:
+                return [c.get("name") for c in json.loads(resp.read()).get("collectors", [])]
+
+        try:
+            wait_until(lambda: "tail" in _collectors(), 15, what="the bundled tail collector")
+        except AssertionError as exc:
+            raise AssertionError(f"the agent did not find the bundled tail collector (collectors: "
+                                 f"{_collectors()}); discovery skips non-executable files, so "
+                                 f"collectors/0/tail.py must be executable (git mode 100755) or .py "
+                                 f"collectors must be run without it") from exc
+
         def _stored() -> int:
             return sum(p.read_bytes().count(b"\n") for p in data_dir.glob("app_*.dat"))
 

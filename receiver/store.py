@@ -156,6 +156,8 @@ class PartitionedStore:
         """Create the data dir and ``_rejected/``. Raises StorageUnavailable."""
         try:
             (self.data_dir / REJECTED_DIR).mkdir(parents=True, exist_ok=True)
+            if self._fsync:  # the directory entries must survive a power loss like the files
+                _fsync_dir(self.data_dir)
         except OSError as exc:
             raise StorageUnavailable(f"cannot create {self.data_dir}: {exc}",
                                      retry_after_s=_RETRY_AFTER_S) from exc

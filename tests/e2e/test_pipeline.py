@@ -95,8 +95,8 @@ def test_receiver_down_lines_pile_up_then_arrive_exactly_once(
     a.start()
     wait_until(lambda: a.get_status()["spool"]["ready_lines"] + a.get_status()["spool"]["inflight_lines"] == 3000,
                30, what="3000 lines spooled while the receiver is down")
-    st = a.get_status()
-    assert st["sender"]["lines_sent"] == 0 and st["sender"]["consecutive_failures"] > 0
+    wait_until(lambda: a.get_status()["sender"]["consecutive_failures"] > 0, 10, what="the sender to fail")
+    assert a.get_status()["sender"]["lines_sent"] == 0
     r.start(port=port)
     wait_until(lambda: count_lines(r.data_dir) >= 3000, 30, what="backlog delivered")
     wait_until(lambda: a.get_status()["spool"]["ready_batches"] == 0, 10)

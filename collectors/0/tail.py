@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """tail: follow the files matched by globs and print their lines, with exactly-once checkpoints.
 
 A long-running spoolagent collector (interval 0). It owns: finding files (globs, rescanned while
@@ -137,6 +138,14 @@ def _fingerprint(fd: int, n: int) -> str | None:
     return hashlib.blake2b(head, digest_size=8).hexdigest()
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data``, one syscall per pipe-full. Not sys.stdout.buffer: a signal that
+    interrupts its write part way has been seen to drop the rest of the chunk."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _glob_key(pattern: str) -> str:
     return hashlib.blake2b(pattern.encode("utf-8", "surrogateescape"), digest_size=4).hexdigest()
 
@@ -173,7 +182,7 @@ class Tailer:
     def __init__(self, cfg: Settings, token: str) -> None:
         self.cfg = cfg
         self.files: dict[tuple[int, int], Tracked] = {}
-        self.out = sys.stdout.buffer
+        self.out_fd = sys.stdout.fileno()
         self.out_bytes = 0  # printed since the last checkpoint
         self.last_token = ""
         self.last_cp = time.monotonic()
@@ -218,16 +227,15 @@ class Tailer:
         if self.out_bytes or self.state_changed or force:
             tok = self.token()
             if tok != self.last_token or self.out_bytes:
-                self.out.write(protocol.format_checkpoint(tok))
+                _write_all(self.out_fd, protocol.format_checkpoint(tok))
                 self.last_token = tok
-            self.out.flush()
             self.out_bytes = 0
             self.state_changed = False
         self.last_cp = time.monotonic()
 
     def _write(self, data: bytes) -> None:
         if data:
-            self.out.write(data)
+            _write_all(self.out_fd, data)
             self.out_bytes += len(data)
 
     # --- records -----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.multiprocess import MultiProcessCollector
 
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
+_SOURCES = ("batch", "post", "tcp")  # PUT /v1/batches, POST /, the TCP listener
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -42,7 +43,7 @@ class Metrics:
             "spoolreceiver_lines_rejected", "Invalid lines kept under _rejected/.", ["source"],
             registry=None)
         self.bytes_stored = Counter(
-            "spoolreceiver_bytes_stored", "Bytes appended to data files.", registry=None)
+            "spoolreceiver_stored_bytes", "Bytes appended to data files.", registry=None)
         self.storage_errors = Counter(
             "spoolreceiver_storage_errors", "Bodies refused with 503 because storage failed.",
             registry=None)
@@ -53,6 +54,10 @@ class Metrics:
             ["handler"], buckets=_LATENCY_BUCKETS, registry=None)
         self.tcp_connections = Counter(
             "spoolreceiver_tcp_connections", "TCP connections accepted.", registry=None)
+        # every source shows from the start (0, not absent), so alerts and rate() see it
+        for source in _SOURCES:
+            self.lines_stored.labels(source)
+            self.lines_rejected.labels(source)
 
     def render(self) -> bytes:
         """The Prometheus text of every process of this receiver. Reads a few small files."""

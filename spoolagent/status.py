@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -28,7 +28,12 @@ def _num(v: object) -> float:
 
 
 class _AgentCollector(Collector):
-    """Turns a snapshot into Prometheus metric families at scrape time."""
+    """Turns a snapshot into Prometheus metric families at scrape time.
+
+    Names follow Prometheus conventions (docs/metrics.md is the table of every one): counters end
+    in ``_total``, a unit is the last word before it (``_bytes``, ``_seconds``), gauges say what
+    they hold now. Counters start at 0 when the agent starts.
+    """
 
     def __init__(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
@@ -36,6 +41,7 @@ class _AgentCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         s = self.snapshot()
         lines, spool, sender = s.get("lines", {}), s.get("spool", {}), s.get("sender", {})
+        agent, sup = s.get("agent", {}), s.get("supervisor", {})
 
         def counter(name: str, doc: str, value: object) -> CounterMetricFamily:
             return CounterMetricFamily(f"spoolagent_{name}", doc, value=_num(value))
@@ -43,45 +49,66 @@ class _AgentCollector(Collector):
         def gauge(name: str, doc: str, value: object) -> GaugeMetricFamily:
             return GaugeMetricFamily(f"spoolagent_{name}", doc, value=_num(value))
 
-        yield counter("lines_read", "Lines read from collectors' stdout.", lines.get("read"))
-        yield counter("lines_spooled", "Lines committed to the spool.", lines.get("spooled"))
-        yield counter("lines_sent", "Lines acknowledged by a receiver.", sender.get("lines_sent"))
-        yield counter("lines_dropped", "Lines dropped from a full spool (when_full = drop_oldest).",
+        info = GaugeMetricFamily("spoolagent_build_info", "Always 1; the agent's version and id as labels.",
+                                 labels=["version", "agent_id"])
+        info.add_metric([str(agent.get("version", "")), str(agent.get("id", ""))], 1.0)
+        yield info
+        yield gauge("start_time_seconds", "Unix time the agent started.", agent.get("started_s"))
+        yield gauge("uptime_seconds", "Seconds since the agent started.", agent.get("uptime_s"))
+        yield counter("lines_read", "Lines read from collectors' stdout (!checkpoint lines and invalid "
+                      "lines included).", lines.get("read"))
+        yield counter("lines_spooled", "Records committed to the spool.", lines.get("spooled"))
+        yield counter("lines_sent", "Records in batches a receiver acknowledged (2xx, duplicates included).",
+                      sender.get("lines_sent"))
+        yield counter("lines_dropped", "Records dropped from a full spool (when_full = drop_oldest).",
                       spool.get("dropped_lines"))
         yield counter("lines_rejected", "Lines the agent could not take (invalid or over-long), kept in "
-                      "rejected.log.", lines.get("rejected"))
-        yield counter("lines_unprotected", "Checkpointing collectors' lines spooled without a token "
+                      "STATE_DIR/rejected.log.", lines.get("rejected"))
+        yield counter("lines_unprotected", "Checkpointing collectors' records spooled without a token "
                       "(checkpoint cap reached); a restart may repeat them.", lines.get("unprotected"))
+        yield counter("lines_discarded", "Records held after a collector's last checkpoint when it exited; "
+                      "it reads them again from the checkpoint.", lines.get("discarded"))
         yield counter("batches_spooled", "Batches committed to the spool.", s.get("batches", {}).get("spooled"))
-        yield counter("batches_sent", "Batches acknowledged by a receiver (2xx).", sender.get("batches_sent"))
+        yield counter("batches_sent", "Batches a receiver acknowledged (2xx, duplicates included).",
+                      sender.get("batches_sent"))
+        yield counter("batches_duplicate", "Acknowledged batches the receiver had stored before (200).",
+                      sender.get("batches_duplicate"))
         yield counter("batches_retried", "Send attempts that failed and were retried.",
                       sender.get("batches_retried"))
         yield counter("batches_failed", "Batches a receiver rejected (4xx), moved to the dead letter.",
                       sender.get("batches_failed"))
         yield counter("batches_dropped", "Batches dropped from a full spool.", spool.get("dropped_batches"))
-        yield counter("bytes_sent", "Request body bytes acknowledged by a receiver.", sender.get("bytes_sent"))
+        yield counter("sent_bytes", "Request body bytes (compressed) of acknowledged batches.",
+                      sender.get("bytes_sent"))
+        yield counter("sender_requests", "HTTP requests the sender made (retries and reconnects included).",
+                      sender.get("requests_total"))
+        yield counter("sender_failovers", "Moves to the next URL in [sender] receivers.", sender.get("failovers"))
         yield counter("spool_errors", "Failed spool writes (disk full, I/O errors); retried.",
                       s.get("spool_errors"))
         depth = GaugeMetricFamily("spoolagent_spool_batches", "Batches in the spool by state.", labels=["state"])
-        depth_lines = GaugeMetricFamily("spoolagent_spool_lines", "Lines in the spool by state.", labels=["state"])
+        depth_lines = GaugeMetricFamily("spoolagent_spool_lines", "Records in the spool by state.",
+                                        labels=["state"])
         for state in ("ready", "inflight", "failed"):
             depth.add_metric([state], _num(spool.get(f"{state}_batches")))
             depth_lines.add_metric([state], _num(spool.get(f"{state}_lines")))
         yield depth
         yield depth_lines
-        yield gauge("spool_bytes", "Bytes of the spool's rows that are not yet delivered.", spool.get("bytes"))
+        yield gauge("spool_bytes", "Bytes of the spool's batches not yet delivered (ready, in flight, failed); "
+                    "what [spool] max_bytes bounds.", spool.get("bytes"))
         yield gauge("spool_max_bytes", "The spool's bound ([spool] max_bytes).", spool.get("max_bytes"))
+        yield gauge("spool_file_bytes", "Size of spool.db and its WAL on disk.", spool.get("file_bytes"))
         oldest = spool.get("oldest_age_s")
-        yield gauge("spool_oldest_age_seconds", "Age of the oldest batch waiting (0 when none).", oldest or 0)
-        yield gauge("sender_up", "1 while the last send attempt succeeded.",
+        yield gauge("spool_oldest_age_seconds", "Age of the oldest ready batch (0 when none is ready).",
+                    oldest or 0)
+        yield gauge("sender_up", "1 unless the current receiver's last send attempt failed.",
                     1 if sender.get("consecutive_failures", 0) == 0 else 0)
-        yield gauge("sender_last_success_timestamp_seconds", "Wall time of the last acknowledged batch.",
-                    sender.get("last_success_s"))
+        yield gauge("sender_last_success_timestamp_seconds", "Unix time of the last acknowledged batch "
+                    "(0: none yet).", sender.get("last_success_s"))
         restarts = CounterMetricFamily("spoolagent_collector_restarts", "Collector restarts.", labels=["collector"])
         up = GaugeMetricFamily("spoolagent_collector_up", "1 while the collector runs (or waits for its "
                                "next interval).", labels=["collector"])
-        c_lines = CounterMetricFamily("spoolagent_collector_lines_spooled", "Lines spooled per collector "
-                                      "(current run).", labels=["collector"])
+        c_lines = CounterMetricFamily("spoolagent_collector_lines_spooled", "Records spooled per collector "
+                                      "(since its current run started).", labels=["collector"])
         for c in s.get("collectors", []):
             restarts.add_metric([c["name"]], _num(c.get("restarts")))
             up.add_metric([c["name"]], 1.0 if c.get("state") in ("running", "waiting", "starting") else 0.0)
@@ -89,7 +116,12 @@ class _AgentCollector(Collector):
         yield restarts
         yield up
         yield c_lines
-        yield gauge("uptime_seconds", "Seconds since the agent started.", s.get("agent", {}).get("uptime_s"))
+        yield counter("collector_spawn_failures", "Collector starts that failed (cannot execute).",
+                      sup.get("spawn_failures_total"))
+        yield counter("collector_overruns", "Interval collectors killed for running past their interval.",
+                      sup.get("overruns_total"))
+        yield counter("collector_stderr_lines_suppressed", "Collector stderr lines not logged (rate limit).",
+                      sup.get("stderr_lines_suppressed_total"))
 
 
 class StatusServer:
@@ -105,6 +137,8 @@ class StatusServer:
         self.snapshot = snapshot
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_AgentCollector(snapshot))
+        # process_cpu_seconds_total, process_resident_memory_bytes, process_start_time_seconds, ...
+        ProcessCollector(registry=self.registry)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.url = ""
@@ -141,8 +175,8 @@ class StatusServer:
 
         self._server = ThreadingHTTPServer(self._addr, Handler)
         self._server.daemon_threads = True
-        host, port = self._server.server_address[:2]
-        self.url = f"http://{host if ':' not in str(host) else f'[{host}]'}:{port}"
+        host, port = str(self._server.server_address[0]), int(self._server.server_address[1])
+        self.url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
         self._thread = threading.Thread(target=self._server.serve_forever, name="status", daemon=True)
         self._thread.start()
 

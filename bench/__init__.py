@@ -1,0 +1,1 @@
+"""spoolagent benchmarks (issue 7): ``python -m bench``; see bench/RESULTS.md."""

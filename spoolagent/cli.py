@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 runtime error, 2 usage or config error, 3 spool busy or lock
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import os
@@ -25,19 +26,28 @@ DEFAULT_CONFIG = os.environ.get("SPOOLAGENT_CONFIG", "/etc/spoolagent/agent.toml
 log = logging.getLogger("spoolagent")
 
 
+def _timestamp(record: logging.LogRecord) -> str:
+    """ISO 8601 in UTC with milliseconds, as the receiver writes it."""
+    when = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 class _KeyValueFormatter(logging.Formatter):
+    """``ts=... level=... logger=... MESSAGE``: one line per event, a traceback included (as a
+    JSON string in ``exc=``), so line-based shippers and grep never split an event."""
+
     def format(self, record: logging.LogRecord) -> str:
-        msg = record.getMessage()
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
-        line = f"{ts}.{int(record.msecs):03d} level={record.levelname.lower()} logger={record.name} {msg}"
+        line = f"ts={_timestamp(record)} level={record.levelname.lower()} logger={record.name} {record.getMessage()}"
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        return line
+            line += " exc=" + json.dumps(self.formatException(record.exc_info))
+        return line.replace("\n", "\\n")
 
 
 class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``ts``, ``level``, ``logger``, ``msg`` and ``exc`` (a traceback)."""
+
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {"ts": record.created, "level": record.levelname.lower(), "logger": record.name,
+        out: dict[str, Any] = {"ts": _timestamp(record), "level": record.levelname.lower(), "logger": record.name,
                                "msg": record.getMessage()}
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)

@@ -156,9 +156,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         else:
             print(why)
             if spool is not None:
-                print(f"spool (from {cfg.agent.state_dir / 'spool.db'}): ready {spool.get('ready_batches')} batches /"
-                      f" {spool.get('ready_lines')} lines, in flight {spool.get('inflight_batches')}, failed "
-                      f"{spool.get('failed_batches')}, {spool.get('bytes')} bytes, oldest {_age(spool.get('oldest_age_s'))}")
+                print(f"spool (from {cfg.agent.state_dir / 'spool.db'}): ready {spool.get('ready_batches')} "
+                      f"batches / {spool.get('ready_lines')} lines, in flight {spool.get('inflight_batches')}, "
+                      f"failed {spool.get('failed_batches')}, {spool.get('bytes')} bytes, "
+                      f"oldest {_age(spool.get('oldest_age_s'))}")
             elif spool_err:
                 print(f"spool: {spool_err}")
         return EXIT_RUNTIME
@@ -178,7 +179,8 @@ def _print_status(s: dict[str, Any]) -> None:
     con.print(f"[bold]spoolagent[/] {a['id']} pid {a['pid']} v{a['version']} up {_age(a['uptime_s'])} ({a['state']})")
     con.print(f"spool   ready {sp.get('ready_batches')} batches / {sp.get('ready_lines')} lines, in flight "
               f"{sp.get('inflight_batches')}, failed {sp.get('failed_batches')}, {sp.get('bytes')} bytes"
-              f" of {sp.get('max_bytes')}, oldest {_age(sp.get('oldest_age_s'))}, dropped {sp.get('dropped_lines', 0)} lines")
+              f" of {sp.get('max_bytes')}, oldest {_age(sp.get('oldest_age_s'))}, "
+              f"dropped {sp.get('dropped_lines', 0)} lines")
     last_ok = se.get("last_success_s")
     con.print(f"sender  {se.get('state')} -> {se.get('receiver')}; last success "
               f"{_age(time.time() - last_ok) + ' ago' if isinstance(last_ok, int | float) else 'never'}; "
@@ -186,7 +188,8 @@ def _print_status(s: dict[str, Any]) -> None:
     con.print(f"lines   read {ln['read']}, spooled {ln['spooled']}, sent {se.get('lines_sent', 0)}, "
               f"rejected {ln['rejected']}, dropped {sp.get('dropped_lines', 0)}")
     if s.get("last_error"):
-        con.print(f"[red]last error[/] {s['last_error']} ({_age(time.time() - (s.get('last_error_s') or time.time()))} ago)")
+        ago = _age(time.time() - (s.get("last_error_s") or time.time()))
+        con.print(f"[red]last error[/] {s['last_error']} ({ago} ago)")
     t = Table("collector", "interval", "state", "pid", "restarts", "last exit", "spooled")
     for c in s["collectors"]:
         t.add_row(c["name"], f"{c['interval_s']}s", c["state"], str(c.get("pid") or "-"), str(c["restarts"]),

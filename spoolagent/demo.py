@@ -144,7 +144,7 @@ def run_demo(args: argparse.Namespace) -> int:
         t.add_row(str(writer.written), f"{a.get('spoolagent_lines_read_total', 0):.0f}",
                   f"{a.get('spoolagent_lines_spooled_total', 0):.0f}", f"{a.get('spoolagent_lines_sent_total', 0):.0f}",
                   f"{r.get('spoolreceiver_lines_stored_total', 0):.0f}" if r else "-",
-                  "%.0f" % a.get('spoolagent_spool_batches{state="ready"}', 0),
+                  "{:.0f}".format(a.get('spoolagent_spool_batches{state="ready"}', 0)),
                   f"{a.get('spoolagent_spool_bytes', 0):.0f}")
         return t
 
@@ -175,10 +175,10 @@ def run_demo(args: argparse.Namespace) -> int:
         recv_log.close()
         agent_log.close()
     stored = sum(len(p.read_bytes().splitlines()) for p in (base / "data").glob("*.dat"))
-    summary = {"dir": str(base), "written": writer.written, "stored_lines": stored,
-               "files": sorted(str(p) for p in (base / "data").glob("*.dat"))}
+    files = sorted(str(p) for p in (base / "data").glob("*.dat"))
+    summary = {"dir": str(base), "written": writer.written, "stored_lines": stored, "files": files}
     con.print(f"\nstopped. {writer.written} lines written, {stored} lines stored in:")
-    for f in summary["files"]:
+    for f in files:
         con.print(f"  {f}")
     con.print(f"logs: {base / 'agent.log'}, {base / 'receiver.log'}")
     if args.json:

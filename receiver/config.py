@@ -136,7 +136,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
     for key in _PATH_KEYS & set(raw):
         if not isinstance(raw[key], str):
             raise ConfigError(f"config file {path}: {key} must be a string path")
-        out[key] = path.parent / raw[key]
+        # "" means "not set", as in the example config, never "the config file's directory"
+        out[key] = path.parent / raw[key] if raw[key] else None
     return out
 
 

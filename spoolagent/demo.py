@@ -2,10 +2,15 @@
 sample log that grows, and a live view of the counts until Ctrl-C.
 
 Everything lives under one directory (default ``./spoolagent-demo``): ``agent.toml``, the agent's
-``state/`` (the spool), the tailed ``logs/app.log`` and the receiver's ``data/`` where the
-``{prod}_{date}.dat`` files land. Runs both programs as real subprocesses (``python -m receiver``,
-``python -m spoolagent run``), so stopping the receiver by hand is a real outage. Imports only
-config (for the bundled collectors dir); reads the others' state over HTTP and from files.
+``state/`` (the spool and the tailer's checkpoint), the tailed ``logs/app.log`` and the receiver's
+``data/`` where the ``{prod}_{date}.dat`` files land. Runs both programs as real subprocesses
+(``python -m receiver``, ``python -m spoolagent run``), so killing the receiver by hand is a real
+outage. Run it again in the same directory and it resumes: every line of ``logs/app.log`` ends up
+in ``data/`` exactly once.
+
+Stopping delivers first: the writer stops, the demo waits (bounded) until the receiver's files hold
+every line written, then stops the agent with SIGTERM and the receiver after it. Imports only config
+(for the bundled collectors dir); reads the others' state over HTTP and from files.
 """
 
 from __future__ import annotations
@@ -15,13 +20,13 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from spoolagent.config import bundled_collectors_dir
@@ -33,50 +38,83 @@ _SAMPLE = [
     "ERROR payment declined order={n} code=51 user={u}",
     "INFO worker-{k} processed job={n} in {ms}ms",
 ]
+_START_TIMEOUT_S = 20.0
+_DELIVER_TIMEOUT_S = 20.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _metrics(url: str) -> dict[str, float] | None:
+    """``url``'s Prometheus samples summed by name (labels dropped); None if it does not answer."""
+    from prometheus_client.parser import text_string_to_metric_families
 
-
-def _metrics(url: str) -> dict[str, float]:
-    out: dict[str, float] = {}
     try:
-        with urllib.request.urlopen(url, timeout=1) as resp:
-            for line in resp.read().decode().splitlines():
-                if line and not line.startswith("#"):
-                    name, _, value = line.rpartition(" ")
-                    try:
-                        out[name] = out.get(name, 0.0) + float(value)
-                    except ValueError:
-                        pass
-    except OSError:
-        pass
+        with urllib.request.urlopen(url + "/metrics", timeout=1) as resp:
+            text = resp.read().decode()
+    except (OSError, ValueError):
+        return None
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[s.name] = out.get(s.name, 0.0) + float(s.value)
     return out
 
 
-class _Writer(threading.Thread):
-    """Appends sample lines to the tailed log at ``rate`` lines/s."""
+def _count_lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    except FileNotFoundError:
+        return 0
 
-    def __init__(self, path: Path, rate: float, stop: threading.Event) -> None:
+
+class _StoredLines:
+    """Lines in ``data/*.dat``, counted incrementally (only new bytes are read): the truth about
+    what is stored, whatever happens to the receiver process and its counters."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self._seen: dict[Path, tuple[int, int]] = {}  # file -> (bytes read, lines in them)
+
+    def count(self) -> int:
+        for p in self.data_dir.glob("*.dat"):
+            offset, lines = self._seen.get(p, (0, 0))
+            try:
+                with open(p, "rb") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+            except FileNotFoundError:
+                continue
+            # count only complete lines: an append may be under way
+            end = chunk.rfind(b"\n") + 1
+            self._seen[p] = (offset + end, lines + chunk.count(b"\n", 0, end))
+        return sum(lines for _, lines in self._seen.values())
+
+    def files(self) -> list[str]:
+        return sorted(p.name for p in self._seen)
+
+
+class _Writer(threading.Thread):
+    """Appends sample lines to the tailed log at ``rate`` lines/s; ``written`` counts this run's."""
+
+    def __init__(self, path: Path, rate: float, first_n: int) -> None:
         super().__init__(daemon=True, name="demo-writer")
-        self.path, self.rate, self.stop, self.written = path, rate, stop, 0
+        self.path, self.rate, self.first_n, self.written = path, rate, first_n, 0
+        self.stop = threading.Event()
 
     def run(self) -> None:
-        rnd = random.Random(7)
+        rnd = random.Random()
+        next_s = time.monotonic()
         with open(self.path, "a", buffering=1) as f:
-            while not self.stop.wait(1.0 / self.rate):
-                t = rnd.choice(_SAMPLE).format(n=self.written, ms=rnd.randint(1, 900), u=rnd.randint(1, 99),
-                                               k=rnd.randint(1, 9))
+            while not self.stop.wait(max(0.0, next_s - time.monotonic())):
+                next_s += 1.0 / self.rate
+                t = rnd.choice(_SAMPLE).format(n=self.first_n + self.written, ms=rnd.randint(1, 900),
+                                               u=rnd.randint(1, 99), k=rnd.randint(1, 9))
                 f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {t}\n")
                 self.written += 1
 
 
-def _write_config(base: Path, receiver_port: int, status_port: int) -> Path:
+def _write_config(base: Path, receiver_http: str) -> Path:
     cfg = base / "agent.toml"
-    cfg.write_text(f"""# written by `spoolagent demo`; see docs/configuration.md for every key
+    cfg.write_text(f"""# written by `spoolagent demo`; docs/configuration.md explains every key
 [agent]
 id = "demo"
 collectors_dir = "{bundled_collectors_dir()}"
@@ -87,11 +125,11 @@ stop_grace_s = 3
 max_wait_ms = 200
 
 [sender]
-receivers = ["http://127.0.0.1:{receiver_port}"]
+receivers = ["http://{receiver_http}"]
 max_backoff_s = 5
 
 [status]
-listen = "127.0.0.1:{status_port}"
+listen = "127.0.0.1:0"
 
 [collectors.tail]
 paths = ["{base / 'logs'}/*.log"]
@@ -100,101 +138,196 @@ prod = "demo"
     return cfg
 
 
+def _command(name: str, module: str) -> str:
+    """How the operator runs ``name`` from this install: the script next to this Python, else -m."""
+    script = Path(sys.executable).parent / name
+    return str(script) if script.exists() else f"{sys.executable} -m {module}"
+
+
+def _wait_for_file(path: Path, proc: subprocess.Popen[bytes], what: str, log: Path) -> dict[str, Any]:
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}; see {log}")
+        try:
+            info: dict[str, Any] = json.loads(path.read_text())
+            return info
+        except (FileNotFoundError, ValueError):
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not start within {_START_TIMEOUT_S:.0f}s; see {log}")
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout_s: float = 15.0) -> bool:
+    """SIGTERM ``proc`` (it stops its own children), SIGKILL its session after ``timeout_s``.
+    True if it stopped by itself."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout_s)
+        return True
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+        return False
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # SIGTERM/SIGHUP: clean up like Ctrl-C, never leave the children behind
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
     from rich.table import Table
 
-    con = Console()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    con = Console(highlight=False, soft_wrap=True)  # long paths: let the terminal wrap, never cut
     base = Path(args.dir).resolve()
     for d in ("logs", "data", "state"):
         (base / d).mkdir(parents=True, exist_ok=True)
-    rport, sport = _free_port(), _free_port()
-    cfg = _write_config(base, rport, sport)
+    app_log, data_dir = base / "logs" / "app.log", base / "data"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    recv_cmd = [sys.executable, "-m", "receiver", "--data-dir", str(base / "data"), "--listen", f"127.0.0.1:{rport}"]
-    recv_log = open(base / "receiver.log", "ab")
-    agent_log = open(base / "agent.log", "ab")
-    receiver = subprocess.Popen(recv_cmd, stdout=recv_log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    (base / "receiver.pid").write_text(str(receiver.pid))
-    agent = subprocess.Popen([sys.executable, "-m", "spoolagent", "run", "--config", str(cfg)], stdout=agent_log,
-                             stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    stop = threading.Event()
-    writer = _Writer(base / "logs" / "app.log", args.rate, stop)
-    writer.start()
-    con.print(f"[bold]spoolagent demo[/] in {base}")
-    con.print(f"  receiver  pid {receiver.pid} on http://127.0.0.1:{rport}  -> files land in [bold]{base / 'data'}[/]")
-    con.print(f"  agent     pid {agent.pid}, spool in {base / 'state'}, status http://127.0.0.1:{sport}/status")
-    con.print(f"  tailing   {base / 'logs' / 'app.log'} ({args.rate:g} lines/s)")
-    con.print(f"  try:      spoolagent status -c {cfg}   |   spoolagent spool stats -c {cfg}")
-    con.print(f"  outage:   kill {receiver.pid}   then restart it with:  {' '.join(recv_cmd[2:])} "
-              f"(as `spoolreceiver ...`)")
-    con.print("  Ctrl-C stops the demo\n")
-    deadline = time.monotonic() + args.duration if args.duration else None
-
-    def view() -> Table:
-        a = _metrics(f"http://127.0.0.1:{sport}/metrics")
-        r = _metrics(f"http://127.0.0.1:{rport}/metrics")
-        t = Table(title=f"{time.strftime('%H:%M:%S')}  receiver {'[green]up[/]' if r else '[red]down[/]'}  "
-                        f"agent {'[green]up[/]' if a else '[red]down[/]'}")
-        for col in ("written", "read", "spooled", "sent", "stored", "spool depth", "spool bytes"):
-            t.add_column(col, justify="right")
-        files = sorted(p.name for p in (base / "data").glob("*.dat"))
-        t.caption = "files: " + (", ".join(files) if files else "(none yet)")
-        t.add_row(str(writer.written), f"{a.get('spoolagent_lines_read_total', 0):.0f}",
-                  f"{a.get('spoolagent_lines_spooled_total', 0):.0f}", f"{a.get('spoolagent_lines_sent_total', 0):.0f}",
-                  f"{r.get('spoolreceiver_lines_stored_total', 0):.0f}" if r else "-",
-                  "{:.0f}".format(a.get('spoolagent_spool_batches{state="ready"}', 0)),
-                  f"{a.get('spoolagent_spool_bytes', 0):.0f}")
-        return t
-
+    ready = base / "receiver.ready.json"
+    ready.unlink(missing_ok=True)
+    runtime = base / "state" / "agent.json"
+    runtime.unlink(missing_ok=True)  # left by an agent that was killed
+    # new sessions: a Ctrl-C reaches only the demo, which then stops them in order
+    with open(base / "receiver.log", "ab") as out:
+        receiver = subprocess.Popen(
+            [sys.executable, "-m", "receiver", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0",
+             "--ready-file", str(ready)], stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    agent: subprocess.Popen[bytes] | None = None
+    before = _count_lines(app_log)  # lines earlier runs wrote: they are delivered too
+    writer = _Writer(app_log, args.rate, before)
+    stored = _StoredLines(data_dir)
     code = 0
     try:
-        if con.is_terminal:
-            with Live(view(), console=con, refresh_per_second=2) as live:
+        recv_http = str(_wait_for_file(ready, receiver, "the receiver", base / "receiver.log")["http"])
+        cfg = _write_config(base, recv_http)
+        with open(base / "agent.log", "ab") as out:
+            agent = subprocess.Popen([sys.executable, "-m", "spoolagent", "run", "--config", str(cfg)],
+                                     stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        status_url = str(_wait_for_file(runtime, agent, "the agent", base / "agent.log")["status_url"])
+        writer.start()
+        agent_cmd, recv_cmd = _command("spoolagent", "spoolagent"), _command("spoolreceiver", "receiver")
+        con.print(f"[bold]spoolagent demo[/] in {base}")
+        con.print(f"  writing   logs/app.log, {args.rate:g} lines/s, tailed by the agent's bundled tail collector")
+        con.print(f"  receiver  pid {receiver.pid}, http://{recv_http}")
+        con.print(f"  agent     pid {agent.pid}, spool in state/, {status_url}/metrics")
+        con.print(f"  [bold]files land in {data_dir}/[/]")
+        con.print(f"  look:     {agent_cmd} status -c {cfg}")
+        con.print(f"  outage:   kill {receiver.pid}   (the spool grows; nothing is lost)")
+        con.print(f"  restart:  {recv_cmd} --data-dir {data_dir} --listen {recv_http}")
+        con.print("  [dim]Ctrl-C stops: the writer first, then the agent once it has delivered, then the receiver[/]\n")
+
+        def counts() -> dict[str, Any]:
+            a, r = _metrics(status_url), _metrics(f"http://{recv_http}")
+            return {"written": before + writer.written, "agent": a is not None, "receiver": r is not None,
+                    "spooled": (a or {}).get("spoolagent_lines_spooled_total", 0.0),
+                    "sent": (a or {}).get("spoolagent_lines_sent_total", 0.0),
+                    "in_spool": (a or {}).get("spoolagent_spool_lines", 0.0),
+                    "spool_bytes": (a or {}).get("spoolagent_spool_bytes", 0.0),
+                    "retries": (a or {}).get("spoolagent_batches_retried_total", 0.0),
+                    "stored": stored.count()}
+
+        def updown(up: bool) -> str:
+            return "[green]up[/]" if up else "[red]down[/]"
+
+        def view() -> Table:
+            c = counts()
+            t = Table(title=f"{time.strftime('%H:%M:%S')}   agent {updown(c['agent'])}   "
+                            f"receiver {updown(c['receiver'])}", title_justify="left")
+            for col in ("written", "spooled", "sent", "stored", "in spool", "spool bytes", "retries"):
+                t.add_column(col, justify="right")
+            t.add_row(*(f"{c[k]:,.0f}" for k in ("written", "spooled", "sent", "stored", "in_spool",
+                                                  "spool_bytes", "retries")))
+            files = stored.files()
+            t.caption = "data/: " + (", ".join(files) if files else "(no file yet)")
+            t.caption_justify = "left"
+            return t
+
+        def line() -> str:
+            c = counts()
+            return (f"{time.strftime('%H:%M:%S')} written {c['written']} spooled {c['spooled']:.0f} "
+                    f"sent {c['sent']:.0f} stored {c['stored']} in_spool {c['in_spool']:.0f} "
+                    f"agent {'up' if c['agent'] else 'down'} receiver {'up' if c['receiver'] else 'down'}")
+
+        deadline = time.monotonic() + args.duration if args.duration else None
+        try:
+            if con.is_terminal:
+                with Live(view(), console=con, refresh_per_second=4, auto_refresh=False) as live:
+                    while not (deadline and time.monotonic() > deadline):
+                        time.sleep(0.5)
+                        live.update(view(), refresh=True)
+            else:
                 while not (deadline and time.monotonic() > deadline):
-                    time.sleep(1)
-                    live.update(view())
-        else:
-            while not (deadline and time.monotonic() > deadline):
-                time.sleep(2)
-                con.print(view())
+                    time.sleep(1.0)
+                    con.print(line())
+        except KeyboardInterrupt:
+            pass
+        writer.stop.set()
+        writer.join()
+        code = _deliver(con, counts, agent, receiver)
+    except RuntimeError as exc:
+        con.print(f"[red]demo failed:[/] {exc}")
+        code = 1
     except KeyboardInterrupt:
-        pass
+        code = 130
     finally:
-        stop.set()
+        writer.stop.set()
+        # the agent first: it sends what it can to a receiver that is still up
         for p in (agent, receiver):
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in (agent, receiver):
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                code = 1
-        recv_log.close()
-        agent_log.close()
-    stored = sum(len(p.read_bytes().splitlines()) for p in (base / "data").glob("*.dat"))
-    files = sorted(str(p) for p in (base / "data").glob("*.dat"))
-    summary = {"dir": str(base), "written": writer.written, "stored_lines": stored, "files": files}
-    con.print(f"\nstopped. {writer.written} lines written, {stored} lines stored in:")
+            if p is not None and not _stop(p):
+                code = code or 1
+    written, total = before + writer.written, stored.count()
+    files = [str(data_dir / f) for f in stored.files()]
+    summary = {"dir": str(base), "written": written, "written_this_run": writer.written,
+               "stored_lines": total, "files": files}
+    con.print(f"\nstopped. {written} lines written to logs/app.log, {total} stored in:")
     for f in files:
         con.print(f"  {f}")
+    if total < written:
+        con.print(f"  {written - total} lines wait in the spool (or the log): run the demo again to deliver them")
     con.print(f"logs: {base / 'agent.log'}, {base / 'receiver.log'}")
     if args.json:
         print(json.dumps(summary))
     return code
 
 
+def _deliver(con: Any, counts: Any, agent: subprocess.Popen[bytes], receiver: subprocess.Popen[bytes]) -> int:
+    """Wait (bounded; Ctrl-C skips) until everything written is stored. 0, or 1 if it was not."""
+    c = counts()
+    if c["stored"] >= c["written"]:
+        return 0
+    if not c["receiver"] or agent.poll() is not None:
+        con.print("not waiting for delivery: the receiver or the agent is down; the spool keeps the lines")
+        return 0
+    con.print(f"delivering the last {c['written'] - c['stored']:.0f} lines (Ctrl-C to stop now) ...")
+    deadline = time.monotonic() + _DELIVER_TIMEOUT_S
+    try:
+        while time.monotonic() < deadline:
+            c = counts()
+            if c["stored"] >= c["written"]:
+                return 0
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        return 0
+    con.print(f"[yellow]not delivered within {_DELIVER_TIMEOUT_S:.0f}s:[/] stored {c['stored']} of {c['written']}")
+    return 1
+
+
 def add_demo_parser(sub: Any) -> None:
     p = sub.add_parser(
         "demo", help="run a receiver and an agent on loopback and watch logs flow",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  spoolagent demo\n  spoolagent demo --dir /tmp/sa-demo --rate 200 --duration 30\n\n"
-               "While it runs, kill the receiver (its pid is printed) to see the spool grow; start it "
-               "again and every line arrives once.")
+        epilog="examples:\n  spoolagent demo\n  spoolagent demo --dir /tmp/sa-demo --rate 200 --duration 30\n"
+               "  spoolagent demo --duration 10 --json | tail -1 | jq .stored_lines\n\n"
+               "While it runs, kill the receiver (its pid is printed) and watch the spool grow; start it\n"
+               "again with the printed command and every line arrives, once. Run the demo again in the\n"
+               "same --dir and it resumes where it stopped.")
     p.add_argument("--dir", default="spoolagent-demo", help="where everything goes (default ./spoolagent-demo)")
     p.add_argument("--rate", type=float, default=20.0, help="sample log lines per second (default 20)")
     p.add_argument("--duration", type=float, default=0, help="stop after this many seconds (default: until Ctrl-C)")
-    p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     p.set_defaults(func=run_demo)

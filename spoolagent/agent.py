@@ -195,9 +195,8 @@ class Agent:
             try:
                 self.sender.send(batch.batch_id, batch.body, batch.encoding, lines=batch.lines)
             except BatchRejected as exc:
+                # the sender logged it at ERROR with the batch id, status and reason
                 self._note_error(f"batch {batch.batch_id} rejected: {exc}")
-                log.error("batch rejected, moved to failed batch=%s collector=%s lines=%d status=%d reason=%s",
-                          batch.batch_id, batch.collector, batch.lines, exc.status, exc)
                 self.spool.fail(batch.pqid, exc.status, str(exc))
             except ReceiverUnavailable as exc:
                 self._note_error(f"receiver: {exc}")

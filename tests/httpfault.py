@@ -38,7 +38,10 @@ class HttpFaultProxy:
                 pass
 
             def _handle(self) -> None:
-                mode = outer.mode
+                with outer._lock:  # status_once: exactly one request, even with two at once
+                    mode = outer.mode
+                    if mode.startswith("status_once"):
+                        outer.mode = "pass"
                 if mode == "down":
                     self.close_connection = True
                     _reset(self.connection)
@@ -47,8 +50,6 @@ class HttpFaultProxy:
                 body = self.rfile.read(n) if n else b""
                 if mode.startswith("status"):
                     status = int(mode.split(":")[1])
-                    if mode.startswith("status_once"):
-                        outer.mode = "pass"
                     payload = b'{"error": "injected by the fault proxy"}'
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")

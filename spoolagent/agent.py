@@ -197,18 +197,29 @@ class Agent:
             except BatchRejected as exc:
                 # the sender logged it at ERROR with the batch id, status and reason
                 self._note_error(f"batch {batch.batch_id} rejected: {exc}")
-                self.spool.fail(batch.pqid, exc.status, str(exc))
+                self._settle(self.spool.fail, batch.pqid, exc.status, str(exc))
             except ReceiverUnavailable as exc:
                 self._note_error(f"receiver: {exc}")
-                self.spool.nack(batch.pqid, str(exc))
+                self._settle(self.spool.nack, batch.pqid, str(exc))
             except Exception as exc:
                 log.exception("send failed batch=%s", batch.batch_id)
                 self._note_error(f"send: {exc}")
-                self.spool.nack(batch.pqid, str(exc))
+                self._settle(self.spool.nack, batch.pqid, str(exc))
                 self.stopping.wait(1.0)
             else:
                 # ack only after a 2xx: a crash before this line resends the same id, and the receiver dedups
-                self.spool.ack(batch.pqid)
+                self._settle(self.spool.ack, batch.pqid)
+
+    def _settle(self, fn: Any, *args: Any) -> None:
+        """ack/nack/fail; after shutdown closed the spool, the row is already back to ready."""
+        try:
+            fn(*args)
+        except SpoolError as exc:
+            if self.stopping.is_set():
+                log.info("send finished after the spool closed pqid=%s: it is resent with the same id", args[0])
+            else:
+                self._note_error(f"spool: {exc}")
+                log.error("cannot settle batch pqid=%s err=%s", args[0], exc)
 
     def _start_thread(self, target: Any, name: str) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)

@@ -83,3 +83,26 @@ def test_collectors_command_shows_what_runs(receiver: ReceiverProc,
     table = a.cli("collectors").stdout
     assert "sleepy" in table and "running" in table
     assert a.stop() == 0
+
+
+def test_no_collector_outlives_a_sigkilled_agent(receiver: ReceiverProc,
+                                                 agent_factory: Callable[..., AgentProc]) -> None:
+    a = agent_factory([receiver.url])
+    a.add_collector("stubborn.sh", "#!/bin/sh\ntrap '' TERM\nwhile true; do sleep 0.1; done\n")
+    a.add_collector("sleepy.py", "import time\ntime.sleep(3600)\n")
+    a.start()
+    wait_until(lambda: all(c["pid"] for c in a.get_status()["collectors"])
+               and len(a.get_status()["collectors"]) == 2, 20)
+    pids = [c["pid"] for c in a.get_status()["collectors"]]
+    a.kill()
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        # a zombie is gone for our purpose (its parent, the dead agent, can no longer reap it)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+    wait_until(lambda: all(gone(p) for p in pids), 10, what=f"collectors {pids} to die with the agent")

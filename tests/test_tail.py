@@ -35,8 +35,10 @@ class TailProc:
     """Runs tail.py; its stdout is read on a thread and committed by the agent's rule."""
 
     def __init__(self, tmp: Path, config: dict[str, Any],
-                 on_commit: Callable[[list[bytes]], None] | None = None) -> None:
+                 on_commit: Callable[[list[bytes]], None] | None = None,
+                 script: Path = TAIL) -> None:
         self.tmp = tmp
+        self.script = script
         self.config = config
         self.token = ""
         self.committed: list[bytes] = []
@@ -53,7 +55,7 @@ class TailProc:
         env = child_env(SPOOLAGENT_COLLECTOR_CONFIG=json.dumps(self.config),
                         SPOOLAGENT_CHECKPOINT=self.token)
         with open(self.tmp / "tail.stderr", "ab") as err:
-            self.proc = subprocess.Popen([sys.executable, str(TAIL)], stdout=subprocess.PIPE,
+            self.proc = subprocess.Popen([sys.executable, str(self.script)], stdout=subprocess.PIPE,
                                          stderr=err, env=env)
         self.reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
         self.reader.start()

@@ -265,3 +265,27 @@ def test_check_ok_exit_0(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, "-m", "spoolagent", "check", "-c", str(cfg), "--json"],
                        capture_output=True, text=True, env=child_env(), timeout=30)
     assert p.returncode == 0 and json.loads(p.stdout)["ok"] is True
+
+
+def test_invalid_and_overlong_lines_counted_and_kept_for_the_operator(
+        receiver: ReceiverProc, agent_factory: Callable[..., AgentProc]) -> None:
+    a = agent_factory([receiver.url], agent='stop_grace_s = 3\nmax_line_bytes = "4KiB"')
+    a.add_collector("mixed.py", f"""\
+import sys, time
+out = sys.stdout.buffer
+out.write(b"good {TODAY} one\\n")
+out.write(b"../etc {TODAY} traversal\\n")
+out.write(b"good 2026-02-30 not a date\\n")
+out.write(b"good {TODAY} " + b"z" * 10000 + b"\\n")
+out.write(b"good {TODAY} two\\n")
+out.flush()
+time.sleep(3600)
+""")
+    a.start()
+    good = receiver.data_dir / f"good_{TODAY}.dat"
+    wait_until(lambda: good.exists() and good.read_bytes() == b"one\ntwo\n", 20, what="the two good lines")
+    wait_until(lambda: a.get_status()["lines"]["rejected"] == 3, 10, what="3 rejected lines counted")
+    kept = (a.state_dir / "rejected.log").read_bytes()
+    assert b"../etc" in kept and b"2026-02-30" in kept and b"over the limit" in kept
+    metrics = __import__("urllib.request").request.urlopen(a.status + "/metrics", timeout=5).read().decode()
+    assert "spoolagent_lines_rejected_total 3.0" in metrics

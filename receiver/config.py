@@ -54,6 +54,7 @@ class ReceiverConfig:
     listen: Endpoint
     tcp_listen: Endpoint | None = None
     token: str | None = None
+    token_file: Path | None = None
     processes: int = 1
     threads: int = 4
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -164,7 +165,8 @@ def _build(s: dict[str, Any], environ: Mapping[str, str]) -> ReceiverConfig:
         data_dir=Path(s["data_dir"]),
         listen=parse_endpoint(s["listen"], "listen"),
         tcp_listen=parse_endpoint(tcp, "tcp_listen") if tcp not in (None, "") else None,
-        token=_read_token(s.get("token_file")),
+        token=read_token(s.get("token_file")),
+        token_file=_opt_path(s.get("token_file")),
         processes=_int(s.get("processes", 1), "processes", 0),
         threads=_int(s.get("threads", 4), "threads", 1),
         max_body_bytes=parse_size(s.get("max_body", DEFAULT_MAX_BODY_BYTES), "max_body"),
@@ -218,7 +220,8 @@ def _opt_path(value: object) -> Path | None:
     return None if value in (None, "") else Path(str(value))
 
 
-def _read_token(path: object) -> str | None:
+def read_token(path: object) -> str | None:
+    """The bearer token in ``path`` (None if no path). Raises ConfigError. Also used on SIGHUP."""
     if path in (None, ""):
         return None
     try:

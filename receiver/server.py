@@ -35,8 +35,9 @@ import tornado.netutil
 
 from receiver import body
 from receiver.app import AppContext, make_app
-from receiver.config import Endpoint, ReceiverConfig
+from receiver.config import Endpoint, ReceiverConfig, read_token
 from receiver.dedup import DedupIndex
+from receiver.errors import ConfigError
 from receiver.ingest import Ingestor
 from receiver.metrics import Metrics
 from receiver.store import PartitionedStore
@@ -141,7 +142,7 @@ def _ssl_context(cfg: ReceiverConfig) -> ssl.SSLContext | None:
 def _supervise(cfg: ReceiverConfig, n: int, http_socks: list[socket.socket],
                tcp_socks: list[socket.socket], metrics_dir: Path, ready: dict[str, object]) -> int:
     """Fork ``n`` workers and keep them running until SIGTERM/SIGINT; then wait for them."""
-    watched = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+    watched = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP}
     # a real (no-op) handler: an ignored SIGCHLD might never be reported by sigtimedwait
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
@@ -175,6 +176,11 @@ def _supervise(cfg: ReceiverConfig, n: int, http_socks: list[socket.socket],
         if respawn:
             timeout_s = max(0.0, min(d for d, _ in respawn) - time.monotonic())
         info = signal.sigtimedwait(watched, timeout_s)
+        if info is not None and info.si_signo == signal.SIGHUP and not stopping:
+            log.info("reload: passing SIGHUP to workers=%d", len(workers))
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGHUP)
         if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT) and not stopping:
             stopping = True
             log.info("stopping workers=%d signal=%d", len(workers), info.si_signo)
@@ -224,6 +230,7 @@ async def _serve(cfg: ReceiverConfig, http_socks: list[socket.socket],
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload_token, cfg, ctx)
     purge_s = min(max(cfg.dedup_retention_s / 4, _PURGE_INTERVAL_MIN_S), _PURGE_INTERVAL_MAX_S)
     purger = tornado.ioloop.PeriodicCallback(
         lambda: _purge(loop, executor, dedup, cfg.dedup_retention_s), purge_s * 1000)
@@ -253,6 +260,19 @@ async def _serve(cfg: ReceiverConfig, http_socks: list[socket.socket],
     dedup.close()
     log.info("stopped pid=%d", os.getpid())
     return 0
+
+
+def _reload_token(cfg: ReceiverConfig, ctx: AppContext) -> None:
+    """SIGHUP: re-read the token file (token rotation without a restart); keep the old on error."""
+    if cfg.token_file is None:
+        log.info("reload: no token_file, nothing to reload pid=%d", os.getpid())
+        return
+    try:
+        ctx.token = read_token(cfg.token_file)
+    except ConfigError as exc:
+        log.error("reload failed, keeping the old token pid=%d err=%s", os.getpid(), exc)
+        return
+    log.info("reload: token re-read from %s pid=%d", cfg.token_file, os.getpid())
 
 
 def _purge(loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor, dedup: DedupIndex,

@@ -240,9 +240,9 @@ def test_agent_unit_lets_the_agent_stop_its_collectors() -> None:
     assert one["RestartPreventExitStatus"] == "2"
 
 
-def test_receiver_unit_sends_no_sighup_it_would_not_survive() -> None:
-    # receiver/server.py handles SIGTERM and SIGINT only; SIGHUP's default action ends a process
-    assert "ExecReload" not in _unit("spoolreceiver")
+def test_receiver_unit_reload_is_a_sighup_to_the_main_process() -> None:
+    # receiver/server.py: SIGHUP re-reads the token file and is passed on to the workers
+    assert _unit("spoolreceiver")["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert _unit("spoolreceiver")["KillMode"] == ["control-group"]
 
 

@@ -30,6 +30,7 @@ from spoolagent.config import AgentConfig
 from spoolagent.errors import BatchRejected, ConfigError, ReceiverUnavailable, SpoolError
 from spoolagent.sender import Sender
 from spoolagent.spool import Spool, WhenFull
+from spoolagent.spool_salvage import corrupt_files
 from spoolagent.status import StatusServer
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ class Agent:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.rejected = _RejectedLog(state_dir / REJECTED_FILE)
         self.spool = Spool(state_dir, max_bytes=cfg.spool.max_bytes, when_full=WhenFull(cfg.spool.when_full),
-                           compression=cfg.sender.compression, stopping=self.stopping)
+                           compression=cfg.sender.compression, stopping=self.stopping,
+                           move_corrupt_aside=True)  # never brick the host's logging
         self.sender = Sender(urls=cfg.sender.receivers, stopping=self.stopping, token=cfg.sender.token,
                              timeout_s=cfg.sender.timeout_s, in_flight=cfg.sender.in_flight,
                              ca_file=str(cfg.sender.ca_file) if cfg.sender.ca_file else None,
@@ -261,6 +263,9 @@ class Agent:
             "batches": {"spooled": totals["batches_spooled"]},
             "supervisor": sup,
             "spool_errors": self._spool_errors,
+            "spool_corrupt": {"moved_total": 1 if self.spool.moved_aside else 0,
+                              "moved_to": str(self.spool.moved_aside) if self.spool.moved_aside else None,
+                              "kept_files": [p.name for p in corrupt_files(self.cfg.agent.state_dir)]},
             "last_error": self.last_error,
             "last_error_s": self.last_error_s,
         }

@@ -6,8 +6,9 @@ The spool is bounded by ``max_bytes``: when full, ``put`` blocks (back-pressure)
 oldest ready batches. Side tables (same file): ``spool_batches`` (metadata: attempts, last error,
 HTTP status and reason of a dead-lettered batch) and ``spool_checkpoints``.
 
-The only module that imports persistqueue. Imports ``spoolagent.errors``, ``spool_format`` and
-``spool_file`` only: never sender, collectors, config or agent.
+The only module that imports persistqueue. Imports ``spoolagent.errors``, ``spool_format``,
+``spool_file`` and ``spool_salvage`` (a damaged file at start-up) only: never sender, collectors,
+config or agent.
 
 Why some writes bypass the library: a put must insert the row, its metadata and its checkpoint
 in ONE transaction (a crash never leaves a row without metadata or a checkpoint ahead of its
@@ -51,6 +52,7 @@ from spoolagent.spool_format import (
     insert_row,
     make_row,
 )
+from spoolagent.spool_salvage import diagnose, move_aside
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +94,16 @@ class Spool:
     """The agent's spool. Thread-safe: several reader threads put, several sender threads get.
 
     Raises SpoolBusy if another process holds STATE_DIR/spool.lock, SpoolError if the file is
-    corrupt, truncated or from a newer version.
+    corrupt, truncated or from a newer version. With ``move_corrupt_aside`` (the agent) a damaged
+    file (garbage, truncated, failing SQLite's quick_check, run at every start) is
+    renamed to ``spool.db.corrupt-<time>`` with its -wal/-shm, logged at ERROR, named in
+    ``moved_aside``, and an empty spool starts in its place (``spoolagent spool salvage`` re-queues
+    what is still readable). A newer version, a locked or a full disk still raise.
     """
 
     def __init__(self, state_dir: Path, *, max_bytes: int, when_full: WhenFull, compression: str,
-                 stopping: threading.Event, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
+                 stopping: threading.Event, busy_timeout_s: float = BUSY_TIMEOUT_S,
+                 move_corrupt_aside: bool = False) -> None:
         if compression not in ENCODINGS:
             raise ValueError(f"compression must be one of {sorted(ENCODINGS)}")
         self._path = state_dir / DB_NAME
@@ -121,26 +128,18 @@ class Spool:
         except BlockingIOError as exc:
             os.close(self._lock_fd)
             raise SpoolBusy(f"{state_dir} is in use by another agent ({LOCK_NAME} is locked)") from exc
+        self.moved_aside: Path | None = None  # where a damaged spool.db went at this start
         try:
-            self._db = connect(self._path, create=True)
             try:
-                check_schema(self._db, self._path, upgrade=True)
-                resumed = self._db.execute(
-                    f"SELECT count(*) FROM `{QUEUE_TABLE}` WHERE status = {UNACK}").fetchone()[0]
-                self._q = SQLiteAckQueue(str(state_dir), auto_resume=True, db_file_name=DB_NAME,
-                                         multithreading=True, timeout=busy_timeout_s,
-                                         serializer=_RawBytes)
-                # the library sets only journal_mode=WAL; durability is the product
-                for conn in (self._q._getter, self._q._putter):
-                    if conn is not None:
-                        configure(conn)
-                self._checkpoints = dict(self._db.execute(
-                    "SELECT collector, token FROM spool_checkpoints").fetchall())
-                self._bytes = 0
-                self._refresh_bytes()
-            except BaseException:
-                self._db.close()
-                raise
+                if move_corrupt_aside and self._path.exists():
+                    # a torn page deep in the file would pass the open and stop every get later:
+                    # SQLite's quick_check reads the whole file (~0.1 s per 200 MB when cached)
+                    self._move_if_damaged(None)
+                resumed = self._open(state_dir, busy_timeout_s)
+            except (SpoolError, sqlite3.DatabaseError) as exc:
+                if isinstance(exc, SpoolBusy) or not move_corrupt_aside or not self._move_if_damaged(exc):
+                    raise
+                resumed = self._open(state_dir, busy_timeout_s)
         except sqlite3.DatabaseError as exc:
             self._release_lock()
             raise SpoolError(f"{self._path} is corrupt ({exc}); move it aside to start with an "
@@ -150,6 +149,51 @@ class Spool:
             raise
         log.info("spool open path=%s bytes=%d resumed_inflight=%d", self._path, self._bytes,
                  resumed)
+
+    def _open(self, state_dir: Path, busy_timeout_s: float) -> int:
+        """Open spool.db and the library's queue; returns the in-flight rows resumed. Closes what
+        it opened when it fails."""
+        self._db = connect(self._path, create=True)
+        q: SQLiteAckQueue | None = None
+        try:
+            check_schema(self._db, self._path, upgrade=True)
+            resumed = int(self._db.execute(
+                f"SELECT count(*) FROM `{QUEUE_TABLE}` WHERE status = {UNACK}").fetchone()[0])
+            q = self._q = SQLiteAckQueue(str(state_dir), auto_resume=True, db_file_name=DB_NAME,
+                                         multithreading=True, timeout=busy_timeout_s,
+                                         serializer=_RawBytes)
+            # the library sets only journal_mode=WAL; durability is the product
+            for conn in (q._getter, q._putter):
+                if conn is not None:
+                    configure(conn)
+            self._checkpoints = dict(self._db.execute(
+                "SELECT collector, token FROM spool_checkpoints").fetchall())
+            self._bytes = 0
+            self._refresh_bytes()
+        except BaseException:
+            if q is not None:
+                q.close()
+            self._db.close()
+            raise
+        return resumed
+
+    def _move_if_damaged(self, exc: BaseException | None) -> bool:
+        """Under the spool lock: move a damaged spool.db aside; True if it was moved."""
+        damage = diagnose(self._path)
+        if damage is None:
+            return False
+        try:
+            self.moved_aside = move_aside(self._path)
+        except OSError as err:
+            log.error("spool file is damaged but cannot be moved aside path=%s reason=%s err=%s",
+                      self._path, damage, err)
+            return False
+        # data at risk: the batches in it are not sent until an operator salvages them
+        log.error("spool file is damaged; moved aside, starting an empty spool path=%s moved_to=%s "
+                  "reason=%s open_error=%s; its batches are NOT sent: re-queue what is readable "
+                  "with: spoolagent spool salvage %s", self._path, self.moved_aside, damage,
+                  exc, self.moved_aside)
+        return True
 
     # -- put ---------------------------------------------------------------------------------
 

@@ -85,6 +85,12 @@ class _AgentCollector(Collector):
         yield counter("sender_failovers", "Moves to the next URL in [sender] receivers.", sender.get("failovers"))
         yield counter("spool_errors", "Failed spool writes (disk full, I/O errors); retried.",
                       s.get("spool_errors"))
+        corrupt = s.get("spool_corrupt", {})
+        yield counter("spool_corrupt", "Damaged spool files this agent moved aside at start-up (their "
+                      "batches wait for `spoolagent spool salvage`).", corrupt.get("moved_total"))
+        yield gauge("spool_corrupt_files", "Damaged spool files kept in the state dir "
+                    "(spool.db.corrupt-*); stays up until an operator salvages and removes them.",
+                    len(corrupt.get("kept_files", [])))
         depth = GaugeMetricFamily("spoolagent_spool_batches", "Batches in the spool by state.", labels=["state"])
         depth_lines = GaugeMetricFamily("spoolagent_spool_lines", "Records in the spool by state.",
                                         labels=["state"])

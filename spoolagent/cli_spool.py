@@ -6,7 +6,8 @@ touch a batch in flight; never through persist-queue (a second ``SQLiteAckQueue`
 agent's in-flight batches). See docs/spool.md. Printing and exit codes for these commands live here
 (``cli.py`` wires them in): 0 ok, 1 runtime error, 2 usage, 3 spool busy or locked.
 
-Imports spool_file, spool_format, protocol, config, errors and rich; never persistqueue.
+Imports spool_file, spool_format, spool_salvage, protocol, config, errors and rich; never
+persistqueue.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from spoolagent import config, protocol
 from spoolagent.errors import InvalidLine, SpoolError
 from spoolagent.spool_file import BatchInfo, SpoolFile, query_stats_empty
 from spoolagent.spool_format import BUSY_TIMEOUT_S, DB_NAME, ENCODINGS
+from spoolagent.spool_salvage import CORRUPT_INFIX, salvage
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 _STATES = ("ready", "inflight", "failed")
@@ -284,6 +286,41 @@ def cmd_import(args: argparse.Namespace, state_dir: Path) -> int:
     return EXIT_RUNTIME if skipped else EXIT_OK
 
 
+def cmd_salvage(args: argparse.Namespace, state_dir: Path) -> int:
+    damaged = Path(args.file)
+    if damaged.resolve() == (state_dir / DB_NAME).resolve():
+        raise SpoolError(f"{damaged} is the live spool: salvage a file the agent moved aside "
+                         f"({DB_NAME}{CORRUPT_INFIX}*)")
+    skip = frozenset(args.skip_collector or ())
+    plan = salvage(damaged, None, skip)
+    found = (f"{damaged}: {plan.requeued} ready or in-flight and {plan.requeued_failed} failed "
+             f"batches readable ({plan.lines} lines), {plan.unreadable} rows unreadable, "
+             f"{plan.delivered} delivered already, {plan.skipped} skipped")
+    for name, c in sorted(plan.collectors.items()):
+        found += f"\n  {name}: {c['batches']} batches, {c['lines']} lines" + (
+            " (checkpointing: if it re-read after the fresh start these lines come twice; "
+            f"--skip-collector {name} leaves them out)" if c["checkpointed"] else "")
+    if not plan.requeued and not plan.requeued_failed:
+        _json({"requeued": 0, **plan.as_json()}) if args.json else print(found + "; nothing to re-queue")
+        return EXIT_OK
+    if not args.yes:
+        print(found, file=sys.stderr)
+        print(f"re-queue them into {state_dir / DB_NAME} with their batch ids (the receiver "
+              "answers those it has as duplicates)? [y/N] ", end="", file=sys.stderr, flush=True)
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            print("aborted, nothing re-queued", file=sys.stderr)
+            return EXIT_RUNTIME
+    with SpoolFile(state_dir, readonly=False, create=True, busy_timeout_s=args.wait) as f:
+        done = salvage(damaged, f, skip)
+    if args.json:
+        _json(done.as_json())
+    else:
+        print(f"re-queued {done.requeued} batches and {done.requeued_failed} failed ones "
+              f"({done.lines} lines) with their batch ids; {done.already_queued} were queued "
+              f"already, {done.unreadable} rows unreadable, {done.delivered} delivered already")
+    return EXIT_OK
+
+
 def cmd_compact(args: argparse.Namespace, state_dir: Path) -> int:
     with SpoolFile(state_dir, readonly=False, busy_timeout_s=args.wait) as f, \
             _progress("compact", 1) as update:
@@ -389,6 +426,16 @@ def add_spool_parser(subparsers: Any,
             "  zcat old.txt.gz | spoolagent spool import - --collector replay -c agent.toml")
     p.add_argument("file", metavar="FILE", help="'-' for stdin")
     p.add_argument("--collector", default="import", help="collector name for the new batches")
+    p = cmd("salvage", cmd_salvage,
+            "re-queue the readable batches of a damaged spool file, with their batch ids",
+            "  spoolagent spool salvage /var/lib/spoolagent/spool.db.corrupt-20260301T101500Z "
+            "-c agent.toml\n"
+            "  spoolagent spool salvage spool.db.corrupt-20260301T101500Z --yes --json -c agent.toml")
+    p.add_argument("file", metavar="FILE", help="the damaged file (spool.db.corrupt-*)")
+    p.add_argument("--skip-collector", action="append", metavar="NAME",
+                   help="leave this collector's batches out (one that re-read them after the "
+                        "fresh start); repeatable")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask")
     cmd("compact", cmd_compact,
         "reclaim disk space after a backlog drained (VACUUM in place; safe while the agent runs)",
         "  spoolagent spool compact -c agent.toml")

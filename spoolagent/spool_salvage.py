@@ -139,6 +139,10 @@ class SalvageResult:
     requeued_failed: int = 0        # inserted as failed (were dead-lettered)
     already_queued: int = 0         # their batch id is in the live spool already
     lines: int = 0                  # lines in the re-queued batches
+    skipped: int = 0                # batches of the collectors the operator left out
+    # per collector: batches, lines, and how many carried a checkpoint token (a checkpointing
+    # collector re-read from its start policy after the fresh start: its lines may come twice)
+    collectors: dict[str, dict[str, int]] = field(default_factory=dict)
     batch_ids: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, object]:
@@ -181,8 +185,9 @@ def _rows(conn: sqlite3.Connection, result: SalvageResult) -> Iterator[tuple[int
         yield pqid, r[0], int(r[1] if r[1] is not None else READY)
 
 
-def salvage(damaged: Path, into: SpoolFile | None) -> SalvageResult:
-    """Re-queue every readable undelivered batch of ``damaged`` into ``into`` with its batch id.
+def salvage(damaged: Path, into: SpoolFile | None, skip: frozenset[str] = frozenset()) -> SalvageResult:
+    """Re-queue every readable undelivered batch of ``damaged`` into ``into`` with its batch id,
+    but those of the collectors in ``skip``.
 
     ``into=None`` counts only (a dry run). Raises SpoolError if ``damaged`` cannot be opened at
     all; damaged rows are counted in ``unreadable``, never raised.
@@ -194,7 +199,7 @@ def salvage(damaged: Path, into: SpoolFile | None) -> SalvageResult:
             src = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
         except sqlite3.Error as exc:
             raise SpoolError(f"cannot open {damaged}: {exc}") from exc
-        return _salvage(src, into)
+        return _salvage(src, into, skip)
 
 
 @contextlib.contextmanager
@@ -227,7 +232,7 @@ def _readable(damaged: Path) -> Iterator[Path]:
         yield copy
 
 
-def _salvage(src: sqlite3.Connection, into: SpoolFile | None) -> SalvageResult:
+def _salvage(src: sqlite3.Connection, into: SpoolFile | None, skip: frozenset[str]) -> SalvageResult:
     result = SalvageResult()
     try:
         for pqid, data, status in _rows(src, result):
@@ -241,13 +246,16 @@ def _salvage(src: sqlite3.Connection, into: SpoolFile | None) -> SalvageResult:
                 result.unreadable += 1
                 log.warning("salvage: undecodable row pqid=%d err=%s", pqid, exc)
                 continue
+            if header.collector in skip:
+                result.skipped += 1
+                continue
             if into is None:
-                _count(result, header.batch_id, header.lines, status)
+                _count(result, header, status)
                 continue
             # the token stays behind (see the module docstring); id, lines and body are kept
             row = encode_row(replace(header, checkpoint=None), body)
             if _insert(into, header, row, ACK_FAILED if status == ACK_FAILED else READY):
-                _count(result, header.batch_id, header.lines, status)
+                _count(result, header, status)
             else:
                 result.already_queued += 1
     finally:
@@ -255,13 +263,17 @@ def _salvage(src: sqlite3.Connection, into: SpoolFile | None) -> SalvageResult:
     return result
 
 
-def _count(result: SalvageResult, batch_id: str, lines: int, status: int) -> None:
+def _count(result: SalvageResult, header: RowHeader, status: int) -> None:
     if status == ACK_FAILED:
         result.requeued_failed += 1
     else:
         result.requeued += 1
-    result.lines += lines
-    result.batch_ids.append(batch_id)
+    result.lines += header.lines
+    result.batch_ids.append(header.batch_id)
+    c = result.collectors.setdefault(header.collector, {"batches": 0, "lines": 0, "checkpointed": 0})
+    c["batches"] += 1
+    c["lines"] += header.lines
+    c["checkpointed"] += header.checkpoint is not None
 
 
 def _insert(into: SpoolFile, header: RowHeader, row: bytes, status: int) -> bool:

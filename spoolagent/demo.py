@@ -38,6 +38,8 @@ _SAMPLE = [
     "ERROR payment declined order={n} code=51 user={u}",
     "INFO worker-{k} processed job={n} in {ms}ms",
 ]
+_DEMO_PROD = "demo"  # the tailed log's PROD: its lines land in data/demo_{date}.dat
+_DEMO_FILES = _DEMO_PROD + "_"
 _START_TIMEOUT_S = 20.0
 _DELIVER_TIMEOUT_S = 20.0
 
@@ -74,7 +76,8 @@ class _StoredLines:
         self.data_dir = data_dir
         self._seen: dict[Path, tuple[int, int]] = {}  # file -> (bytes read, lines in them)
 
-    def count(self) -> int:
+    def count(self, prefix: str = "") -> int:
+        """Lines stored in every ``.dat`` file, or in those whose name starts with ``prefix``."""
         for p in self.data_dir.glob("*.dat"):
             offset, lines = self._seen.get(p, (0, 0))
             try:
@@ -86,10 +89,11 @@ class _StoredLines:
             # count only complete lines: an append may be under way
             end = chunk.rfind(b"\n") + 1
             self._seen[p] = (offset + end, lines + chunk.count(b"\n", 0, end))
-        return sum(lines for _, lines in self._seen.values())
+        return sum(lines for p, (_, lines) in self._seen.items() if p.name.startswith(prefix))
 
-    def files(self) -> list[str]:
-        return sorted(p.name for p in self._seen)
+    def files(self) -> list[tuple[str, int]]:
+        """(file name, lines) of every data file seen so far."""
+        return sorted((p.name, lines) for p, (_, lines) in self._seen.items())
 
 
 class _Writer(threading.Thread):
@@ -133,7 +137,7 @@ listen = "127.0.0.1:0"
 
 [collectors.tail]
 paths = ["{base / 'logs'}/*.log"]
-prod = "demo"
+prod = "{_DEMO_PROD}"
 """)
     return cfg
 
@@ -212,7 +216,7 @@ def run_demo(args: argparse.Namespace) -> int:
         writer.start()
         agent_cmd, recv_cmd = _command("spoolagent", "spoolagent"), _command("spoolreceiver", "receiver")
         con.print(f"[bold]spoolagent demo[/] in {base}")
-        con.print(f"  writing   logs/app.log, {args.rate:g} lines/s, tailed by the agent's bundled tail collector")
+        con.print(f"  writing   logs/app.log, {args.rate:g} lines/s, tailed into data/{_DEMO_FILES}<date>.dat")
         con.print(f"  receiver  pid {receiver.pid}, http://{recv_http}")
         con.print(f"  agent     pid {agent.pid}, spool in state/, {status_url}/metrics")
         con.print(f"  [bold]files land in {data_dir}/[/]")
@@ -229,7 +233,7 @@ def run_demo(args: argparse.Namespace) -> int:
                     "in_spool": (a or {}).get("spoolagent_spool_lines", 0.0),
                     "spool_bytes": (a or {}).get("spoolagent_spool_bytes", 0.0),
                     "retries": (a or {}).get("spoolagent_batches_retried_total", 0.0),
-                    "stored": stored.count()}
+                    "stored": stored.count(), "stored_demo": stored.count(_DEMO_FILES)}
 
         def updown(up: bool) -> str:
             return "[green]up[/]" if up else "[red]down[/]"
@@ -243,14 +247,14 @@ def run_demo(args: argparse.Namespace) -> int:
             t.add_row(*(f"{c[k]:,.0f}" for k in ("written", "spooled", "sent", "stored", "in_spool",
                                                   "spool_bytes", "retries")))
             files = stored.files()
-            t.caption = "data/: " + (", ".join(files) if files else "(no file yet)")
+            t.caption = "data/: " + (", ".join(f"{n} ({k:,})" for n, k in files) if files else "(no file yet)")
             t.caption_justify = "left"
             return t
 
         def line() -> str:
             c = counts()
             return (f"{time.strftime('%H:%M:%S')} written {c['written']} spooled {c['spooled']:.0f} "
-                    f"sent {c['sent']:.0f} stored {c['stored']} in_spool {c['in_spool']:.0f} "
+                    f"sent {c['sent']:.0f} stored {c['stored']} (demo {c['stored_demo']}) in_spool {c['in_spool']:.0f} "
                     f"agent {'up' if c['agent'] else 'down'} receiver {'up' if c['receiver'] else 'down'}")
 
         deadline = time.monotonic() + args.duration if args.duration else None
@@ -280,13 +284,14 @@ def run_demo(args: argparse.Namespace) -> int:
         for p in (agent, receiver):
             if p is not None and not _stop(p):
                 code = code or 1
-    written, total = before + writer.written, stored.count()
-    files = [str(data_dir / f) for f in stored.files()]
+    written, total = before + writer.written, stored.count(_DEMO_FILES)
+    files = stored.files()
     summary = {"dir": str(base), "written": written, "written_this_run": writer.written,
-               "stored_lines": total, "files": files}
-    con.print(f"\nstopped. {written} lines written to logs/app.log, {total} stored in:")
-    for f in files:
-        con.print(f"  {f}")
+               "stored_lines": total, "stored_all_lines": stored.count(),
+               "files": [str(data_dir / f) for f, _ in files]}
+    con.print(f"\nstopped. {written} lines written to logs/app.log, {total} stored in data/{_DEMO_FILES}*.dat")
+    for f, n in files:
+        con.print(f"  {data_dir / f}  {n} lines")
     if total < written:
         con.print(f"  {written - total} lines wait in the spool (or the log): run the demo again to deliver them")
     con.print(f"logs: {base / 'agent.log'}, {base / 'receiver.log'}")
@@ -298,22 +303,23 @@ def run_demo(args: argparse.Namespace) -> int:
 def _deliver(con: Any, counts: Any, agent: subprocess.Popen[bytes], receiver: subprocess.Popen[bytes]) -> int:
     """Wait (bounded; Ctrl-C skips) until everything written is stored. 0, or 1 if it was not."""
     c = counts()
-    if c["stored"] >= c["written"]:
+    if c["stored_demo"] >= c["written"]:
         return 0
     if not c["receiver"] or agent.poll() is not None:
         con.print("not waiting for delivery: the receiver or the agent is down; the spool keeps the lines")
         return 0
-    con.print(f"delivering the last {c['written'] - c['stored']:.0f} lines (Ctrl-C to stop now) ...")
+    con.print(f"delivering the last {c['written'] - c['stored_demo']:.0f} lines (Ctrl-C to stop now) ...")
     deadline = time.monotonic() + _DELIVER_TIMEOUT_S
     try:
         while time.monotonic() < deadline:
             c = counts()
-            if c["stored"] >= c["written"]:
+            if c["stored_demo"] >= c["written"]:
                 return 0
             time.sleep(0.1)
     except KeyboardInterrupt:
         return 0
-    con.print(f"[yellow]not delivered within {_DELIVER_TIMEOUT_S:.0f}s:[/] stored {c['stored']} of {c['written']}")
+    con.print(f"[yellow]not delivered within {_DELIVER_TIMEOUT_S:.0f}s:[/] stored {c['stored_demo']} of "
+              f"{c['written']}")
     return 1
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import json
 import os
 import platform
@@ -73,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     wire = {"none": "identity"}.get(compression, compression)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
+    lock = os.open(work / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # two benches in one work dir would overwrite each other's runs
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        ap.error(f"another bench is running in {work} (use --work)")
     timeout = max(120.0, lines / 20_000)
     started = time.time()
     results: dict[str, list[dict[str, Any]]] = {}

@@ -252,10 +252,12 @@ class Report:
         return dict(t)
 
     def assert_exactly_once(self, *srcs: str) -> None:
-        """Every named source (default: all) complete, nothing twice, nothing corrupted."""
+        """Every named source (default: all, and no line of a source nobody expected) complete,
+        nothing twice, nothing corrupted."""
         bad = [s for name, s in self.sources.items() if (not srcs or name in srcs)
                and (s.missing or s.duplicated or s.corrupted or s.unexpected)]
-        assert not bad and not self.unparsable and not self.unknown_sources, f"not exactly once:\n{self}"
+        strangers = self.unknown_sources if not srcs else []
+        assert not bad and not self.unparsable and not strangers, f"not exactly once:\n{self}"
 
     def assert_at_most_once(self, src: str, max_missing: int) -> None:
         """A raw source: nothing twice or corrupted; at most ``max_missing`` lines lost."""

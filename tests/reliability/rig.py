@@ -43,15 +43,17 @@ class Workload:
         self.writers: dict[str, TailWriter] = {}
         self.tail_dir = base / "logs"
 
-    def ckpt(self, src: str, total: int, *, every: int = 100, delay: float = 0.0, pad: int = 24) -> None:
+    def ckpt(self, src: str, total: int, *, every: int = 100, delay: float = 0.0, pad: int = 24,
+             prod: str = "") -> None:
         self.tables[src] = {"total": total, "every": every, "delay": delay, "pad": pad, "src": src,
-                            "prod": src}
+                            "prod": prod or src}
         self.programs[f"{src}.py"] = CKPT
         self.ckpts[src] = total
 
-    def raw(self, src: str, total: int, *, chunk: int = 50, delay: float = 0.0, pad: int = 24) -> None:
+    def raw(self, src: str, total: int, *, chunk: int = 50, delay: float = 0.0, pad: int = 24,
+            prod: str = "") -> None:
         state = self.base / f"{src}.state"
-        self.tables[src] = {"format": "raw", "prod": src, "src": src, "state": str(state), "total": total,
+        self.tables[src] = {"format": "raw", "prod": prod or src, "src": src, "state": str(state), "total": total,
                             "chunk": chunk, "delay": delay, "pad": pad}
         self.programs[f"{src}.py"] = RAW
         self.raws[src] = (state, total)

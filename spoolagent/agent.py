@@ -88,7 +88,8 @@ class Agent:
         self._batchers: dict[str, Batcher] = {}
         self._batchers_lock = threading.Lock()
         self._retired: dict[str, int] = {"lines_spooled": 0, "lines_invalid": 0,
-                                         "lines_unprotected": 0, "lines_discarded": 0, "batches_spooled": 0}
+                                         "lines_unprotected": 0, "lines_discarded": 0, "batches_spooled": 0,
+                                         "checkpoints": 0, "lines_read": 0}
         self._threads: list[threading.Thread] = []
         self._spool_errors = 0
         self.last_error: str | None = None
@@ -257,7 +258,9 @@ class Agent:
             "collectors": collectors,
             "spool": self.spool.stats(),
             "sender": {**self.sender.state(), **self.sender.stats()},
-            "lines": {"read": sup.get("lines_read_total", 0), "spooled": totals["lines_spooled"],
+            # records read (checkpoint lines not; over-long lines never reach a batcher)
+            "lines": {"read": totals["lines_read"] + sup.get("overlong_lines_total", 0),
+                      "spooled": totals["lines_spooled"], "checkpoints": totals["checkpoints"],
                       "invalid": totals["lines_invalid"], "rejected": self.rejected.count,
                       "unprotected": totals["lines_unprotected"], "discarded": totals["lines_discarded"]},
             "batches": {"spooled": totals["batches_spooled"]},

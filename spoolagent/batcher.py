@@ -65,39 +65,84 @@ class Batcher:
         self.lines_unprotected = 0   # held lines spooled without a token (cap reached)
         self.lines_discarded = 0     # held lines dropped at exit: the collector re-reads them
         self.batches_spooled = 0
+        self.checkpoints = 0         # !checkpoint lines seen (not records)
+        self.lines_read = 0          # records fed (valid or not), checkpoint lines not
 
     # -- input ---------------------------------------------------------------------------------
 
     def feed(self, lines: Sequence[bytes]) -> None:
         """Take complete stdout lines (without newline). Blocks while the spool is full."""
         with self._lock:
-            raw = self._raw_prefix_prod is not None
-            if raw:
-                today = protocol.today()
-                if today != self._raw_date:
-                    self._raw_date = today
-                    assert self._raw_prefix_prod is not None
-                    self._raw_prefix = self._raw_prefix_prod + b" " + today + b" "
+            self.lines_read += len(lines)  # checkpoint lines are taken off in _take_checkpoint
+            if self._raw_prefix_prod is None:
+                self._feed_records(lines)
+                return
+            today = protocol.today()
+            if today != self._raw_date:
+                self._raw_date = today
+                self._raw_prefix = self._raw_prefix_prod + b" " + today + b" "
             records: list[bytes] = []
             for line in lines:
                 if line[:12] == protocol.CHECKPOINT_PREFIX:
                     if records:
                         self._add(records)
                         records = []
-                    token = protocol.checkpoint_token(line)
-                    if token:
-                        self._checkpoint(token.decode("utf-8", "replace"))
+                    self._take_checkpoint(line)
                     continue
-                if raw:
-                    if len(line) + len(self._raw_prefix) > self.max_line_bytes or b"\x00" in line:
-                        self._invalid(line, "NUL byte in line" if b"\x00" in line else
-                                      f"line of {len(line)} bytes is over the limit of {self.max_line_bytes}")
-                        continue
-                    records.append(self._raw_prefix + line)
-                elif self._valid(line):
-                    records.append(line)
+                if len(line) + len(self._raw_prefix) > self.max_line_bytes or b"\x00" in line:
+                    self._invalid(line, "NUL byte in line" if b"\x00" in line else
+                                  f"line of {len(line)} bytes is over the limit of {self.max_line_bytes}")
+                    continue
+                records.append(self._raw_prefix + line)
             if records:
                 self._add(records)
+
+    def _take_checkpoint(self, line: bytes) -> None:
+        self.checkpoints += 1
+        self.lines_read -= 1
+        token = protocol.checkpoint_token(line)
+        if token:
+            self._checkpoint(token.decode("utf-8", "replace"))
+
+    def _feed_records(self, lines: Sequence[bytes]) -> None:
+        """Protocol-format lines: the checkpoint lines are found with a few searches of the joined
+        chunk (a checkpoint is rare, a line is not), and the records between them are checked a
+        whole run at a time (see ``_check_run``)."""
+        joined = b"\n".join(lines)
+        at = joined.find(protocol.CHECKPOINT_PREFIX)
+        if at < 0:
+            self._check_run(lines, joined)
+            return
+        start = 0
+        while at >= 0:
+            if at == 0 or joined[at - 1] == 0x0A:  # only at the start of a line
+                i = joined.count(b"\n", 0, at)
+                if i > start:
+                    self._check_run(lines[start:i], None)
+                self._take_checkpoint(lines[i])
+                start = i + 1
+            at = joined.find(protocol.CHECKPOINT_PREFIX, at + 1)
+        if start < len(lines):
+            self._check_run(lines[start:], None)
+
+    def _check_run(self, lines: Sequence[bytes], joined: bytes | None) -> None:
+        """Check and add a run of record lines. Fast path, with no Python object per line: no NUL
+        anywhere, none over the size cap, and every line begins with the first line's (valid,
+        cached) ``PROD DATE `` -- counted as occurrences of newline + prefix in the joined run."""
+        if joined is None:
+            joined = b"\n".join(lines)
+        first = lines[0]
+        sep = first.find(b" ")
+        head = first[: sep + 12] if sep > 0 else b""
+        if (len(head) == sep + 12 and head[-1] == 0x20 and head[:-1] in self._valid_prefixes
+                and b"\x00" not in joined
+                and (len(joined) <= self.max_line_bytes or max(map(len, lines)) <= self.max_line_bytes)
+                and joined.count(b"\n" + head) == len(lines) - 1):
+            self._add(lines if isinstance(lines, list) else list(lines), len(joined) + 1)
+            return
+        records = [line for line in lines if self._valid(line)]
+        if records:
+            self._add(records)
 
     def _valid(self, line: bytes) -> bool:
         # fast path: a (prod, date) prefix seen before needs no regex or calendar check
@@ -120,8 +165,9 @@ class Batcher:
         self.lines_invalid += 1
         self._on_invalid(self.collector, line, reason)
 
-    def _add(self, records: list[bytes]) -> None:
-        size = sum(map(len, records)) + len(records)
+    def _add(self, records: list[bytes], size: int = -1) -> None:
+        if size < 0:
+            size = sum(map(len, records)) + len(records)
         if self._checkpointing:
             self._held.extend(records)
             self._held_bytes += size
@@ -204,5 +250,7 @@ class Batcher:
             "lines_unprotected": self.lines_unprotected,
             "lines_discarded": self.lines_discarded,
             "batches_spooled": self.batches_spooled,
+            "checkpoints": self.checkpoints,
+            "lines_read": self.lines_read,
             "lines_pending": len(self._ready) + len(self._held),
         }

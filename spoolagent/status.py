@@ -55,8 +55,9 @@ class _AgentCollector(Collector):
         yield info
         yield gauge("start_time_seconds", "Unix time the agent started.", agent.get("started_s"))
         yield gauge("uptime_seconds", "Seconds since the agent started.", agent.get("uptime_s"))
-        yield counter("lines_read", "Lines read from collectors' stdout (!checkpoint lines and invalid "
-                      "lines included).", lines.get("read"))
+        yield counter("lines_read", "Records read from collectors' stdout (invalid lines included, "
+                      "!checkpoint lines not).", lines.get("read"))
+        yield counter("checkpoints", "!checkpoint lines read from collectors.", lines.get("checkpoints"))
         yield counter("lines_spooled", "Records committed to the spool.", lines.get("spooled"))
         yield counter("lines_sent", "Records in batches a receiver acknowledged (2xx, duplicates included).",
                       sender.get("lines_sent"))

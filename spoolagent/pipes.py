@@ -1,6 +1,6 @@
 """Reading a collector's pipes: stdout into lists of complete lines, stderr into the log.
 
-Owns line splitting (chunks of 64 KiB, never a Python object per line before the split), the
+Owns line splitting (chunks of 256 KiB, never a Python object per line before the split), the
 over-long line rule, and rate-limited stderr logging. Imports only the standard library; must not
 import spool, sender, batcher, config, agent or collectors.
 """
@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK_BYTES = 65536
+READ_CHUNK_BYTES = 256 * 1024
 
 
 class Counters:

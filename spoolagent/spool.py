@@ -57,7 +57,7 @@ from spoolagent.spool_salvage import diagnose, move_aside
 log = logging.getLogger(__name__)
 
 _REFRESH_S = 2.0  # re-read the byte total from SQL this often: the operator may purge or import
-_POLL_S = 0.25  # a get also sees rows that another process (spool import/retry) made ready
+_POLL_S = 1.0  # a get also sees rows that another process (spool import/retry) made ready
 
 
 class WhenFull(enum.Enum):
@@ -115,6 +115,10 @@ class Spool:
         self._get_lock = threading.Lock()  # a get never races a drop_oldest delete
         self._ready = threading.Condition()
         self._generation = 0  # bumped by put: a getter never sleeps through a put
+        # the generation at which a get last found nothing ready, and when: until a put or nack
+        # bumps the generation (or _POLL_S passes, for other processes' changes), gets skip the query
+        self._empty_generation = -1
+        self._empty_checked_s = 0.0
         self._inflight: dict[int, int] = {}  # pqid -> row bytes
         self._dropped_batches = 0
         self._dropped_lines = 0
@@ -314,17 +318,14 @@ class Spool:
         while True:
             generation = self._generation
             self._check_open()
-            with self._get_lock:
-                try:
-                    item = self._q.get(block=False, raw=True)
-                except Empty:
-                    item = None
-                except sqlite3.OperationalError as exc:
-                    if "locked" in str(exc) or "busy" in str(exc):
-                        raise SpoolError(f"cannot read the spool: {exc}") from exc
-                    self._fail_head(exc)  # e.g. a row that is text, not a blob
-                except sqlite3.Error as exc:
-                    raise SpoolError(f"cannot read the spool: {exc}") from exc
+            item = None
+            # idle agents: no query while nothing in this process made a row ready (an idle
+            # sender thread used to query 4 times a second)
+            if (generation != self._empty_generation
+                    or time.monotonic() - self._empty_checked_s >= _POLL_S):
+                item = self._get_next()
+                if item is None:
+                    self._empty_generation, self._empty_checked_s = generation, time.monotonic()
             if item is not None:
                 return self._taken(int(item["pqid"]), item["data"])
             remaining = deadline - time.monotonic()
@@ -333,6 +334,20 @@ class Spool:
             with self._ready:
                 if generation == self._generation:
                     self._ready.wait(min(remaining, _POLL_S))
+
+    def _get_next(self) -> dict[str, Any] | None:
+        with self._get_lock:
+            try:
+                item: dict[str, Any] | None = self._q.get(block=False, raw=True)
+            except Empty:
+                item = None
+            except sqlite3.OperationalError as exc:
+                if "locked" in str(exc) or "busy" in str(exc):
+                    raise SpoolError(f"cannot read the spool: {exc}") from exc
+                self._fail_head(exc)  # e.g. a row that is text, not a blob
+            except sqlite3.Error as exc:
+                raise SpoolError(f"cannot read the spool: {exc}") from exc
+        return item
 
     def _fail_head(self, exc: Exception) -> None:
         """The library could not read the oldest ready row: dead-letter it, so gets move on."""
@@ -369,9 +384,11 @@ class Spool:
         with self._cond:
             self._check_open()
             try:
-                self._q.ack(id=pqid)
-                # the library keeps 1,000 acked rows by default, and every get scans them
-                self._q.clear_acked_data(max_delete=1000, keep_latest=0)
+                # Delivered: delete the row (the trigger takes its metadata) in one fsync'd
+                # commit. The library's ack is an UPDATE to "acked" and a commit, and clearing
+                # acked rows a second DELETE and commit: two fsyncs where one does.
+                self._db.execute(f"DELETE FROM `{QUEUE_TABLE}` WHERE _id = ?", (pqid,))
+                self._q._unack_cache.pop(pqid, None)  # what the library's ack forgets too
             except sqlite3.Error as exc:
                 raise SpoolError(f"cannot ack pqid={pqid}: {exc}") from exc
             self._bytes -= self._inflight.pop(pqid, 0)

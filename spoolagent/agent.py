@@ -127,7 +127,9 @@ class Agent:
                                 max_lines=self.cfg.batch.max_lines, max_bytes=self.cfg.batch.max_bytes,
                                 max_wait_s=self.cfg.batch.max_wait_ms / 1000.0,
                                 max_held_bytes=4 * self.cfg.batch.max_bytes,
-                                max_line_bytes=self.cfg.agent.max_line_bytes, raw_prod=raw_prod)
+                                max_line_bytes=self.cfg.agent.max_line_bytes, raw_prod=raw_prod,
+                                # a token from an earlier run: hold lines until this run's first
+                                checkpointing=name in self.spool.checkpoints())
                     self._batchers[name] = b
         return b
 

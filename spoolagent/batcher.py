@@ -38,7 +38,10 @@ class Batcher:
     def __init__(self, collector: str, *, put: PutFn, on_invalid: InvalidFn, max_lines: int,
                  max_bytes: int, max_wait_s: float, max_held_bytes: int,
                  max_line_bytes: int = protocol.DEFAULT_MAX_LINE_BYTES,
-                 raw_prod: str | None = None) -> None:
+                 raw_prod: str | None = None, checkpointing: bool = False) -> None:
+        """``checkpointing``: the collector has a committed token (it checkpointed in an earlier
+        run), so its lines are held from the first one on: lines batched by time before its first
+        checkpoint of this run would be read again from the older token after a crash."""
         self.collector = collector
         self._put = put
         self._on_invalid = on_invalid
@@ -57,7 +60,9 @@ class Batcher:
         self._token: str | None = None       # newest token covering every ready line
         self._held: list[bytes] = []
         self._held_bytes = 0
-        self._checkpointing = False
+        self._checkpointing = checkpointing
+        self._seen_checkpoint = False  # a !checkpoint line in this run
+        self._untokened = False  # lines were spooled without a token after the last committed one
         self._valid_prefixes: set[bytes] = set()
         # counters, read without the lock by stats()
         self.lines_spooled = 0
@@ -181,7 +186,8 @@ class Batcher:
                 self.lines_unprotected += n
                 log.warning("checkpoint cap reached collector=%s lines=%d cap_bytes=%d: spooled without a "
                             "checkpoint, a restart may repeat them", self.collector, n, self.max_held_bytes)
-                self._flush()
+                self._flush()  # with a pending token that does not cover them, if one was waiting
+                self._untokened = True  # no committed token covers them: commit the next at once
             return
         if len(records) > self.max_lines:
             # one large read: cut it into batches of max_lines (no token to keep together here)
@@ -196,7 +202,7 @@ class Batcher:
             self._flush()
 
     def _checkpoint(self, token: str) -> None:
-        self._checkpointing = True
+        self._checkpointing = self._seen_checkpoint = True
         if self._held:
             if not self._ready:
                 self._ready_since = time.monotonic()
@@ -204,17 +210,22 @@ class Batcher:
             self._ready_bytes += self._held_bytes
             self._held, self._held_bytes = [], 0
         self._token = token
-        if len(self._ready) >= self.max_lines or self._ready_bytes >= self.max_bytes:
+        if len(self._ready) >= self.max_lines or self._ready_bytes >= self.max_bytes or self._untokened:
+            # the last case: the lines this token covers were already spooled without a token
+            # (batched by time before the collector's first checkpoint, or past the cap); commit
+            # the token now, or a restart resumes from an older one and repeats them
             self._flush()
 
     # -- output --------------------------------------------------------------------------------
 
     def _flush(self) -> None:
-        if not self._ready:
-            # a token with no lines before it needs no row: the previous token resumes at the same place
+        if not self._ready and not (self._token is not None and self._untokened):
+            # a token with no lines since the last committed one needs no row: that one resumes
+            # at the same place
             return
         lines, token = self._ready, self._token
         self._put(self.collector, lines, token)
+        self._untokened = token is None and (self._untokened or bool(lines))
         self.lines_spooled += len(lines)
         self.batches_spooled += 1
         self._ready, self._ready_bytes, self._token = [], 0, None
@@ -234,6 +245,12 @@ class Batcher:
         checkpoint when it restarts, so spooling them would store them twice.
         """
         with self._lock:
+            if self._held and not self._seen_checkpoint:
+                # held only because an earlier run checkpointed; this run printed no token, so it
+                # may not resume from one: spool them (a restart may repeat them, never lose them)
+                self._ready.extend(self._held)
+                self.lines_unprotected += len(self._held)
+                self._held, self._held_bytes = [], 0
             self._flush()
             if self._held:
                 self.lines_discarded += len(self._held)

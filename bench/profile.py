@@ -1,4 +1,4 @@
-"""``python -m bench.profile [e2e|drain|receiver] [--lines N]``: one run of a scenario with py-spy
+"""``python -m bench.profile [e2e|drain|receiver|cpu] [--lines N]``: one run of a scenario with py-spy
 attached to every process of the pipeline (agent, its collectors, receiver), then a summary per
 process: the functions with the most samples, by own time and inclusive (threads merged; idle
 samples left out, so the shares are of CPU time). The raw collapsed stacks are kept in the work dir
@@ -26,7 +26,7 @@ from bench.runners import comm, descendants
 class Spy:
     """py-spy record on one pid, collapsed stacks to ``out``, until stop()."""
 
-    def __init__(self, pid: int, out: Path, rate: int = 250) -> None:
+    def __init__(self, pid: int, out: Path, rate: int = 100) -> None:
         self.pid, self.out = pid, out
         exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         self.proc = subprocess.Popen([exe, "record", "-p", str(pid), "-f", "raw", "-o", str(out), "-r", str(rate),
@@ -72,7 +72,7 @@ def summarize(path: Path, top: int = 18) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("scenario", choices=["e2e", "drain", "receiver"])
+    ap.add_argument("scenario", choices=["e2e", "drain", "receiver", "cpu"])
     ap.add_argument("--lines", type=int, default=1_000_000)
     ap.add_argument("--compression", default="gzip")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "spoolagent-bench-profile")
@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.scenario == "e2e":
             result = pipeline.e2e(args.work, args.lines, args.compression, 600)
+        elif args.scenario == "cpu":  # 10 s at 1,000 lines/s, then 10 s idle
+            result = pipeline.cpu(args.work, 1000, 10.0, 10.0, args.compression)
         elif args.scenario == "drain":
             result = pipeline.drain(args.work, args.lines, args.compression, 600)
         else:

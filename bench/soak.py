@@ -30,7 +30,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.conftest import AgentProc, ReceiverProc  # noqa: E402
-from tests.reliability.rig import Workload, raw_window_lines  # noqa: E402
+from tests.reliability.rig import Workload, first_tokens, raw_window_lines  # noqa: E402
 from tests.reliability.tcpfault import Fault, TcpFaultProxy  # noqa: E402
 
 BURSTS = [Fault.REFUSE, Fault.RESET_BODY, Fault.RESET_AFTER_REQUEST, Fault.DELAY, Fault.BLACKHOLE,
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         agent.start()
         w.start()
+        first_tokens(agent, w)  # the first run of a checkpointing collector has its own window
         background = {Fault.PASS: 95.0, Fault.RESET_AFTER_REQUEST: 2.0, Fault.RESET_BODY: 1.5,
                       Fault.DELAY: 1.5}
         proxy.mix(rnd, background)

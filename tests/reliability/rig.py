@@ -13,12 +13,15 @@ everything has arrived. Builds on ``checker`` (line format, writers, verifier) a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
+from spoolagent import procs
 from tests.conftest import ROOT, AgentProc, wait_until
 from tests.reliability.checker import CKPT, RAW, Report, TailWriter, raw_written, received, verify
 
@@ -137,13 +140,40 @@ class Workload:
         return verify(data_dir, self.written())
 
 
+# the agent grows each collector's stdout pipe (spoolagent/procs.py, _grow_pipe) to this
+PIPE_BYTES = int(getattr(procs, "_PIPE_BYTES", 65536))
+
+
 def raw_window_lines(line_bytes: int, batch_max_lines: int, batch_max_bytes: int,
                      chunk: int = 50) -> int:
-    """The most raw lines one agent SIGKILL can lose: the pipe's buffer (64 KiB), the agent's read
-    chunk in hand (64 KiB), the batch being committed and the one filling (each bounded by
-    ``max_lines`` and ``max_bytes``), plus the RAW writer's chunk counted but not yet printed."""
+    """The most raw lines one agent SIGKILL can lose: the collector's stdout pipe (PIPE_BYTES),
+    the agent's read chunk in hand (64 KiB), the batch being committed and the one filling (each
+    bounded by ``max_lines`` and ``max_bytes``), plus the RAW writer's chunk counted but not yet
+    printed. The pipe only fills when the agent stalls (a full disk, a slow commit)."""
     batch = min(batch_max_lines, batch_max_bytes // line_bytes + 1)
-    return (2 * 65536) // line_bytes + 2 * batch + chunk
+    return (PIPE_BYTES + 65536) // line_bytes + 2 * batch + chunk
+
+
+def token_committed(state_dir: Path, collector: str) -> bool:
+    """True once the spool holds a checkpoint token of ``collector`` (read-only peek)."""
+    db = state_dir / "spool.db"
+    if not db.exists():
+        return False
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as c:
+        try:
+            return c.execute("SELECT 1 FROM spool_checkpoints WHERE collector = ?",
+                             (collector,)).fetchone() is not None
+        except sqlite3.OperationalError:
+            return False
+
+
+def first_tokens(agent: AgentProc, w: Workload, timeout_s: float = 20.0) -> None:
+    """Wait until every checkpointing collector has committed its first token. Before that a
+    collector is not known to checkpoint: its lines are batched by time, and a crash makes it
+    start over (docs/reliability.md, "the first run")."""
+    names = list(w.ckpts) + (["tail"] if w.writers else [])
+    wait_until(lambda: all(token_committed(agent.state_dir, n) for n in names), timeout_s,
+               what=f"first tokens of {names}")
 
 
 def poll_progress(w: Workload, data_dir: Path, more: int, timeout_s: float = 30.0) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import AgentProc, ReceiverProc, wait_until
-from tests.reliability.rig import Workload, elapsed, raw_window_lines, scale
+from tests.reliability.rig import Workload, elapsed, first_tokens, raw_window_lines, scale
 from tests.reliability.tcpfault import Fault, TcpFaultProxy
 
 
@@ -80,6 +80,7 @@ def test_agent_disk_full_slows_collectors_corrupts_nothing_and_resumes(
         proxy.set(Fault.REFUSE)  # nothing drains: the spool only grows
         a.start()
         w.start()
+        first_tokens(a, w)
         wait_until(lambda: a.get_status()["lines"]["spooled"] >= 2000, 30, what="some lines spooled")
         filler = tmpfs / "filler"
         _fill(filler)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import AgentProc, ReceiverProc, wait_until
-from tests.reliability.rig import Workload, elapsed, poll_progress, raw_window_lines, scale
+from tests.reliability.rig import Workload, elapsed, first_tokens, poll_progress, raw_window_lines, scale
 
 BATCH = "max_lines = 1000\nmax_wait_ms = 50"
 
@@ -39,6 +39,7 @@ def test_agent_sigkilled_in_a_loop_while_busy(receiver: ReceiverProc,
     t0 = time.monotonic()
     a.start()
     w.start()
+    first_tokens(a, w)
     kills = 0
     for _ in range(rounds):
         poll_progress(w, receiver.data_dir, rnd.randint(500, 3000))
@@ -94,6 +95,7 @@ def test_agent_and_receiver_sigkilled_in_a_loop(receiver: ReceiverProc,
     t0 = time.monotonic()
     a.start()
     w.start()
+    first_tokens(a, w)
     agent_kills = receiver_kills = 0
     for _ in range(rounds):
         poll_progress(w, receiver.data_dir, rnd.randint(300, 2000))
@@ -127,6 +129,7 @@ def test_receiver_down_longer_than_max_backoff_agent_restarted_during_outage(
     t0 = time.monotonic()
     a.start()
     w.start()
+    first_tokens(a, w)
     poll_progress(w, receiver.data_dir, 1000)
     receiver.stop(signal.SIGKILL)
     # down for several times the maximum backoff (1 s), across a SIGTERM and a SIGKILL restart

@@ -21,7 +21,7 @@ import pytest
 from spoolagent.spool_file import SpoolFile
 from tests.conftest import AgentProc, ReceiverProc, wait_until
 from tests.reliability.checker import _LINE
-from tests.reliability.rig import Workload, elapsed, poll_progress, raw_window_lines, scale
+from tests.reliability.rig import Workload, elapsed, first_tokens, poll_progress, raw_window_lines, scale
 from tests.reliability.tcpfault import Fault, TcpFaultProxy
 
 
@@ -45,6 +45,7 @@ def test_two_agents_one_receiver_two_processes(receiver_factory: Callable[..., R
     for a, w in zip(agents, ws, strict=True):
         a.start()
         w.start()
+    first_tokens(agents[0], ws[0])
     poll_progress(ws[0], r.data_dir, 3000)
     agents[0].kill()  # one agent restarts mid-stream; the other keeps going
     agents[0].start()

@@ -166,10 +166,16 @@ class Spool:
             q = self._q = SQLiteAckQueue(str(state_dir), auto_resume=True, db_file_name=DB_NAME,
                                          multithreading=True, timeout=busy_timeout_s,
                                          serializer=_RawBytes)
-            # the library sets only journal_mode=WAL; durability is the product
+            # The library sets only journal_mode=WAL. Its connections write only state changes
+            # whose loss is harmless: the in-flight mark of a get (reset to ready at start-up
+            # anyway), nack, ack_failed. With synchronous=NORMAL a power cut can undo the last
+            # of them, and the batch is then resent with its id (the receiver dedups) -- never
+            # lost. So they skip the fsync; puts and acks (our own connection) stay FULL, and a
+            # FULL commit syncs every WAL frame before it too.
             for conn in (q._getter, q._putter):
                 if conn is not None:
                     configure(conn)
+                    conn.execute("PRAGMA synchronous=NORMAL")
             self._checkpoints = dict(self._db.execute(
                 "SELECT collector, token FROM spool_checkpoints").fetchall())
             self._bytes = 0

@@ -17,30 +17,9 @@ import pytest
 
 from tests.conftest import AgentProc, ReceiverProc, child_env, count_lines, wait_until
 from tests.httpfault import HttpFaultProxy
+from tests.reliability.checker import CKPT  # the checkpointing collector: `seq=N` first in DATA
 
 TODAY = datetime.date.today().isoformat()
-
-# A checkpointing collector: resumes at the sequence number in its token, prints `total` lines,
-# a checkpoint after every `every` lines, then idles. Killed at any moment, it loses nothing.
-CKPT = """\
-import json, os, sys, time, datetime
-cfg = json.loads(os.environ["SPOOLAGENT_COLLECTOR_CONFIG"] or "{}")
-total, every, prod = cfg.get("total", 1000), cfg.get("every", 100), cfg.get("prod", "ck")
-i = int(os.environ.get("SPOOLAGENT_CHECKPOINT") or 0)
-d = datetime.date.today().isoformat().encode()
-out = sys.stdout.buffer
-while i < total:
-    n = min(every, total - i)
-    out.write(b"".join(b"%s %s seq=%08d %s\\n" % (prod.encode(), d, j, b"x" * cfg.get("pad", 40))
-                       for j in range(i, i + n)))
-    i += n
-    out.write(b"!checkpoint %d\\n" % i)
-    out.flush()
-    if cfg.get("delay"):
-        time.sleep(cfg["delay"])
-while True:
-    time.sleep(3600)
-"""
 
 
 def _free_port() -> int:

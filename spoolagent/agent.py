@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import re
 import signal
 import threading
@@ -91,6 +92,8 @@ class Agent:
                                          "lines_unprotected": 0, "lines_discarded": 0, "batches_spooled": 0,
                                          "checkpoints": 0, "lines_read": 0}
         self._threads: list[threading.Thread] = []
+        self._spool_q: queue.Queue[tuple[str, list[bytes], str | None] | None] = queue.Queue(maxsize=1)
+        self._writer: threading.Thread | None = None
         self._spool_errors = 0
         self.last_error: str | None = None
         self.last_error_s: float | None = None
@@ -145,6 +148,8 @@ class Agent:
             b = self._batchers.pop(name, None)
         if b is not None:
             b.close()
+            # the next run of this collector starts from the newest committed token
+            self._wait_spooled()
             for k, v in b.stats().items():
                 if k in self._retired:
                     self._retired[k] += v
@@ -153,6 +158,34 @@ class Agent:
         return self.spool.checkpoints().get(name, "")
 
     def _put(self, collector: str, lines: Sequence[bytes], checkpoint: str | None) -> object:
+        """The batchers' ``put``: hand one batch to the spool writer thread.
+
+        Compressing and committing a batch (an fsync) then overlaps with reading the next one.
+        The hand-over queue holds one batch, so a full spool or a slow disk still reaches the
+        collectors through their pipes within a batch or two.
+        """
+        self._spool_q.put((collector, list(lines), checkpoint))
+        return None
+
+    def _spool_writer(self) -> None:
+        """One thread commits every batch, in the order the batchers cut them."""
+        while True:
+            item = self._spool_q.get()
+            try:
+                if item is None:
+                    return
+                self._write_batch(*item)
+            except Exception:
+                log.exception("data lost: cannot spool batch collector=%s lines=%d", item[0] if item else "?",
+                              len(item[1]) if item else 0)
+            finally:
+                self._spool_q.task_done()
+
+    def _wait_spooled(self) -> None:
+        """Block until every batch handed to the writer is committed (its token is then durable)."""
+        self._spool_q.join()
+
+    def _write_batch(self, collector: str, lines: Sequence[bytes], checkpoint: str | None) -> object:
         """Spool one batch. A failing disk is retried (the collector waits), never dropped."""
         attempt = 0
         while True:
@@ -332,6 +365,8 @@ class Agent:
         for i in range(self.cfg.sender.in_flight):
             self._start_thread(self._send_loop, f"sender-{i}")
         self._start_thread(self._flush_loop, "flusher")
+        self._writer = threading.Thread(target=self._spool_writer, name="spool-writer", daemon=True)
+        self._writer.start()
         self.supervisor.start()
         log.info("agent running status=%s", self.status.url if self.status else "off")
         while not self._stop_requested.wait(0.5):
@@ -351,6 +386,10 @@ class Agent:
             batchers = list(self._batchers.values())
         for b in batchers:
             b.close()
+        if self._writer is not None:
+            # everything the readers handed over is committed before the spool closes
+            self._spool_q.put(None)
+            self._writer.join()
         deadline = time.monotonic() + 2.0
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))

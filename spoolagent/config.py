@@ -101,7 +101,7 @@ class SenderSection:
     token_file: Path | None = None
     token: str | None = None
     ca_file: Path | None = None
-    compression: str = "gzip"
+    compression: str = "zstd"
     timeout_s: float = 10.0
     in_flight: int = 2
     max_backoff_s: float = 30.0
@@ -279,7 +279,7 @@ def from_dict(data: Mapping[str, Any], *, path: Path | None = None, check_paths:
     receivers = se.get("receivers", ("http://127.0.0.1:8016",), _receivers)
     token_file = _resolve(base, se.get("token_file", "", _typed(str, "a path")))
     ca_file = _resolve(base, se.get("ca_file", "", _typed(str, "a path")))
-    compression = se.get("compression", "gzip", _choice(_COMPRESSIONS))
+    compression = se.get("compression", "zstd", _choice(_COMPRESSIONS))
     timeout_s = se.get("timeout_s", 10.0, parse_duration)
     in_flight = se.get("in_flight", 2, _positive_int)
     max_backoff_s = se.get("max_backoff_s", 30.0, parse_duration)

@@ -94,6 +94,8 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._spool_q: queue.Queue[tuple[str, list[bytes], str | None] | None] = queue.Queue(maxsize=1)
         self._writer: threading.Thread | None = None
+        self._pending = threading.Event()   # a batcher started a new batch: the flusher re-plans
+        self._wake = threading.Event()      # a signal arrived: the main loop looks at the flags
         self._spool_errors = 0
         self.last_error: str | None = None
         self.last_error_s: float | None = None
@@ -131,6 +133,7 @@ class Agent:
                                 max_wait_s=self.cfg.batch.max_wait_ms / 1000.0,
                                 max_held_bytes=4 * self.cfg.batch.max_bytes,
                                 max_line_bytes=self.cfg.agent.max_line_bytes, raw_prod=raw_prod,
+                                on_pending=self._pending.set,
                                 # a token from an earlier run: hold lines until this run's first
                                 checkpointing=name in self.spool.checkpoints())
                     self._batchers[name] = b
@@ -211,18 +214,28 @@ class Agent:
     # -- threads --------------------------------------------------------------------------------
 
     def _flush_loop(self) -> None:
-        tick_s = max(0.01, min(0.1, self.cfg.batch.max_wait_ms / 4000.0))
-        while not self.stopping.wait(tick_s):
+        """Put batches whose oldest line has waited max_wait_ms. Sleeps until the next one is due,
+        or until a batcher starts a new batch (no polling while idle)."""
+        while not self.stopping.is_set():
+            self._pending.clear()
+            now, next_due = time.monotonic(), None
             for b in list(self._batchers.values()):
-                try:
-                    b.flush_due()
-                except Exception:
-                    log.exception("flush failed collector=%s", b.collector)
+                due = b.due_at()
+                if due is None:
+                    continue
+                if due <= now:
+                    try:
+                        b.flush_due(now)
+                    except Exception:
+                        log.exception("flush failed collector=%s", b.collector)
+                else:
+                    next_due = due if next_due is None else min(next_due, due)
+            self._pending.wait(5.0 if next_due is None else max(0.0, next_due - time.monotonic()))
 
     def _send_loop(self) -> None:
         while not self.stopping.is_set():
             try:
-                batch = self.spool.get(timeout_s=0.5)
+                batch = self.spool.get(timeout_s=2.0)
             except SpoolError as exc:
                 self._note_error(f"spool: {exc}")
                 log.error("cannot read the spool err=%s", exc)
@@ -324,14 +337,17 @@ class Agent:
         # only flags here: logging and cleanup run in the main thread
         if signum == signal.SIGHUP:
             self._reload_requested.set()
+            self._wake.set()
             return
         self._signals += 1
         self._stop_requested.set()
+        self._wake.set()
         if self._signals >= 2:
             self.supervisor.hurry()
 
     def request_stop(self) -> None:
         self._stop_requested.set()
+        self._wake.set()
 
     def reload(self) -> None:
         """Re-read the config file's [collectors] tables and rescan the collectors dir."""
@@ -369,7 +385,9 @@ class Agent:
         self._writer.start()
         self.supervisor.start()
         log.info("agent running status=%s", self.status.url if self.status else "off")
-        while not self._stop_requested.wait(0.5):
+        while not self._stop_requested.is_set():
+            self._wake.wait(5.0)  # a signal handler sets it: no polling while idle
+            self._wake.clear()
             if self._reload_requested.is_set():
                 self._reload_requested.clear()
                 self.reload()
@@ -380,6 +398,7 @@ class Agent:
         t0 = time.monotonic()
         log.info("agent stopping")
         self.stopping.set()
+        self._pending.set()  # the flusher sees stopping at once
         grace = 0.0 if self._signals >= 2 else self.cfg.agent.stop_grace_s
         self.supervisor.stop(grace)
         with self._batchers_lock:

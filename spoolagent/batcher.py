@@ -38,7 +38,8 @@ class Batcher:
     def __init__(self, collector: str, *, put: PutFn, on_invalid: InvalidFn, max_lines: int,
                  max_bytes: int, max_wait_s: float, max_held_bytes: int,
                  max_line_bytes: int = protocol.DEFAULT_MAX_LINE_BYTES,
-                 raw_prod: str | None = None, checkpointing: bool = False) -> None:
+                 raw_prod: str | None = None, checkpointing: bool = False,
+                 on_pending: Callable[[], None] | None = None) -> None:
         """``checkpointing``: the collector has a committed token (it checkpointed in an earlier
         run), so its lines are held from the first one on: lines batched by time before its first
         checkpoint of this run would be read again from the older token after a crash."""
@@ -57,6 +58,7 @@ class Batcher:
         self._ready: list[bytes] = []
         self._ready_bytes = 0
         self._ready_since = 0.0
+        self._on_pending = on_pending        # told when a new batch starts filling (its clock starts)
         self._token: str | None = None       # newest token covering every ready line
         self._held: list[bytes] = []
         self._held_bytes = 0
@@ -181,7 +183,7 @@ class Batcher:
                 n = len(self._held)
                 self._flush()
                 self._ready, self._ready_bytes = self._held, self._held_bytes
-                self._ready_since = time.monotonic()
+                self._mark_pending()
                 self._held, self._held_bytes = [], 0
                 self.lines_unprotected += n
                 log.warning("checkpoint cap reached collector=%s lines=%d cap_bytes=%d: spooled without a "
@@ -195,7 +197,7 @@ class Batcher:
                 self._add(records[i : i + self.max_lines])
             return
         if not self._ready:
-            self._ready_since = time.monotonic()
+            self._mark_pending()
         self._ready.extend(records)
         self._ready_bytes += size
         if len(self._ready) >= self.max_lines or self._ready_bytes >= self.max_bytes:
@@ -205,7 +207,7 @@ class Batcher:
         self._checkpointing = self._seen_checkpoint = True
         if self._held:
             if not self._ready:
-                self._ready_since = time.monotonic()
+                self._mark_pending()
             self._ready.extend(self._held)
             self._ready_bytes += self._held_bytes
             self._held, self._held_bytes = [], 0
@@ -229,6 +231,15 @@ class Batcher:
         self.lines_spooled += len(lines)
         self.batches_spooled += 1
         self._ready, self._ready_bytes, self._token = [], 0, None
+
+    def _mark_pending(self) -> None:
+        self._ready_since = time.monotonic()
+        if self._on_pending is not None:
+            self._on_pending()
+
+    def due_at(self) -> float | None:
+        """When the ready lines must be put (monotonic), or None if none wait. Lock-free read."""
+        return self._ready_since + self.max_wait_s if self._ready else None
 
     def flush_due(self, now: float | None = None) -> None:
         """Put ready lines older than ``max_wait_s``. Called by the agent's timer thread."""

@@ -302,12 +302,12 @@ def test_enabled_false_and_settings_reload(coll_dir: Path, rec: Recorder,
     assert (c.state, c.runs, c.enabled) == (CollectorState.DISABLED, 0, False)
     sup.reload({"conf": {"x": 1}})
     wait_until(lambda: rec.lines("conf") == [b'{"x": 1}'], 5, what="enabled on reload")
-    pid1 = info(sup, "conf").pid
+    pid1 = wait_until(lambda: info(sup, "conf").pid, 5)  # its line can arrive before its pid is published
     sup.reload({"conf": {"x": 2, "paths": ["/a", "/b"]}})
     wait_until(lambda: len(rec.lines("conf")) == 2, 5, what="restarted on new settings")
     assert rec.lines("conf")[1] == b'{"paths": ["/a", "/b"], "x": 2}'
     assert not pid_alive(pid1)
-    pid2 = info(sup, "conf").pid
+    pid2 = wait_until(lambda: info(sup, "conf").pid, 5)
     sup.reload({"conf": {"x": 2, "paths": ["/a", "/b"]}})  # the same: no restart
     time.sleep(0.3)
     assert info(sup, "conf").pid == pid2

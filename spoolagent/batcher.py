@@ -65,6 +65,10 @@ class Batcher:
         self._checkpointing = checkpointing
         self._seen_checkpoint = False  # a !checkpoint line in this run
         self._untokened = False  # lines were spooled without a token after the last committed one
+        # no token of this collector is committed yet: its first one is committed at once, even
+        # with no line before it (a start position such as "the end of the file" must survive a
+        # crash before the first line, or a restart would start somewhere else)
+        self._first_token = not checkpointing
         self._valid_prefixes: set[bytes] = set()
         # counters, read without the lock by stats()
         self.lines_spooled = 0
@@ -212,6 +216,8 @@ class Batcher:
             self._ready_bytes += self._held_bytes
             self._held, self._held_bytes = [], 0
         self._token = token
+        if self._first_token and not self._ready:
+            self._untokened = True  # nothing committed covers "where to start": commit it now
         if len(self._ready) >= self.max_lines or self._ready_bytes >= self.max_bytes or self._untokened:
             # the last case: the lines this token covers were already spooled without a token
             # (batched by time before the collector's first checkpoint, or past the cap); commit
@@ -227,6 +233,8 @@ class Batcher:
             return
         lines, token = self._ready, self._token
         self._put(self.collector, lines, token)
+        if token is not None:
+            self._first_token = False
         self._untokened = token is None and (self._untokened or bool(lines))
         self.lines_spooled += len(lines)
         self.batches_spooled += 1

@@ -113,3 +113,21 @@ def test_raw_format_gets_prod_and_today() -> None:
     b.close()
     d = today()
     assert s.batches == [("c", [b"web " + d + b" hello world"], "k")]
+
+
+def test_first_ever_token_is_committed_even_without_lines() -> None:
+    s = Sink()
+    b = make(s, max_lines=100)
+    b.feed([b"!checkpoint start"])
+    assert s.batches == [("c", [], "start")]
+    b.feed([rec(1), b"!checkpoint t1", b"!checkpoint t2"])  # later empty tokens need no row
+    b.close()
+    assert s.batches == [("c", [], "start"), ("c", [rec(1)], "t2")]
+
+
+def test_restarted_collector_start_token_needs_no_row() -> None:
+    s = Sink()
+    b = make(s, max_lines=100, checkpointing=True)
+    b.feed([b"!checkpoint same-as-before", rec(1)])
+    b.close()
+    assert s.batches == []  # rec(1) follows the last token: the collector re-reads it

@@ -546,6 +546,9 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     tailer.scan(first_scan=True)
+    # where this run starts, before any line: the agent then holds every line until a token
+    # covers it, and a first run with start_at = "end" keeps its start position across a crash
+    tailer.checkpoint(force=True)
     next_scan = time.monotonic() + cfg.glob_interval_s
     poll_s = POLL_MIN_S
     started = 0.0

@@ -41,6 +41,23 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def stop_process(proc: subprocess.Popen[bytes] | None, sig: int, timeout_s: float, *, group: bool) -> int | None:
+    """Send ``sig`` (to the process group with ``group``), wait; SIGKILL the group past ``timeout_s``."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        try:
+            (os.killpg if group else os.kill)(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    return proc.returncode
+
+
 class ReceiverProc:
     """A real ``spoolreceiver`` (``python -m receiver``) on 127.0.0.1 with an ephemeral port."""
 
@@ -93,19 +110,7 @@ class ReceiverProc:
             os.killpg(self.proc.pid, sig)
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        return self.proc.returncode
+        return stop_process(self.proc, sig, timeout_s, group=True)
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
@@ -206,20 +211,8 @@ class AgentProc:
             return json.loads(resp.read())  # type: ignore[no-any-return]
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            try:
-                # the agent only, not its process group: it stops its collectors itself
-                os.kill(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        return self.proc.returncode
+        # the agent only, not its process group: it stops its collectors itself
+        return stop_process(self.proc, sig, timeout_s, group=False)
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)

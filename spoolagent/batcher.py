@@ -62,6 +62,7 @@ class Batcher:
         self._token: str | None = None       # newest token covering every ready line
         self._held: list[bytes] = []
         self._held_bytes = 0
+        self._held_since = 0.0
         self._checkpointing = checkpointing
         self._seen_checkpoint = False  # a !checkpoint line in this run
         self._untokened = False  # lines were spooled without a token after the last committed one
@@ -180,6 +181,8 @@ class Batcher:
         if size < 0:
             size = sum(map(len, records)) + len(records)
         if self._checkpointing:
+            if not self._held:
+                self._held_since = time.monotonic()
             self._held.extend(records)
             self._held_bytes += size
             if self._held_bytes > self.max_held_bytes:
@@ -211,7 +214,8 @@ class Batcher:
         self._checkpointing = self._seen_checkpoint = True
         if self._held:
             if not self._ready:
-                self._mark_pending()
+                # max_wait counts from when the first of these lines was read, not from the token
+                self._mark_pending(self._held_since)
             self._ready.extend(self._held)
             self._ready_bytes += self._held_bytes
             self._held, self._held_bytes = [], 0
@@ -240,8 +244,8 @@ class Batcher:
         self.batches_spooled += 1
         self._ready, self._ready_bytes, self._token = [], 0, None
 
-    def _mark_pending(self) -> None:
-        self._ready_since = time.monotonic()
+    def _mark_pending(self, since: float | None = None) -> None:
+        self._ready_since = time.monotonic() if since is None else since
         if self._on_pending is not None:
             self._on_pending()
 

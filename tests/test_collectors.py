@@ -514,16 +514,24 @@ def test_stop_hands_over_everything_printed(coll_dir: Path, tmp_path: Path, rec:
         open({str(marker)!r}, "w").close()
         time.sleep(60)
     """)
-    slow = threading.Event()
+    release = threading.Event()
 
     def on_lines(name: str, lines: list[bytes]) -> None:
-        slow.wait(0.01)  # a slow spool: the pipe stays full
+        # a stuck spool until the test lets go: the rest stays in the pipe (it all fits there,
+        # so the collector finishes writing)
+        assert release.wait(30)
         rec.on_lines(name, lines)
 
     sup = make_sup(on_lines=on_lines)
     wait_until(marker.exists, 20)
-    assert len(rec.lines("burst")) < 30000  # some of it still in the pipe
-    sup.stop()
+    assert len(rec.lines("burst")) < 30000  # nothing handed over yet: it is in the pipe
+    pid = wait_until(lambda: info(sup, "burst").pid, 5)
+    stopper = threading.Thread(target=sup.stop)
+    stopper.start()  # SIGTERM while the lines still sit in the pipe ...
+    wait_until(lambda: not pid_alive(pid), 10)
+    release.set()  # ... and only then does the spool take them
+    stopper.join(30)
+    assert not stopper.is_alive()
     assert rec.lines("burst") == [b"%06d" % i for i in range(30000)]
     assert rec.of("burst", "exit") == [-signal.SIGTERM]
 

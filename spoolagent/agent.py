@@ -88,6 +88,7 @@ class Agent:
         self._started_s = time.time()
         self._batchers: dict[str, Batcher] = {}
         self._batchers_lock = threading.Lock()
+        self._retired_per: dict[str, dict[str, int]] = {}
         self._retired: dict[str, int] = {"lines_spooled": 0, "lines_invalid": 0,
                                          "lines_unprotected": 0, "lines_discarded": 0, "batches_spooled": 0,
                                          "checkpoints": 0, "lines_read": 0}
@@ -147,15 +148,18 @@ class Agent:
                             f"{self.cfg.agent.max_line_bytes}; its first {min(len(head), 4096)} bytes are kept")
 
     def _on_exit(self, name: str, returncode: int) -> None:
-        with self._batchers_lock:
-            b = self._batchers.pop(name, None)
+        b = self._batchers.get(name)
         if b is not None:
             b.close()
             # the next run of this collector starts from the newest committed token
             self._wait_spooled()
-            for k, v in b.stats().items():
-                if k in self._retired:
-                    self._retired[k] += v
+            with self._batchers_lock:  # one step for snapshot(): counters never go backwards
+                self._batchers.pop(name, None)
+                mine = self._retired_per.setdefault(name, {})
+                for k, v in b.stats().items():
+                    if k in self._retired:
+                        self._retired[k] += v
+                        mine[k] = mine.get(k, 0) + v
 
     def _checkpoint_for(self, name: str) -> str:
         return self.spool.checkpoints().get(name, "")
@@ -281,13 +285,18 @@ class Agent:
 
     def snapshot(self) -> dict[str, Any]:
         """Everything /status and /metrics show. Thread-safe (reads counters)."""
-        per_collector: dict[str, dict[str, int]] = {}
-        totals = dict(self._retired)
-        for name, b in list(self._batchers.items()):
-            s = b.stats()
-            per_collector[name] = s
-            for k in totals:
-                totals[k] += s.get(k, 0)
+        with self._batchers_lock:
+            totals = dict(self._retired)
+            # per collector: every run so far (a counter must not restart with the collector)
+            per_collector = {n: dict(v) for n, v in self._retired_per.items()}
+            for name, b in self._batchers.items():
+                mine = per_collector.setdefault(name, {})
+                for k, v in b.stats().items():
+                    if k in totals:
+                        totals[k] += v
+                        mine[k] = mine.get(k, 0) + v
+                    else:
+                        mine[k] = v
         collectors = []
         for info in self.supervisor.collectors():
             collectors.append({

@@ -115,7 +115,7 @@ class _AgentCollector(Collector):
         up = GaugeMetricFamily("spoolagent_collector_up", "1 while the collector runs (or waits for its "
                                "next interval).", labels=["collector"])
         c_lines = CounterMetricFamily("spoolagent_collector_lines_spooled", "Records spooled per collector "
-                                      "(since its current run started).", labels=["collector"])
+                                      "(every run since the agent started).", labels=["collector"])
         for c in s.get("collectors", []):
             restarts.add_metric([c["name"]], _num(c.get("restarts")))
             up.add_metric([c["name"]], 1.0 if c.get("state") in ("running", "waiting", "starting") else 0.0)

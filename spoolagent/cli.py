@@ -126,6 +126,17 @@ def _agent_status(state_dir: Path, timeout_s: float = 3.0) -> tuple[dict[str, An
         return None, f"the agent (pid {pid}) does not answer at {url}/status: {exc}"
 
 
+def _size(n: object) -> str:
+    if not isinstance(n, int | float):
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
 def _age(seconds: object) -> str:
     if not isinstance(seconds, int | float):
         return "-"
@@ -174,12 +185,14 @@ def _print_status(s: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    con = Console()
+    con = Console(highlight=False)
+    if not con.is_terminal:  # piped or logged: one line per fact, not cut at 80 columns
+        con = Console(highlight=False, width=200)
     a, sp, se, ln = s["agent"], s["spool"], s["sender"], s["lines"]
     con.print(f"[bold]spoolagent[/] {a['id']} pid {a['pid']} v{a['version']} up {_age(a['uptime_s'])} ({a['state']})")
     con.print(f"spool   ready {sp.get('ready_batches')} batches / {sp.get('ready_lines')} lines, in flight "
-              f"{sp.get('inflight_batches')}, failed {sp.get('failed_batches')}, {sp.get('bytes')} bytes"
-              f" of {sp.get('max_bytes')}, oldest {_age(sp.get('oldest_age_s'))}, "
+              f"{sp.get('inflight_batches')}, failed {sp.get('failed_batches')}, {_size(sp.get('bytes'))}"
+              f" of {_size(sp.get('max_bytes'))}, oldest {_age(sp.get('oldest_age_s'))}, "
               f"dropped {sp.get('dropped_lines', 0)} lines")
     last_ok = se.get("last_success_s")
     con.print(f"sender  {se.get('state')} -> {se.get('receiver')}; last success "

@@ -146,18 +146,22 @@ while True:
     time.sleep(3600)
 """
 
+def _full_spool_agent(agent_factory: Callable[..., AgentProc], port: int, when_full: str, total: int,
+                      progress: Path) -> AgentProc:
+    """An agent with a 256 KiB spool, uncompressed rows, and a receiver port nobody listens on yet."""
+    a = agent_factory([f"http://127.0.0.1:{port}"], batch='max_bytes = "16KiB"\nmax_wait_ms = 20',
+                      spool=f'max_bytes = "256KiB"\nwhen_full = "{when_full}"',
+                      sender='compression = "none"\nmax_backoff_s = 1')
+    a.add_collector("fill.py", _progress_collector(total, progress))
+    return a.start()
+
 
 def test_full_spool_block_slows_collector_and_loses_nothing(
         receiver_factory: Callable[..., ReceiverProc], agent_factory: Callable[..., AgentProc],
         tmp_path: Path) -> None:
-    total, port = 20_000, _free_port()
-    progress = tmp_path / "progress"
+    total, port, progress = 20_000, _free_port(), tmp_path / "progress"
     r = receiver_factory(start=False)
-    a = agent_factory([f"http://127.0.0.1:{port}"], batch='max_bytes = "16KiB"\nmax_wait_ms = 20',
-                      spool='max_bytes = "256KiB"\nwhen_full = "block"',
-                      sender='compression = "none"\nmax_backoff_s = 1')
-    a.add_collector("fill.py", _progress_collector(total, progress))
-    a.start()
+    a = _full_spool_agent(agent_factory, port, "block", total, progress)
 
     def stalled() -> bool:
         before = progress.read_text() if progress.exists() else ""
@@ -179,14 +183,9 @@ def test_full_spool_block_slows_collector_and_loses_nothing(
 def test_full_spool_drop_oldest_counts_match_missing(
         receiver_factory: Callable[..., ReceiverProc], agent_factory: Callable[..., AgentProc],
         tmp_path: Path) -> None:
-    total, port = 20_000, _free_port()
-    progress = tmp_path / "progress"
+    total, port, progress = 20_000, _free_port(), tmp_path / "progress"
     r = receiver_factory(start=False)
-    a = agent_factory([f"http://127.0.0.1:{port}"], batch='max_bytes = "16KiB"\nmax_wait_ms = 20',
-                      spool='max_bytes = "256KiB"\nwhen_full = "drop_oldest"',
-                      sender='compression = "none"\nmax_backoff_s = 1')
-    a.add_collector("fill.py", _progress_collector(total, progress))
-    a.start()
+    a = _full_spool_agent(agent_factory, port, "drop_oldest", total, progress)
     wait_until(lambda: progress.exists() and int(progress.read_text()) == total, 30, what="collector done")
     wait_until(lambda: a.get_status()["lines"]["spooled"] == total, 30, what="all lines spooled or dropped")
     dropped = a.get_status()["spool"]["dropped_lines"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -244,3 +245,19 @@ def agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProc]]:
 
 def count_lines(data_dir: Path, pattern: str = "*.dat") -> int:
     return sum(p.read_bytes().count(b"\n") for p in data_dir.glob(pattern))
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` at ``where`` (a small disk to fill); skips the test without root."""
+    where.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)

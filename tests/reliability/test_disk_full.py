@@ -8,34 +8,22 @@ resumes when space returns. Receiver: 503 until space returns, then everything e
 from __future__ import annotations
 
 import errno
-import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import AgentProc, ReceiverProc, wait_until
+from tests.conftest import AgentProc, ReceiverProc, mounted_tmpfs, wait_until
 from tests.reliability.rig import Workload, elapsed, first_tokens, raw_window_lines, scale
 from tests.reliability.tcpfault import Fault, TcpFaultProxy
 
 
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True, timeout=30)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "tmpfs", "8m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
 
 
 def _fill(path: Path) -> int:

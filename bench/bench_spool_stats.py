@@ -20,8 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from spoolagent.spool import Spool, WhenFull  # noqa: E402
-from spoolagent.spool_file import SpoolFile  # noqa: E402
+from spoolagent.spool.file import SpoolFile  # noqa: E402
+from spoolagent.spool.queue import Spool, WhenFull  # noqa: E402
 
 
 def main() -> None:

@@ -89,7 +89,7 @@ def build_backlog(work: Path, lines: int, compression: str, batch_bytes: int = 5
     if done.exists():
         return state
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from spoolagent.spool import Spool, WhenFull
+    from spoolagent.spool.queue import Spool, WhenFull
 
     shutil.rmtree(state, ignore_errors=True)
     state.mkdir(parents=True)
@@ -147,7 +147,7 @@ def spool_stats(work: Path, lines: int, compression: str) -> dict[str, Any]:
     if r.returncode != 0 or json.loads(r.stdout).get("ready_lines") != lines:
         raise RuntimeError(f"spool stats failed rc={r.returncode}: {r.stdout[-300:]} {r.stderr[-300:]}")
     t0 = time.monotonic()
-    subprocess.run([sys.executable, "-c", "import spoolagent.cli"], env=child_env(), check=True)
+    subprocess.run([sys.executable, "-c", "import spoolagent.cli.commands"], env=child_env(), check=True)
     startup = time.monotonic() - t0
     return {"seconds": elapsed, "interpreter_and_import_s": startup}
 

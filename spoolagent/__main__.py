@@ -1,3 +1,3 @@
-from spoolagent.cli import main
+from spoolagent.cli.commands import main
 
 raise SystemExit(main())

@@ -25,13 +25,13 @@ from types import FrameType
 from typing import Any
 
 from spoolagent import __version__, config
-from spoolagent.batcher import Batcher
-from spoolagent.collectors import Supervisor
+from spoolagent.collect.batcher import Batcher
+from spoolagent.collect.supervisor import Supervisor
 from spoolagent.config import AgentConfig
 from spoolagent.errors import BatchRejected, ConfigError, ReceiverUnavailable, SpoolError
 from spoolagent.sender import Sender
-from spoolagent.spool import Spool, WhenFull
-from spoolagent.spool_salvage import corrupt_files
+from spoolagent.spool.queue import Spool, WhenFull
+from spoolagent.spool.salvage import corrupt_files
 from spoolagent.status import StatusServer
 
 log = logging.getLogger(__name__)

@@ -114,8 +114,8 @@ def _check_cli(path: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize("source", [AGENT_EXAMPLE, DOCKER_AGENT_TOML], ids=["example", "docker"])
 def test_agent_configs_pass_spoolagent_check(tmp_path: Path, source: Path) -> None:
-    if not _has_module("spoolagent.cli"):
-        pytest.skip("spoolagent.cli is not there yet")
+    if not _has_module("spoolagent.cli.commands"):
+        pytest.skip("spoolagent.cli.commands is not there yet")
     good = tmp_path / "agent.toml"
     good.write_text(_with_state_dir(source.read_text(), tmp_path / "state"))
     done = _check_cli(good)
@@ -467,8 +467,8 @@ def _stop(proc: subprocess.Popen[bytes], group: bool) -> int:
 
 def test_examples_run_with_write_execute_memory_refused(tmp_path: Path) -> None:
     """The example configs, run for real under MDWE: tail -> agent -> receiver, healthchecks, stop."""
-    if not (_has_module("spoolagent.cli") and _has_module("receiver.cli")):
-        pytest.skip("spoolagent.cli or receiver.cli is not there yet")
+    if not (_has_module("spoolagent.cli.commands") and _has_module("receiver.cli")):
+        pytest.skip("spoolagent.cli.commands or receiver.cli is not there yet")
     if not (ROOT / "collectors" / "0" / "tail.py").exists():
         pytest.skip("collectors/0/tail.py is not there yet")
     ready = tmp_path / "receiver-ready.json"

@@ -91,7 +91,7 @@ def test_key_value_lines_one_per_event(receiver: ReceiverProc, agent_factory: Ca
         assert not bad, f"{path.name}: lines that are not one key=value event:\n" + "\n".join(bad[:10])
     text = agent.log_path.read_text()
     assert re.search(r"level=warning logger=spoolagent\.agent rejected line collector=chatty", text)
-    assert re.search(r"level=info logger=spoolagent\.\w+ .*chatty.*a message on stderr", text)
+    assert re.search(r"level=info logger=spoolagent\.[\w.]+ .*chatty.*a message on stderr", text)
     # two problems, two lines of text, one event: the newline is escaped
     assert re.search(r"level=error logger=spoolagent\.agent reload failed.*bogus: unknown key\\n\S+ \[batch\] "
                      r"max_wait_ms", text)

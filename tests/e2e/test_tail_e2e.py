@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.collectors.test_tail import LINE_BYTES, WRITER
 from tests.conftest import AgentProc, ReceiverProc, count_lines
-from tests.test_tail import LINE_BYTES, WRITER
 
 TOTAL = int(os.environ.get("E2E_TAIL_LINES", "1000000"))
 SEED = int(os.environ.get("E2E_TAIL_SEED", "11"))

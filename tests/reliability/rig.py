@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spoolagent import procs
+from spoolagent.collect import process as procs
 from tests.conftest import ROOT, AgentProc, wait_until
 from tests.reliability.checker import CKPT, RAW, Report, TailWriter, raw_written, received, verify
 
@@ -140,7 +140,7 @@ class Workload:
         return verify(data_dir, self.written())
 
 
-# the agent grows each collector's stdout pipe (spoolagent/procs.py, _grow_pipe) to this
+# the agent grows each collector's stdout pipe (spoolagent/collect/process.py, _grow_pipe) to this
 PIPE_BYTES = int(getattr(procs, "_PIPE_BYTES", 65536))
 
 

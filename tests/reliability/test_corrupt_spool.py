@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from spoolagent.spool import Spool, WhenFull
-from spoolagent.spool_file import SpoolFile
+from spoolagent.spool.file import SpoolFile
+from spoolagent.spool.queue import Spool, WhenFull
 from tests.conftest import AgentProc, ReceiverProc, child_env, wait_until
 from tests.reliability.checker import make_line, received, verify
 from tests.reliability.rig import Workload

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from spoolagent.batcher import Batcher
+from spoolagent.collect.batcher import Batcher
 
 
 def _batcher() -> tuple[Batcher, list[tuple[list[bytes], str | None]]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from spoolagent.spool_file import SpoolFile
+from spoolagent.spool.file import SpoolFile
 from tests.conftest import AgentProc, ReceiverProc, wait_until
 from tests.reliability.checker import _LINE
 from tests.reliability.rig import Workload, elapsed, first_tokens, poll_progress, raw_window_lines, scale

@@ -35,8 +35,8 @@ from persistqueue import SQLiteAckQueue
 from persistqueue.exceptions import Empty
 
 from spoolagent.errors import SpoolBusy, SpoolError
-from spoolagent.spool_file import file_bytes, query_stats
-from spoolagent.spool_format import (
+from spoolagent.spool.file import file_bytes, query_stats
+from spoolagent.spool.format import (
     ACK_FAILED,
     ACKED,
     BUSY_TIMEOUT_S,
@@ -52,7 +52,7 @@ from spoolagent.spool_format import (
     insert_row,
     make_row,
 )
-from spoolagent.spool_salvage import diagnose, move_aside
+from spoolagent.spool.salvage import diagnose, move_aside
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ Owns ``collectors_dir/<interval>/<program>``: which collectors exist (:func:`dis
 named states (:class:`CollectorState`), when each runs (interval 0: long-running, respawned with
 exponential backoff; interval N: started every N s and terminated when it overruns), picking up
 new, changed and removed files and new settings, and stopping everything. How a single process is
-spawned and its pipes read lives in ``spoolagent.procs`` and ``spoolagent.pipes``. Imports only
-``spoolagent.errors``, those, ``spoolagent.discovery`` and the standard library; must not import
+spawned and its pipes read lives in ``spoolagent.collect.process`` and ``spoolagent.collect.pipes``. Imports only
+``spoolagent.errors``, those, ``spoolagent.collect.discovery`` and the standard library; must not import
 spool, sender, batcher, config or agent (the agent wires it with plain callables).
 
 Threads: :meth:`Supervisor.start` starts one thread, ``collectors-supervisor``. It is the only
@@ -14,7 +14,7 @@ thread that spawns, signals, reaps and changes a collector's state, and it lives
 children's parent-death signal is bound to the thread that forked them. Each run has a stdout
 reader thread (hands lines to ``on_lines``, then calls ``on_exit``) and a stderr reader thread.
 
-Conventions (tcollector's; discovery rules in ``spoolagent.discovery``): a ``.py`` file runs
+Conventions (tcollector's; discovery rules in ``spoolagent.collect.discovery``): a ``.py`` file runs
 under the agent's interpreter, anything else is exec'd directly (a script without a shebang fails
 with ENOEXEC: FAILED until the file changes); exit code 13 means "do not restart me" (EXITED until
 the file or its settings change). Processes a collector's main process leaves behind in its group
@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spoolagent.discovery import check_dir, discover, is_ignored_name, scan
+from spoolagent.collect.discovery import check_dir, discover, is_ignored_name, scan
+from spoolagent.collect.pipes import Counters, StderrLimiter
+from spoolagent.collect.process import CollectorNotExecutable, Run, spawn
 from spoolagent.errors import CollectorFailed
-from spoolagent.pipes import Counters, StderrLimiter
-from spoolagent.procs import CollectorNotExecutable, Run, spawn
 
 __all__ = ["CollectorInfo", "CollectorState", "Supervisor", "check_dir", "discover",
            "is_ignored_name"]

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from spoolagent import protocol
+from tests.collectors.test_tail import TailProc
 from tests.conftest import ROOT, child_env, wait_until
-from tests.test_tail import TailProc
 
 JOURNALD = ROOT / "collectors" / "0" / "journald.py"
 FIXTURES = ROOT / "tests" / "fixtures" / "journal"

@@ -23,9 +23,9 @@ from typing import Any
 
 from spoolagent import config, protocol
 from spoolagent.errors import InvalidLine, SpoolError
-from spoolagent.spool_file import BatchInfo, SpoolFile, query_stats_empty
-from spoolagent.spool_format import BUSY_TIMEOUT_S, DB_NAME, ENCODINGS
-from spoolagent.spool_salvage import CORRUPT_INFIX, salvage
+from spoolagent.spool.file import BatchInfo, SpoolFile, query_stats_empty
+from spoolagent.spool.format import BUSY_TIMEOUT_S, DB_NAME, ENCODINGS
+from spoolagent.spool.salvage import CORRUPT_INFIX, salvage
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 _STATES = ("ready", "inflight", "failed")

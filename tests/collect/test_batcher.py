@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from spoolagent.batcher import Batcher
+from spoolagent.collect.batcher import Batcher
 from spoolagent.protocol import today
 
 

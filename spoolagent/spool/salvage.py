@@ -35,8 +35,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from spoolagent.errors import SpoolError
-from spoolagent.spool_file import SpoolFile
-from spoolagent.spool_format import (
+from spoolagent.spool.file import SpoolFile
+from spoolagent.spool.format import (
     ACK_FAILED,
     ACKED,
     DB_NAME,

@@ -89,7 +89,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"ok": True, "config": str(cfg.path)}))
         return EXIT_OK
-    from spoolagent.collectors import discover
+    from spoolagent.collect.supervisor import discover
 
     found = discover(cfg.agent.collectors_dir)
     print(f"{cfg.path}: OK")
@@ -157,7 +157,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         spool: dict[str, Any] | None = None
         spool_err = ""
         try:
-            from spoolagent import cli_spool
+            from spoolagent.cli import spool as cli_spool
 
             spool = cli_spool.file_stats(cfg.agent.state_dir)
         except (SpoolError, ImportError, OSError) as exc:
@@ -212,7 +212,7 @@ def _print_status(s: dict[str, Any]) -> None:
 
 def cmd_collectors(args: argparse.Namespace) -> int:
     cfg = _load(args, check_paths=False)
-    from spoolagent.collectors import discover
+    from spoolagent.collect.supervisor import discover
 
     status, _ = _agent_status(cfg.agent.state_dir)
     running = {c["name"]: c for c in (status or {}).get("collectors", [])}
@@ -288,13 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     co.set_defaults(func=cmd_collectors)
 
     try:
-        from spoolagent import cli_spool
+        from spoolagent.cli import spool as cli_spool
     except ImportError:
         cli_spool = None  # type: ignore[assignment]
     if cli_spool is not None:
         cli_spool.add_spool_parser(sub, _add_config)
     try:
-        from spoolagent import demo
+        from spoolagent.cli import demo
     except ImportError:
         demo = None  # type: ignore[assignment]
     if demo is not None:

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from spoolagent.errors import SpoolBusy, SpoolError
-from spoolagent.spool import Spool, SpooledBatch, WhenFull
-from spoolagent.spool_file import SpoolFile
-from spoolagent.spool_format import decompress, new_batch_id
+from spoolagent.spool.file import SpoolFile
+from spoolagent.spool.format import decompress, new_batch_id
+from spoolagent.spool.queue import Spool, SpooledBatch, WhenFull
 from tests.conftest import child_env, wait_until
 
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -112,7 +112,7 @@ def test_fail_keeps_status_and_reason(open_spool, tmp_path: Path) -> None:
 CHILD = r"""
 import json, sys, threading, time
 from pathlib import Path
-from spoolagent.spool import Spool, WhenFull
+from spoolagent.spool.queue import Spool, WhenFull
 spool = Spool(Path(sys.argv[1]), max_bytes=1 << 30, when_full=WhenFull.BLOCK,
               compression="gzip", stopping=threading.Event())
 ids = []

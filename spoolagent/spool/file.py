@@ -7,7 +7,7 @@ a read-only connection; mutations are short ``BEGIN IMMEDIATE`` transactions wit
 timeout that never touch in-flight (status 2) rows, so the agent's Spool stays correct (it
 re-reads its byte total from SQL every few seconds and polls for new ready rows).
 
-Imports ``spoolagent.spool_format`` and ``spoolagent.errors`` only; never persistqueue, sender,
+Imports ``spoolagent.spool.format`` and ``spoolagent.errors`` only; never persistqueue, sender,
 collectors, config, agent or cli. Not thread-safe: one SpoolFile per thread.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from spoolagent.errors import SpoolBusy, SpoolError
-from spoolagent.spool_format import (
+from spoolagent.spool.format import (
     ACK_FAILED,
     ACKED,
     BUSY_TIMEOUT_S,

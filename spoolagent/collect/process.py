@@ -1,8 +1,8 @@
 """One collector process at a time: spawn it with a parent-death signal, signal its process
 group, reap it, and run its reader threads (:class:`Run`).
 
-The supervisor (``spoolagent.collectors``) decides *when* to run what; this module only knows how.
-Imports only ``spoolagent.errors``, ``spoolagent.pipes`` and the standard library; must not import
+The supervisor (``spoolagent.collect.supervisor``) decides *when* to run what; this module only knows how.
+Imports only ``spoolagent.errors``, ``spoolagent.collect.pipes`` and the standard library; must not import
 spool, sender, batcher, config, agent or collectors.
 
 Parent-death signal: on Linux every collector is started through a tiny wrapper
@@ -31,8 +31,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import IO
 
+from spoolagent.collect.pipes import Counters, StderrLimiter, pump_stderr, pump_stdout
 from spoolagent.errors import CollectorFailed
-from spoolagent.pipes import Counters, StderrLimiter, pump_stderr, pump_stdout
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from spoolagent.collectors import CollectorState, Supervisor, discover
+from spoolagent.collect.supervisor import CollectorState, Supervisor, discover
 from spoolagent.errors import CollectorFailed
 from tests.conftest import child_env, wait_until
 
@@ -553,7 +553,7 @@ def test_leftover_group_members_are_terminated(coll_dir: Path, tmp_path: Path, r
 _SUPERVISOR_PROC = """
 import sys, threading, time
 from pathlib import Path
-from spoolagent.collectors import Supervisor
+from spoolagent.collect.supervisor import Supervisor
 sup = Supervisor(Path(sys.argv[1]), settings={}, on_lines=lambda n, l: None,
                  on_overlong=lambda n, s, h: None, on_exit=lambda n, rc: None,
                  checkpoint_for=lambda n: "", stopping=threading.Event())

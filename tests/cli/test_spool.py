@@ -21,7 +21,7 @@ from tests.conftest import child_env, wait_until
 HOLDER = r"""
 import json, sys, threading
 from pathlib import Path
-from spoolagent.spool import Spool, WhenFull
+from spoolagent.spool.queue import Spool, WhenFull
 args = json.loads(sys.argv[1])
 spool = Spool(Path(args["state"]), max_bytes=args.get("max_bytes", 1 << 30),
               when_full=WhenFull.BLOCK, compression=args.get("compression", "gzip"),
@@ -42,7 +42,7 @@ for line in sys.stdin:
     elif op == "get":
         b = spool.get(cmd.get("timeout", 1.0))
         if b is not None:
-            from spoolagent.spool_format import decompress
+            from spoolagent.spool.format import decompress
             out = {"pqid": b.pqid, "id": b.batch_id, "attempts": b.attempts,
                    "lines": decompress(b.body, b.encoding).decode().split("\n")[:-1]}
     elif op == "ack":

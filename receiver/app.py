@@ -14,11 +14,12 @@ each, naming the batch. Imports ingest, metrics, errors (and tornado); no handle
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
 import time
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,8 +186,8 @@ class _BodyHandler(_Handler):
         try:
             raw = self._take_body()
             loop = tornado.ioloop.IOLoop.current()
-            outcome: Outcome = await loop.run_in_executor(self.ctx.executor, work, *args, raw)
-            return outcome
+            stored: Future[Outcome] = await loop.run_in_executor(self.ctx.executor, work, *args, raw)
+            return await asyncio.wrap_future(stored)
         except BadRequest as exc:
             self._refuse(400, str(exc), batch_id)
         except BodyTooLarge as exc:

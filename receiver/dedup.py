@@ -9,9 +9,10 @@ One SQLite database in WAL mode (``state.sqlite3``) holds two tables:
   that inserts the batch row, so "stored" and "no intent left" become true together: a crash at any
   point leaves either a stored batch or an intent that the next holder of the file's lock rolls back.
 
-Claims: the same id stored twice at once (threads or processes) is serialised by an exclusive
-``flock`` on one of 256 stripe files under ``claims/`` (crc32 of the id); flock is per open file,
-so it excludes threads of one process as well as other processes, and dies with its holder.
+Claims: the same id stored twice at once (by two processes) is serialised by an exclusive
+``flock`` on one of 4096 stripe files under ``claims/`` (crc32 of the id), taken without waiting by
+the store's commit round; flock is per open file, so it excludes other processes (and other
+descriptors of this one) and dies with its holder.
 
 Thread-safe: one SQLite connection per thread (and per process: none crosses a fork). Every SQLite
 failure is raised as StorageUnavailable. Imports only ``receiver.errors``.
@@ -31,11 +32,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from receiver.errors import BatchInProgress, StorageUnavailable
+from receiver.errors import StorageUnavailable
 
 log = logging.getLogger(__name__)
 
-_CLAIM_STRIPES = 256
+_CLAIM_STRIPES = 4096  # a round holds one per id: few collisions between processes
 _STORAGE_RETRY_AFTER_S = 5
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -110,35 +111,50 @@ class DedupIndex:
                 "SELECT stored, rejected FROM batches WHERE id = ?", (batch_id,)).fetchone()
         return None if row is None else StoredBatch(int(row[0]), int(row[1]))
 
-    @contextlib.contextmanager
-    def claim(self, batch_id: str, timeout_s: float) -> Iterator[None]:
-        """Hold the exclusive claim of ``batch_id`` (shared with ids of the same stripe).
+    def lookup_many(self, batch_ids: Iterable[str]) -> dict[str, StoredBatch]:
+        """The counts of every id of ``batch_ids`` that is stored (one query per 500 ids)."""
+        ids = list(batch_ids)
+        out: dict[str, StoredBatch] = {}
+        with self._errors("lookup"):
+            conn = self._conn()
+            for i in range(0, len(ids), 500):  # below SQLite's host-parameter limit
+                chunk = ids[i:i + 500]
+                rows = conn.execute(
+                    f"SELECT id, stored, rejected FROM batches WHERE id IN ({','.join('?' * len(chunk))})",
+                    chunk).fetchall()
+                out.update((str(r[0]), StoredBatch(int(r[1]), int(r[2]))) for r in rows)
+        return out
 
-        Waits up to ``timeout_s`` for another holder, then raises BatchInProgress (a retryable 503).
-        """
-        path = self.claims_dir / f"{zlib.crc32(batch_id.encode()) % _CLAIM_STRIPES:02x}.lock"
+    def try_claim(self, held: dict[int, int], batch_id: str) -> bool:
+        """Take the claim of ``batch_id`` without waiting; ``held`` maps the stripes this caller
+        holds to their descriptors (an id of a stripe already held is claimed at once). False if
+        another holder has the stripe: try again later. Release with ``release_claims(held)``."""
+        stripe = zlib.crc32(batch_id.encode()) % _CLAIM_STRIPES
+        if stripe in held:
+            return True
+        path = self.claims_dir / f"{stripe:03x}.lock"
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise StorageUnavailable(f"cannot open claim {path}: {exc}",
                                      retry_after_s=_STORAGE_RETRY_AFTER_S) from exc
         try:
-            deadline = time.monotonic() + timeout_s
-            pause_s = 0.002
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise BatchInProgress(
-                            f"batch {batch_id} is being stored by another request",
-                            retry_after_s=1) from None
-                    time.sleep(pause_s)
-                    pause_s = min(pause_s * 2, 0.05)
-            yield
-        finally:
-            os.close(fd)  # releases the flock
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except BaseException:
+            os.close(fd)
+            raise
+        held[stripe] = fd
+        return True
+
+    @staticmethod
+    def release_claims(held: dict[int, int]) -> None:
+        """Release every claim ``try_claim`` took into ``held`` (closing a descriptor drops its flock)."""
+        for fd in held.values():
+            os.close(fd)
+        held.clear()
 
     def purge(self, older_than_s: float) -> int:
         """Forget batch ids stored more than ``older_than_s`` ago; a later resend of one of them is
@@ -182,19 +198,17 @@ class DedupIndex:
             self._write(lambda c: c.executemany(
                 "INSERT OR REPLACE INTO intents VALUES (?, ?, ?, ?, ?)", rows))
 
-    def commit(self, batch_id: str | None, stored: int, rejected: int, files: Iterable[str]) -> None:
-        """In one transaction: record ``batch_id`` as stored (if it has one) and clear the intents
-        of ``files``. Only after this returns is the append kept by a crash."""
+    def commit(self, batches: Iterable[tuple[str, int, int]], files: Iterable[str]) -> None:
+        """In one transaction: record every ``(batch_id, stored, rejected)`` as stored and clear the
+        intents of ``files``. Only after this returns are the appends kept by a crash."""
+        rows = [(batch_id, stored, rejected, time.time()) for batch_id, stored, rejected in batches]
         names = [(name,) for name in files]
-        now = time.time()
 
         def work(conn: sqlite3.Connection) -> None:
-            if batch_id is not None:
-                conn.execute("INSERT INTO batches VALUES (?, ?, ?, ?)",
-                             (batch_id, stored, rejected, now))
+            conn.executemany("INSERT INTO batches VALUES (?, ?, ?, ?)", rows)
             conn.executemany("DELETE FROM intents WHERE file = ?", names)
 
-        with self._errors("commit", batch_id):
+        with self._errors("commit", rows[0][0] if rows else None):
             self._write(work)
 
     def drop_intents(self, files: Iterable[str]) -> None:

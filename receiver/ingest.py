@@ -1,9 +1,10 @@
 """Ingestor: what happens to a body, whatever carried it (PUT batch, POST /, TCP).
 
-``put_batch``: answer a stored id as a duplicate, else decode (capped), check every line, claim the
-id, look again (a concurrent copy may have just been stored), then append the valid lines and the
-rejected ones in one all-or-nothing store call that also records the id. ``put_lines`` does the same
-without an id (no dedup). Rejected lines go to ``_rejected/rejected_{DATE}.jsonl`` (DATE = the
+``put_batch``: answer a stored id as a duplicate, else decode (capped), check every line, and hand
+the valid lines and the rejected ones to the store as one all-or-nothing batch; the store's round
+claims the id, looks again (a concurrent copy may have just been stored) and records it. The answer
+is a future that resolves once that round is durable. ``put_lines`` does the same without an id
+(no dedup). Rejected lines go to ``_rejected/rejected_{DATE}.jsonl`` (DATE = the
 receiver's local date of receipt), one JSON object per line:
 
 ``{"received_at": ISO-8601 UTC, "source": "batch"|"post"|"tcp", "batch_id": str|null,
@@ -11,7 +12,7 @@ receiver's local date of receipt), one JSON object per line:
 "line_b64": exact bytes, base64, "truncated": bool}``
 
 (a line is kept whole up to 64 KiB; longer ones, over-long lines above all, keep their first
-64 KiB and say ``"truncated": true``). Blocking and thread-safe: call it from an executor.
+64 KiB and say ``"truncated": true``). Thread-safe; decoding blocks: call it from an executor.
 Imports body, validate, dedup, store and errors.
 """
 
@@ -20,11 +21,12 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from receiver import body
 from receiver.dedup import DedupIndex
-from receiver.store import REJECTED_DIR, PartitionedStore
+from receiver.store import REJECTED_DIR, Batch, PartitionedStore, Stored
 from receiver.validate import CheckedBody, LineChecker, Rejected
 
 _KEEP_REJECTED_BYTES = 64 * 1024
@@ -46,46 +48,61 @@ class Outcome:
 
 
 class Ingestor:
-    """Decodes, checks, deduplicates and stores bodies. Thread-safe; every call blocks."""
+    """Decodes, checks and deduplicates bodies, and hands them to the store. Thread-safe; the
+    ``put_*`` calls block on decoding (run them on an executor) and return a future that resolves
+    once the store's round covering the body is durable."""
 
     def __init__(self, store: PartitionedStore, dedup: DedupIndex, *, max_body_bytes: int,
-                 max_line_bytes: int, claim_wait_s: float) -> None:
+                 max_line_bytes: int) -> None:
         self._store = store
         self._dedup = dedup
         self._checker = LineChecker(max_line_bytes)
         self._max_body_bytes = max_body_bytes
-        self._claim_wait_s = claim_wait_s
 
-    def put_batch(self, batch_id: str, encoding: str | None, raw: bytes) -> Outcome:
-        """Store batch ``batch_id`` exactly once. Raises BadRequest, BodyTooLarge,
-        BatchInProgress (the same id is being stored and did not finish within the claim wait)
-        or StorageUnavailable (nothing of the batch left behind)."""
+    def put_batch(self, batch_id: str, encoding: str | None, raw: bytes) -> Future[Outcome]:
+        """Store batch ``batch_id`` exactly once. Raises BadRequest or BodyTooLarge; the future
+        fails with BatchInProgress (the same id is being stored by another process and did not
+        finish within the claim wait) or StorageUnavailable (nothing of the batch left behind)."""
         prior = self._dedup.lookup(batch_id)
         if prior is not None:  # the common resend: no need to decode it
-            return Outcome(batch_id, prior.stored, prior.rejected, duplicate=True)
+            return _done(Outcome(batch_id, prior.stored, prior.rejected, duplicate=True))
         checked = self._checker.check(body.decode(raw, encoding, self._max_body_bytes))
-        with self._dedup.claim(batch_id, self._claim_wait_s):
-            prior = self._dedup.lookup(batch_id)  # a concurrent copy may have won the claim
-            if prior is not None:
-                return Outcome(batch_id, prior.stored, prior.rejected, duplicate=True)
-            return self._append(batch_id, "batch", checked)
+        return self._submit(batch_id, "batch", checked)
 
-    def put_lines(self, source: str, encoding: str | None, raw: bytes) -> Outcome:
+    def put_lines(self, source: str, encoding: str | None, raw: bytes) -> Future[Outcome]:
         """Store lines without dedup (POST / and TCP). Raises as ``put_batch`` does."""
         checked = self._checker.check(body.decode(raw, encoding, self._max_body_bytes))
-        return self._append(None, source, checked)
+        return self._submit(None, source, checked)
 
-    def _append(self, batch_id: str | None, source: str, checked: CheckedBody) -> Outcome:
+    def _submit(self, batch_id: str | None, source: str, checked: CheckedBody) -> Future[Outcome]:
         parts = checked.parts
         if checked.rejected:
             now = datetime.datetime.now()
             name = f"{REJECTED_DIR}/rejected_{now.date().isoformat()}.jsonl"
             parts = dict(parts)
             parts[name] = _rejected_records(now, source, batch_id, checked.rejected)
-        self._store.append(batch_id, parts, checked.stored, len(checked.rejected))
-        bytes_stored = sum(len(d) for n, d in checked.parts.items())
-        return Outcome(batch_id, checked.stored, len(checked.rejected), duplicate=False,
-                       bytes_stored=bytes_stored)
+        bytes_stored = sum(len(d) for d in checked.parts.values())
+        stored = self._store.submit(Batch(batch_id, parts, checked.stored, len(checked.rejected)))
+        outcome: Future[Outcome] = Future()
+        outcome.set_running_or_notify_cancel()
+
+        def done(f: Future[Stored]) -> None:
+            exc = f.exception()
+            if exc is not None:
+                outcome.set_exception(exc)
+                return
+            r = f.result()
+            outcome.set_result(Outcome(batch_id, r.stored, r.rejected, r.duplicate,
+                                       0 if r.duplicate else bytes_stored))
+
+        stored.add_done_callback(done)
+        return outcome
+
+
+def _done(outcome: Outcome) -> Future[Outcome]:
+    f: Future[Outcome] = Future()
+    f.set_result(outcome)
+    return f
 
 
 def _rejected_records(now: datetime.datetime, source: str, batch_id: str | None,

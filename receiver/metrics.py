@@ -5,7 +5,7 @@ prometheus-client's multiprocess mode is always on: every process (one, or each 
 instance (``/dev/shm/spoolreceiver-metrics-<parent pid>/``, never on the data disk: a
 new page of an mmap on a full filesystem is a SIGBUS), and ``/metrics`` in any worker reads and
 sums them all. So the counters are totals for the whole receiver and survive a worker being
-respawned. The only importer of ``prometheus_client``; imports nothing from the package.
+respawned. The only importer of ``prometheus_client``; imports ``receiver.store`` (RoundStats) only.
 """
 
 from __future__ import annotations
@@ -17,8 +17,11 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from receiver.store import RoundStats
+
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 _SOURCES = ("batch", "post", "tcp")  # PUT /v1/batches, POST /, the TCP listener
+_ROUND_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -54,10 +57,29 @@ class Metrics:
             ["handler"], buckets=_LATENCY_BUCKETS, registry=None)
         self.tcp_connections = Counter(
             "spoolreceiver_tcp_connections", "TCP connections accepted.", registry=None)
+        self.rounds = Counter(
+            "spoolreceiver_commit_rounds", "Group-commit rounds (failed ones too).", ["result"],
+            registry=None)
+        self.round_batches = Histogram(
+            "spoolreceiver_commit_round_batches", "Batches stored per group-commit round.",
+            buckets=_ROUND_BUCKETS, registry=None)
+        self.round_duration = Histogram(
+            "spoolreceiver_commit_round_seconds", "Time of a round: claims, append, fsync, record.",
+            buckets=_LATENCY_BUCKETS, registry=None)
+        self.fsyncs = Counter(
+            "spoolreceiver_fsyncs", "Data-file fsyncs (one per file per round).", registry=None)
         # every source shows from the start (0, not absent), so alerts and rate() see it
         for source in _SOURCES:
             self.lines_stored.labels(source)
             self.lines_rejected.labels(source)
+
+    def observe_round(self, stats: RoundStats) -> None:
+        """Count one group-commit round (called by the store's committer thread)."""
+        self.rounds.labels("failed" if stats.failed else "ok").inc()
+        self.round_batches.observe(stats.batches)
+        self.round_duration.observe(stats.seconds)
+        if stats.fsyncs:
+            self.fsyncs.inc(stats.fsyncs)
 
     def render(self) -> bytes:
         """The Prometheus text of every process of this receiver. Reads a few small files."""

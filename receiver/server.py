@@ -81,9 +81,12 @@ def run(cfg: ReceiverConfig) -> int:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _make_store(cfg: ReceiverConfig, dedup: DedupIndex) -> PartitionedStore:
+def _make_store(cfg: ReceiverConfig, dedup: DedupIndex,
+                metrics: Metrics | None = None) -> PartitionedStore:
     return PartitionedStore(cfg.data_dir, dedup, fsync=cfg.fsync,
-                            max_open_files=cfg.max_open_files, crash_at=cfg.crash_at,
+                            max_open_files=cfg.max_open_files, claim_wait_s=cfg.claim_wait_s,
+                            on_round=None if metrics is None else metrics.observe_round,
+                            crash_at=cfg.crash_at,
                             fault_enospc_after_bytes=cfg.fault_enospc_after_bytes)
 
 
@@ -211,10 +214,11 @@ async def _serve(cfg: ReceiverConfig, http_socks: list[socket.socket],
     """Serve in this process until SIGTERM/SIGINT; write the ready file if ``ready`` is given."""
     metrics = Metrics(metrics_dir)
     dedup = DedupIndex(cfg.data_dir / STATE_DIR, fsync=cfg.fsync)
-    store = _make_store(cfg, dedup)
+    store = _make_store(cfg, dedup, metrics)
+    store.start()  # the committer thread: after the fork
     executor = ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="store")
     ingestor = Ingestor(store, dedup, max_body_bytes=cfg.max_body_bytes,
-                        max_line_bytes=cfg.max_line_bytes, claim_wait_s=cfg.claim_wait_s)
+                        max_line_bytes=cfg.max_line_bytes)
     ctx = AppContext(ingestor=ingestor, metrics=metrics, executor=executor, token=cfg.token,
                      max_body_bytes=cfg.max_body_bytes)
     ssl_ctx = _ssl_context(cfg)

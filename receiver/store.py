@@ -1,20 +1,37 @@
-"""PartitionedStore: append-only ``DATA_DIR/{PROD}_{DATE}.dat`` files (and ``_rejected/`` files)
-with file locks, an intent journal with rollback, fsync, and a bounded cache of open files.
+"""PartitionedStore: append-only ``DATA_DIR/{PROD}_{DATE}.dat`` files (and ``_rejected/`` files),
+exactly once under crashes, with group commit.
 
-How a batch is appended, all-or-nothing over every file it touches:
+The API is source-agnostic (HTTP, TCP, a queue consumer feed it alike) and thread-safe:
 
-1. lock its files in name order (a ``threading.Lock`` per open file, then ``flock`` on the file,
-   which holds across ``--processes`` and dies with its holder);
-2. roll back whatever a crashed holder left: an intent still recorded for a file means its append
-   was never recorded as done, so the file is truncated to the size the intent recorded;
-3. record the intents (file, size before) in the journal, durably, *before* appending;
-4. append, then fsync every file;
-5. commit: the batch id is recorded as stored and the intents cleared in one SQLite transaction.
+- ``Batch(batch_id, parts, stored, rejected)``: ``parts`` maps a file name (``{PROD}_{DATE}.dat``
+  or ``_rejected/...``) to the bytes to append, whole lines; ``batch_id`` None means no dedup.
+- ``submit(batch) -> concurrent.futures.Future[Stored]``: queue it, never blocks. The future is
+  resolved only once the round that covers the batch is fsynced and recorded: ``Stored(stored,
+  rejected, duplicate)``; or it fails with StorageUnavailable (nothing of the batch left behind) or
+  BatchInProgress (the same id is being stored by another process for longer than the claim wait).
+  From asyncio: ``await asyncio.wrap_future(store.submit(batch))``.
+- ``commit(batch) -> Stored``: the blocking form; ``append(...)`` a shorthand of it.
+- ``start()`` (after any fork) runs the committer thread; ``queued()`` says how much waits.
 
-A failure in 4 or 5 (disk full, read-only, I/O error) truncates the files back and raises
-StorageUnavailable; a crash anywhere is rolled back by the next holder of each file's lock, or at
-start-up by ``recover``. Names are checked against a strict pattern, so nothing can be written
-outside the data dir. Imports ``receiver.dedup`` and ``receiver.errors`` only.
+Group commit: one committer thread per store takes every batch queued while the previous round ran
+(up to ``max_round_bytes`` and the open-file budget), and for the round, all-or-nothing:
+
+1. claims each id (a stripe ``flock``, without waiting: a stripe another process holds puts the
+   batch off to the next round) and answers the ids already stored, or seen earlier in the round,
+   as duplicates (stored once);
+2. locks the round's files in name order (a thread mutex, then ``flock`` on the file, which holds
+   across ``--processes`` and dies with its holder) and rolls back whatever a crashed holder left:
+   an intent still recorded for a file means its append was never recorded as done, so the file is
+   truncated to the size the intent recorded;
+3. records the intents (file, size before) in the journal, durably, *before* appending;
+4. appends the round's parts per file in one write, then fsyncs every file once;
+5. commits: every id recorded as stored and the intents cleared in one SQLite transaction; then
+   every request of the round is answered.
+
+A failure in 4 or 5 (disk full, read-only, I/O error) truncates the files back and fails every
+batch of the round with StorageUnavailable; a crash anywhere is rolled back by the next holder of
+each file's lock, or at start-up by ``recover``. Names are checked against a strict pattern, so
+nothing can be written outside the data dir. Imports dedup, files and errors only.
 
 Test-only fault switches (set through the environment by ``config.py``; never in production):
 ``crash_at`` = ``after_intent`` | ``mid_append`` | ``before_mark`` makes the process SIGKILL itself
@@ -25,142 +42,108 @@ that many bytes (the write that crosses the limit is left torn, as a real full d
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import re
 import signal
 import threading
-from collections import OrderedDict
-from collections.abc import Mapping
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from receiver.dedup import DedupIndex
-from receiver.errors import StorageUnavailable
+from receiver.errors import BatchInProgress, StorageUnavailable
+from receiver.files import RETRY_AFTER_S, FileTable, OpenFile, fsync_dir, write_all
 
 log = logging.getLogger(__name__)
 
 REJECTED_DIR = "_rejected"
 _NAME_RE = re.compile(r"(?:_rejected/)?[A-Za-z0-9][A-Za-z0-9._-]{0,200}\Z")
-_RETRY_AFTER_S = 5
-_MAX_REOPENS = 8
+_DEFAULT_ROUND_BYTES = 32 * 1024 * 1024
+_PUT_OFF_PAUSE_S = 0.005  # a round made only of put-off batches waits this long before the next
 
 
-class _OpenFile:
-    """One cached descriptor; ``users`` counts checkouts, ``mutex`` excludes threads."""
+@dataclass(frozen=True)
+class Batch:
+    """What to store: the bytes per file, the line counts to record, the id (None: no dedup)."""
 
-    def __init__(self, name: str, fd: int) -> None:
-        self.name = name
-        self.fd = fd
-        self.users = 0
-        self.stale = False
-        self.mutex = threading.Lock()
+    batch_id: str | None
+    parts: Mapping[str, bytes]
+    stored: int
+    rejected: int
+
+    @property
+    def size(self) -> int:
+        return sum(len(d) for d in self.parts.values())
 
 
-class _FileTable:
-    """A bounded LRU of open append descriptors. Only unused entries are ever closed."""
+@dataclass(frozen=True)
+class Stored:
+    """The answer for a batch: its counts (the first copy's, for a duplicate)."""
 
-    def __init__(self, data_dir: Path, max_open: int, fsync: bool) -> None:
-        self._data_dir = data_dir
-        self._max_open = max_open
-        self._fsync = fsync
-        self._lock = threading.Lock()
-        self._entries: OrderedDict[str, _OpenFile] = OrderedDict()
+    stored: int
+    rejected: int
+    duplicate: bool
 
-    def lock(self, name: str) -> _OpenFile:
-        """Check out ``name`` and hold its thread mutex and its flock. Blocks until both are held."""
-        for _ in range(_MAX_REOPENS):
-            entry = self._checkout(name)
-            entry.mutex.acquire()
-            try:
-                fcntl.flock(entry.fd, fcntl.LOCK_EX)
-                if self._is_current(entry):
-                    return entry
-                fcntl.flock(entry.fd, fcntl.LOCK_UN)  # moved or removed: reopen the path
-                entry.stale = True
-            except BaseException:
-                self.unlock(entry)
-                raise
-            self.unlock(entry)
-        raise StorageUnavailable(f"{name} keeps being replaced", retry_after_s=_RETRY_AFTER_S)
 
-    def unlock(self, entry: _OpenFile) -> None:
-        """Release what ``lock`` took."""
-        try:
-            fcntl.flock(entry.fd, fcntl.LOCK_UN)
-        finally:
-            entry.mutex.release()
-            with self._lock:
-                entry.users -= 1
-                if entry.stale and entry.users == 0:
-                    if self._entries.get(entry.name) is entry:
-                        del self._entries[entry.name]
-                    os.close(entry.fd)
-                self._evict()
+@dataclass(frozen=True)
+class RoundStats:
+    """One finished (or failed) round, for metrics."""
 
-    def close(self) -> None:
-        with self._lock:
-            for entry in self._entries.values():
-                os.close(entry.fd)
-            self._entries.clear()
+    batches: int
+    files: int
+    fsyncs: int
+    seconds: float
+    failed: bool
 
-    def _checkout(self, name: str) -> _OpenFile:
-        path = self._data_dir / name
-        with self._lock:
-            entry = self._entries.get(name)
-            if entry is None or entry.stale:
-                created = not path.exists()
-                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-                if created and self._fsync:  # the new name must survive a power loss too
-                    _fsync_dir(path.parent)
-                entry = self._entries[name] = _OpenFile(name, fd)
-            self._entries.move_to_end(name)
-            entry.users += 1
-            self._evict()
-            return entry
 
-    def _is_current(self, entry: _OpenFile) -> bool:
-        try:
-            st = os.stat(self._data_dir / entry.name)
-        except FileNotFoundError:
-            return False
-        fst = os.fstat(entry.fd)
-        return (st.st_ino, st.st_dev) == (fst.st_ino, fst.st_dev)
-
-    def _evict(self) -> None:
-        # called with self._lock held; the least recently used unused entries go first
-        excess = len(self._entries) - self._max_open
-        if excess <= 0:
-            return
-        for name in [n for n, e in self._entries.items() if e.users == 0][:excess]:
-            os.close(self._entries.pop(name).fd)
+@dataclass
+class _Request:
+    batch: Batch
+    future: Future[Stored]
+    deadline: float
+    size: int = field(default=0)
 
 
 class PartitionedStore:
-    """Appends batches to the data dir, exactly once under crashes. Thread-safe; every call blocks
-    on file locks and disk I/O, so call it from an executor, never from the event loop."""
+    """Appends batches to the data dir, exactly once under crashes, in group-committed rounds.
+    ``submit`` and ``queued`` never block; ``commit``, ``recover`` and ``close`` do."""
 
     def __init__(self, data_dir: Path, journal: DedupIndex, *, fsync: bool = True,
-                 max_open_files: int = 128, crash_at: str | None = None,
+                 max_open_files: int = 128, claim_wait_s: float = 30.0,
+                 max_round_bytes: int = _DEFAULT_ROUND_BYTES,
+                 on_round: Callable[[RoundStats], None] | None = None,
+                 crash_at: str | None = None,
                  fault_enospc_after_bytes: int | None = None) -> None:
         self.data_dir = data_dir
         self._journal = journal
         self._fsync = fsync
-        self._files = _FileTable(data_dir, max_open_files, fsync)
+        self._max_open = max_open_files
+        self._files = FileTable(data_dir, max_open_files, fsync)
+        self._claim_wait_s = claim_wait_s
+        self._max_round_bytes = max_round_bytes
+        self._on_round = on_round
         self._crash_at = crash_at
         self._enospc_after = fault_enospc_after_bytes
         self._written = 0
-        self._written_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._queue: deque[_Request] = deque()
+        self._queued_bytes = 0
+        self._thread: threading.Thread | None = None
+        self._closing = False
 
     def create(self) -> None:
         """Create the data dir and ``_rejected/``. Raises StorageUnavailable."""
         try:
             (self.data_dir / REJECTED_DIR).mkdir(parents=True, exist_ok=True)
             if self._fsync:  # the directory entries must survive a power loss like the files
-                _fsync_dir(self.data_dir)
+                fsync_dir(self.data_dir)
         except OSError as exc:
             raise StorageUnavailable(f"cannot create {self.data_dir}: {exc}",
-                                     retry_after_s=_RETRY_AFTER_S) from exc
+                                     retry_after_s=RETRY_AFTER_S) from exc
 
     def recover(self) -> int:
         """Roll back every append left unrecorded by a crash (start-up). Returns how many."""
@@ -169,85 +152,244 @@ class PartitionedStore:
             if _NAME_RE.match(intent.file) is None or not (self.data_dir / intent.file).exists():
                 self._journal.drop_intents([intent.file])
                 continue
-            entry = self._lock_files([intent.file])[0]
+            entries = self._lock_files([intent.file])
             try:
-                rolled += self._roll_back_left_intents([entry])
+                rolled += self._roll_back_left_intents(entries)
                 self._journal.drop_intents([intent.file])
             finally:
-                self._files.unlock(entry)
+                self._unlock_files(entries)
         return rolled
 
-    def append(self, batch_id: str | None, parts: Mapping[str, bytes], stored: int,
-               rejected: int) -> None:
-        """Append every part (file name -> bytes) and record the batch as stored, all or nothing.
+    def start(self) -> None:
+        """Start the committer thread (idempotent). Call it after any fork."""
+        with self._cond:
+            if self._thread is None and not self._closing:
+                self._thread = threading.Thread(target=self._run, name="store-commit", daemon=True)
+                self._thread.start()
 
-        ``batch_id`` None (POST / and TCP lines) skips the dedup record but keeps the atomicity.
-        The caller holds the batch's claim. Raises StorageUnavailable with nothing left behind.
-        """
-        names = sorted(name for name, data in parts.items() if data)
-        for name in names:
+    def submit(self, batch: Batch) -> Future[Stored]:
+        """Queue ``batch`` for the next round; the future resolves once it is durably stored.
+        Raises ValueError for a file name outside the data dir."""
+        for name in batch.parts:
             if _NAME_RE.match(name) is None:
                 raise ValueError(f"refusing to write outside the data dir: {name!r}")
-        entries = self._lock_files(names)
-        try:
-            self._append_locked(batch_id, entries, parts, stored, rejected)
-        finally:
-            for entry in reversed(entries):
-                self._files.unlock(entry)
+        request = _Request(batch, Future(), time.monotonic() + self._claim_wait_s, batch.size)
+        request.future.set_running_or_notify_cancel()  # a waiter gone away cannot cancel it
+        with self._cond:
+            if self._closing:
+                raise StorageUnavailable("the store is closing", retry_after_s=RETRY_AFTER_S)
+            self._queue.append(request)
+            self._queued_bytes += request.size
+            self._cond.notify()
+        return request.future
+
+    def commit(self, batch: Batch) -> Stored:
+        """Store ``batch`` and wait for its round. Raises as the future of ``submit`` does."""
+        self.start()
+        return self.submit(batch).result()
+
+    def append(self, batch_id: str | None, parts: Mapping[str, bytes], stored: int,
+               rejected: int) -> Stored:
+        """``commit(Batch(batch_id, parts, stored, rejected))``."""
+        return self.commit(Batch(batch_id, parts, stored, rejected))
+
+    def queued(self) -> tuple[int, int]:
+        """(batches, bytes) waiting for a round, the running round not included."""
+        with self._cond:
+            return len(self._queue), self._queued_bytes
 
     def close(self) -> None:
-        """Close every cached descriptor. Call once no other thread uses the store."""
+        """Fail what is still queued, stop the committer after its round, close the files."""
+        with self._cond:
+            self._closing = True
+            left = list(self._queue)
+            self._queue.clear()
+            self._queued_bytes = 0
+            self._cond.notify_all()
+            thread = self._thread
+        for request in left:
+            _fail(request, StorageUnavailable("the receiver is stopping",
+                                              retry_after_s=RETRY_AFTER_S))
+        if thread is not None:
+            thread.join()
         self._files.close()
 
-    # -- internals ----------------------------------------------------------------------------
+    # -- the committer ------------------------------------------------------------------------
 
-    def _lock_files(self, names: list[str]) -> list[_OpenFile]:
-        entries: list[_OpenFile] = []
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if self._closing:
+                    return
+                taken = self._take_round()
+            put_off = self._round(taken)
+            if put_off:
+                with self._cond:
+                    self._queue.extendleft(reversed(put_off))
+                    self._queued_bytes += sum(r.size for r in put_off)
+                if len(put_off) == len(taken):  # another process holds them: let it finish
+                    time.sleep(_PUT_OFF_PAUSE_S)
+
+    def _take_round(self) -> list[_Request]:
+        """Pop the queued requests of the next round (called with the condition held): at least
+        one, then as many as fit in the byte and open-file budgets."""
+        taken: list[_Request] = []
+        names: set[str] = set()
+        size = 0
+        while self._queue:
+            request = self._queue[0]
+            new = names.union(request.batch.parts)
+            if taken and (size + request.size > self._max_round_bytes or len(new) > self._max_open):
+                break
+            self._queue.popleft()
+            self._queued_bytes -= request.size
+            taken.append(request)
+            names, size = new, size + request.size
+        return taken
+
+    def _round(self, taken: list[_Request]) -> list[_Request]:
+        """Store one round; answer its requests; return those put off to the next round."""
+        started = time.monotonic()
+        claims: dict[int, int] = {}
+        try:
+            todo, followers, put_off = self._claim(taken, claims)
+            if not todo:
+                for request, first in followers:
+                    _copy(request, first)
+                return put_off
+            names = sorted({n for r in todo for n, d in r.batch.parts.items() if d})
+            try:
+                self._store_round(todo, names)
+            except BaseException as exc:
+                stats = RoundStats(len(todo), len(names), 0, time.monotonic() - started, True)
+                self._report(stats)
+                error = exc if isinstance(exc, StorageUnavailable) else StorageUnavailable(
+                    f"commit round failed: {type(exc).__name__}: {exc}", retry_after_s=RETRY_AFTER_S)
+                for request in todo:
+                    _fail(request, error)
+                for request, _ in followers:
+                    _fail(request, error)
+                if not isinstance(exc, Exception):
+                    raise
+                return put_off
+            self._report(RoundStats(len(todo), len(names), len(names) if self._fsync else 0,
+                                    time.monotonic() - started, False))
+            for request in todo:
+                b = request.batch
+                request.future.set_result(Stored(b.stored, b.rejected, duplicate=False))
+            for request, first in followers:
+                _copy(request, first)
+            return put_off
+        finally:
+            DedupIndex.release_claims(claims)
+
+    def _claim(self, taken: list[_Request], claims: dict[int, int]
+               ) -> tuple[list[_Request], list[tuple[_Request, _Request]], list[_Request]]:
+        """Split a round: (to store, (duplicate in the round, its first copy), put off). Ids
+        already stored are answered here. Raises StorageUnavailable (the whole round fails)."""
+        todo: list[_Request] = []
+        followers: list[tuple[_Request, _Request]] = []
+        put_off: list[_Request] = []
+        first_of: dict[str, _Request] = {}
+        now = time.monotonic()
+        try:
+            for request in taken:
+                batch_id = request.batch.batch_id
+                if batch_id is None:
+                    todo.append(request)
+                elif batch_id in first_of:
+                    followers.append((request, first_of[batch_id]))
+                elif self._journal.try_claim(claims, batch_id):
+                    first_of[batch_id] = request
+                    todo.append(request)
+                elif now > request.deadline:
+                    _fail(request, BatchInProgress(
+                        f"batch {batch_id} is being stored by another process", retry_after_s=1))
+                else:
+                    put_off.append(request)
+            stored = self._journal.lookup_many(first_of)
+        except StorageUnavailable as exc:
+            for request in taken:
+                _fail(request, exc)
+            return [], [], []
+        for batch_id, counts in stored.items():
+            request = first_of[batch_id]
+            todo.remove(request)
+            request.future.set_result(Stored(counts.stored, counts.rejected, duplicate=True))
+        return todo, followers, put_off
+
+    def _store_round(self, todo: list[_Request], names: list[str]) -> None:
+        """Steps 2-5 for the round's batches; raises StorageUnavailable with nothing left behind."""
+        joined = {name: b"".join(r.batch.parts.get(name, b"") for r in todo) for name in names}
+        ids: list[tuple[str, int, int]] = []
+        for request in todo:
+            b = request.batch
+            if b.batch_id is not None:
+                ids.append((b.batch_id, b.stored, b.rejected))
+        label = ids[0][0] if ids else None
+        entries = self._lock_files(names)
+        try:
+            try:
+                self._roll_back_left_intents(entries)
+                sizes = {e.name: os.fstat(e.fd).st_size for e in entries}
+            except OSError as exc:
+                raise StorageUnavailable(f"cannot roll back: {exc}",
+                                         retry_after_s=RETRY_AFTER_S) from exc
+            if entries:
+                # the intent is durable before the first byte is appended: a crash from here on is
+                # rolled back by the next holder of each file's lock
+                self._journal.record_intents(label, sizes)
+                self._crash_point("after_intent")
+            try:
+                for entry in entries:
+                    self._write(entry, joined[entry.name])
+                if self._fsync:
+                    for entry in entries:
+                        os.fsync(entry.fd)
+            except OSError as exc:
+                self._undo(label, entries, sizes)
+                raise StorageUnavailable(f"cannot append: {exc}",
+                                         retry_after_s=RETRY_AFTER_S) from exc
+            # mark stored only after fsync: a crash in between is rolled back, never half-kept
+            self._crash_point("before_mark")
+            try:
+                self._journal.commit(ids, names)
+            except StorageUnavailable:
+                self._undo(label, entries, sizes)
+                raise
+        finally:
+            self._unlock_files(entries)
+
+    def _report(self, stats: RoundStats) -> None:
+        if self._on_round is not None:
+            try:
+                self._on_round(stats)
+            except Exception:  # metrics must never fail a round
+                log.exception("round callback failed")
+
+    # -- files --------------------------------------------------------------------------------
+
+    def _lock_files(self, names: list[str]) -> list[OpenFile]:
+        entries: list[OpenFile] = []
         try:
             for name in names:  # sorted: every holder locks in the same order, so no deadlock
                 entries.append(self._files.lock(name))
         except OSError as exc:
-            for entry in reversed(entries):
-                self._files.unlock(entry)
+            self._unlock_files(entries)
             raise StorageUnavailable(f"cannot open {name}: {exc}",
-                                     retry_after_s=_RETRY_AFTER_S) from exc
+                                     retry_after_s=RETRY_AFTER_S) from exc
         except BaseException:
-            for entry in reversed(entries):
-                self._files.unlock(entry)
+            self._unlock_files(entries)
             raise
         return entries
 
-    def _append_locked(self, batch_id: str | None, entries: list[_OpenFile],
-                       parts: Mapping[str, bytes], stored: int, rejected: int) -> None:
-        names = [e.name for e in entries]
-        try:
-            self._roll_back_left_intents(entries)
-            sizes = {e.name: os.fstat(e.fd).st_size for e in entries}
-        except OSError as exc:
-            raise StorageUnavailable(f"cannot roll back: {exc}", retry_after_s=_RETRY_AFTER_S) from exc
-        if entries:
-            # the intent is durable before the first byte is appended: a crash from here on is
-            # rolled back by the next holder of each file's lock
-            self._journal.record_intents(batch_id, sizes)
-            self._crash_point("after_intent")
-        try:
-            for entry in entries:
-                self._write(entry, parts[entry.name])
-            if self._fsync:
-                for entry in entries:
-                    os.fsync(entry.fd)
-        except OSError as exc:
-            self._undo(batch_id, entries, sizes)
-            raise StorageUnavailable(f"cannot append: {exc}", retry_after_s=_RETRY_AFTER_S) from exc
-        # mark stored only after fsync: a crash in between is rolled back, never half-kept
-        self._crash_point("before_mark")
-        try:
-            self._journal.commit(batch_id, stored, rejected, names)
-        except StorageUnavailable:
-            self._undo(batch_id, entries, sizes)
-            raise
+    def _unlock_files(self, entries: list[OpenFile]) -> None:
+        for entry in reversed(entries):
+            self._files.unlock(entry)
 
-    def _roll_back_left_intents(self, entries: list[_OpenFile]) -> int:
+    def _roll_back_left_intents(self, entries: list[OpenFile]) -> int:
         """Truncate files whose intent is still recorded (the caller holds their locks). The
         intents stay until replaced or dropped: a truncation lost to a power cut is redone."""
         if not entries:
@@ -266,36 +408,31 @@ class PartitionedStore:
                             intent.file, intent.batch_id, size - intent.size_before)
         return rolled
 
-    def _undo(self, batch_id: str | None, entries: list[_OpenFile], sizes: Mapping[str, int]) -> None:
-        """Truncate this batch's appends away; whatever cannot be undone now is undone by the next
+    def _undo(self, label: str | None, entries: list[OpenFile], sizes: Mapping[str, int]) -> None:
+        """Truncate this round's appends away; whatever cannot be undone now is undone by the next
         holder of the lock, since the intents stay recorded until they are dropped here."""
         try:
             for entry in entries:
                 os.ftruncate(entry.fd, sizes[entry.name])
             self._journal.drop_intents(sizes)
         except (OSError, StorageUnavailable) as exc:
-            log.warning("rollback deferred to the next writer batch=%s err=%s", batch_id, exc)
+            log.warning("rollback deferred to the next writer batch=%s err=%s", label, exc)
 
-    def _write(self, entry: _OpenFile, data: bytes) -> None:
+    def _write(self, entry: OpenFile, data: bytes) -> None:
         view = memoryview(data)
         if self._enospc_after is not None:
-            view = self._take_budget(view)
+            allowed = max(0, min(len(view), self._enospc_after - self._written))
+            self._written += allowed  # only the committer thread writes
+            view = view[:allowed]
         if self._crash_at == "mid_append":
             half = len(view) // 2
             if half > 1 and view[half - 1] == 0x0A:  # make sure the cut tears a line
                 half -= 1
-            _write_all(entry.fd, view[:half])
+            write_all(entry.fd, view[:half])
             self._crash_point("mid_append")
-        _write_all(entry.fd, view)
+        write_all(entry.fd, view)
         if len(view) < len(data):
             raise OSError(errno.ENOSPC, "No space left on device (injected, test-only)")
-
-    def _take_budget(self, view: memoryview) -> memoryview:
-        assert self._enospc_after is not None
-        with self._written_lock:
-            allowed = max(0, min(len(view), self._enospc_after - self._written))
-            self._written += allowed
-        return view[:allowed]
 
     def _crash_point(self, point: str) -> None:
         if self._crash_at == point:
@@ -303,15 +440,16 @@ class PartitionedStore:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _write_all(fd: int, view: memoryview) -> None:
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+def _fail(request: _Request, error: BaseException) -> None:
+    if not request.future.done():
+        request.future.set_exception(error)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _copy(request: _Request, first: _Request) -> None:
+    """Answer a second copy of an id in one round as the first copy was answered."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        result = first.future.result(timeout=0)
+    except BaseException as exc:  # the first copy failed: so does this one
+        _fail(request, exc)
+        return
+    request.future.set_result(Stored(result.stored, result.rejected, duplicate=True))

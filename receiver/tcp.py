@@ -12,6 +12,7 @@ Imports app (for the shared context), errors (and tornado).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 
@@ -87,8 +88,9 @@ class LineServer(TCPServer):
         ctx.inflight.count += 1
         try:
             loop = tornado.ioloop.IOLoop.current()
-            outcome = await loop.run_in_executor(ctx.executor, ctx.ingestor.put_lines, "tcp",
-                                                 None, block)
+            stored = await loop.run_in_executor(ctx.executor, ctx.ingestor.put_lines, "tcp",
+                                                None, block)
+            outcome = await asyncio.wrap_future(stored)
         except ReceiverError as exc:
             if isinstance(exc, StorageUnavailable):
                 ctx.metrics.storage_errors.inc()

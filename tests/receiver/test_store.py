@@ -7,14 +7,13 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from receiver.dedup import DedupIndex
-from receiver.errors import BatchInProgress, StorageUnavailable
+from receiver.errors import StorageUnavailable
 from receiver.store import PartitionedStore
 from tests.conftest import child_env
 
@@ -161,31 +160,21 @@ def test_a_moved_file_is_reopened_not_written_behind_the_move(
     assert (data_dir / "w_2026-01-01.dat").read_bytes() == b"three\n"
 
 
-def test_claim_excludes_threads_and_times_out_retryably(data_dir: Path) -> None:
+def test_claim_is_taken_without_waiting_and_excludes_other_holders(data_dir: Path) -> None:
     dedup = DedupIndex(data_dir / ".receiver", fsync=False)
     dedup.create()
-    held = threading.Event()
-    release = threading.Event()
-
-    def holder() -> None:
-        with dedup.claim("same", timeout_s=5):
-            held.set()
-            release.wait(10)
-
-    t = threading.Thread(target=holder)
-    t.start()
+    mine: dict[int, int] = {}
+    other: dict[int, int] = {}
     try:
-        assert held.wait(10)
-        with pytest.raises(BatchInProgress) as info:
-            with dedup.claim("same", timeout_s=0.2):
-                pass
-        assert info.value.retry_after_s > 0
+        assert dedup.try_claim(mine, "same")
+        assert dedup.try_claim(mine, "same")  # a stripe already held: claimed at once
+        assert not dedup.try_claim(other, "same") and other == {}
+        DedupIndex.release_claims(mine)
+        assert mine == {} and dedup.try_claim(other, "same")
     finally:
-        release.set()
-        t.join(10)
-    with dedup.claim("same", timeout_s=1):
-        pass
-    dedup.close()
+        DedupIndex.release_claims(mine)
+        DedupIndex.release_claims(other)
+        dedup.close()
 
 
 def test_purge_forgets_only_old_ids(opened: tuple[PartitionedStore, DedupIndex]) -> None:

@@ -7,8 +7,6 @@ cleanly, 1 runtime error (storage unusable, cannot bind), 2 usage or config erro
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import logging
 import os
 import sys
@@ -17,6 +15,7 @@ from pathlib import Path
 
 from receiver import config, server
 from receiver.errors import ConfigError, ReceiverError
+from spoolcore import logfmt
 
 log = logging.getLogger(__name__)
 
@@ -82,32 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-class _KeyValueFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        line = (f"ts={_timestamp(record)} level={record.levelname.lower()} pid={record.process} "
-                f"logger={record.name} {record.getMessage()}")
-        if record.exc_info:
-            line += " exc=" + json.dumps(self.formatException(record.exc_info))
-        return line
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": _timestamp(record), "level": record.levelname.lower(), "pid": record.process,
-               "logger": record.name, "msg": record.getMessage()}
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
-
-
-def _timestamp(record: logging.LogRecord) -> str:
-    when = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
-    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def _setup_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if fmt == "json" else _KeyValueFormatter())
+    # every argument is quoted and escaped there: a client's bytes can never forge a log line
+    handler.setFormatter(logfmt.JsonFormatter(pid=True) if fmt == "json" else logfmt.KeyValueFormatter(pid=True))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -7,7 +7,6 @@ nothing but the test-only fault switches (``SPOOLRECEIVER_CRASH_AT``,
 
 from __future__ import annotations
 
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from receiver.errors import ConfigError
+from spoolcore import units
 
 CRASH_POINTS = ("after_intent", "mid_append", "before_mark")
 LOG_FORMATS = ("kv", "json")
@@ -30,9 +30,6 @@ _KEYS = frozenset({
     "shutdown_grace", "ready_file", "log_level", "log_format",
 })
 _PATH_KEYS = frozenset({"data_dir", "token_file", "tls_cert", "tls_key", "ready_file"})
-_SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B?|B)?\s*\Z", re.IGNORECASE)
-_DURATION_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d|w)?\s*\Z")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 
 
 @dataclass(frozen=True)
@@ -75,26 +72,19 @@ class ReceiverConfig:
 
 
 def parse_size(value: object, key: str) -> int:
-    """``"64MiB"``, ``"512KiB"``, ``"1GB"`` or a number of bytes -> bytes. Raises ConfigError."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    m = _SIZE_RE.match(str(value))
-    if m is None or isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a size such as 65536, 512KiB or 64MiB, got {value!r}")
-    unit = (m.group(2) or "B").upper()
-    power = "BKMGT".index(unit[0])
-    base = 1000 if unit.endswith("B") and "I" not in unit and unit != "B" else 1024
-    return int(float(m.group(1)) * base**power)
+    """Bytes from an int or a size string (``spoolcore.units``). Raises ConfigError naming ``key``."""
+    try:
+        return units.parse_size(value)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from exc
 
 
 def parse_duration(value: object, key: str) -> float:
-    """``"30d"``, ``"12h"``, ``"90m"``, ``"45s"``, ``"250ms"`` or seconds -> seconds."""
-    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
-        return float(value)
-    m = _DURATION_RE.match(str(value))
-    if m is None or isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a duration such as 45s, 90m, 12h or 30d, got {value!r}")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
+    """Seconds from a number or a duration string (``spoolcore.units``). Raises ConfigError."""
+    try:
+        return units.parse_duration(value)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from exc
 
 
 def parse_endpoint(value: object, key: str) -> Endpoint:

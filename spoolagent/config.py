@@ -20,47 +20,11 @@ from typing import Any
 
 from spoolagent.errors import ConfigError
 from spoolagent.protocol import DEFAULT_MAX_LINE_BYTES, is_valid_prod
+from spoolcore.units import parse_duration, parse_size
 
-_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {
-    "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
-    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
-}
-_DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _COMPRESSIONS = ("gzip", "zstd", "none")
 _WHEN_FULL = ("block", "drop_oldest")
 _FORMATS = ("protocol", "raw")
-
-
-def parse_size(value: object) -> int:
-    """``"512KiB"``, ``"1GiB"``, ``"10MB"`` or an int -> bytes. Raises ValueError."""
-    if isinstance(value, bool):
-        raise ValueError("expected a size like \"512KiB\" or a number of bytes")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError("a size cannot be negative")
-        return value
-    if isinstance(value, str):
-        m = _SIZE_RE.match(value)
-        if m:
-            return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "b").lower()])
-    raise ValueError(f"expected a size like \"512KiB\", \"1GiB\" or a number of bytes, got {value!r}")
-
-
-def parse_duration(value: object) -> float:
-    """``"30s"``, ``"5m"``, ``"7d"``, ``"200ms"`` or a number of seconds -> seconds. Raises ValueError."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration like \"30s\"")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    if isinstance(value, str):
-        m = _DURATION_RE.match(value)
-        if m:
-            return float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
-    raise ValueError(f"expected a duration like \"30s\", \"5m\", \"7d\" or seconds, got {value!r}")
 
 
 def bundled_collectors_dir() -> Path:

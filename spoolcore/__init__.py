@@ -1,2 +1,7 @@
-"""spoolcore: small pieces both programs need (spoolagent and receiver). Standard library only;
-imports neither ``spoolagent`` nor ``receiver``."""
+"""spoolcore: the little both programs need -- log formatting, SQLite transactions, size/duration
+parsing.
+
+Standard library only, and it imports neither ``spoolagent`` nor ``receiver`` (the layering test
+checks), so the receiver still installs and runs without the agent's dependencies. Keep each
+module small; what only one program needs lives in that program.
+"""

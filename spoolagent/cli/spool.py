@@ -26,6 +26,7 @@ from spoolagent.errors import InvalidLine, SpoolError
 from spoolagent.spool.file import BatchInfo, SpoolFile, query_stats_empty
 from spoolagent.spool.format import BUSY_TIMEOUT_S, DB_NAME, ENCODINGS
 from spoolagent.spool.salvage import CORRUPT_INFIX, salvage
+from spoolcore import units
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 _STATES = ("ready", "inflight", "failed")
@@ -349,7 +350,7 @@ def _runner(handler: Callable[[argparse.Namespace, Path], int]) -> Callable[[arg
 
 def _duration(text: str) -> float:
     try:
-        return config.parse_duration(text)
+        return units.parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 

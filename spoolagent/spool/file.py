@@ -17,6 +17,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from spoolagent.spool.format import (
     insert_row,
     make_row,
 )
+from spoolcore.sqlite import immediate, is_busy
 
 Q = f"`{QUEUE_TABLE}`"
 # Scan the covering status index, then look metadata up by key: never read the rows' blobs
@@ -167,7 +169,7 @@ class SpoolFile:
         try:
             return self.conn.execute(sql, args)
         except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
+            if is_busy(exc):
                 raise SpoolBusy(f"{self.path} stayed locked: {exc}") from exc
             raise SpoolError(f"{self.path}: {exc}") from exc
         except sqlite3.DatabaseError as exc:
@@ -229,16 +231,22 @@ class SpoolFile:
 
     # -- mutations: short transactions; never a row in flight (status 2) -------------------------
 
-    def _write(self, sql: str, args: Sequence[Any] = ()) -> int:
-        self._execute("BEGIN IMMEDIATE")
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction, with SQLite's errors translated as ``_execute`` does."""
         try:
-            n = self._execute(sql, args).rowcount
-            self._execute("COMMIT")
-        except BaseException:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise
-        return n
+            with immediate(self.conn):
+                yield
+        except sqlite3.OperationalError as exc:
+            if is_busy(exc):
+                raise SpoolBusy(f"{self.path} stayed locked: {exc}") from exc
+            raise SpoolError(f"{self.path}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            raise SpoolError(f"{self.path} is corrupt ({exc})") from exc
+
+    def _write(self, sql: str, args: Sequence[Any] = ()) -> int:
+        with self._transaction():
+            return self.conn.execute(sql, args).rowcount
 
     def retry_failed(self, pqids: Sequence[int] | None = None) -> int:
         """Failed batches (all, or these) back to ready, keeping their ids; returns how many."""
@@ -258,14 +266,8 @@ class SpoolFile:
     def import_lines(self, collector: str, lines: Sequence[bytes], encoding: str) -> str:
         """One new ready batch (status 0, a new batch id); returns its batch id."""
         header, row = make_row(collector, lines, encoding)
-        self._execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             insert_row(self.conn, header, row)
-            self._execute("COMMIT")
-        except BaseException:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise
         self.exists = True
         return header.batch_id
 

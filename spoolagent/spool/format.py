@@ -33,6 +33,7 @@ from typing import Any
 import zstandard
 
 from spoolagent.errors import SpoolBusy, SpoolError
+from spoolcore.sqlite import immediate, is_busy
 
 DB_NAME = "spool.db"
 LOCK_NAME = "spool.lock"
@@ -238,7 +239,7 @@ def connect(path: Path, *, readonly: bool = False, create: bool = False,
         conn.execute("PRAGMA user_version").fetchone()
     except sqlite3.OperationalError as exc:
         conn.close()
-        if _is_busy(exc):
+        if is_busy(exc):
             raise SpoolBusy(f"{path} stayed locked by another writer: {exc}") from exc
         raise SpoolError(f"{path} is not a usable spool ({exc}): corrupt or not a SQLite "
                          "database; move it aside to start with an empty spool") from exc
@@ -272,31 +273,22 @@ def check_schema(conn: sqlite3.Connection, path: Path, *, upgrade: bool) -> bool
         _check_file_size(conn, path)
         if not upgrade or (version == SCHEMA_VERSION and _SCHEMA_OBJECTS <= _objects(conn)):
             return QUEUE_TABLE in tables
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(conn):
             conn.execute(_QUEUE_DDL)
             for stmt in _split_sql(_SCHEMA):
                 conn.execute(stmt)
             if version < SCHEMA_VERSION:
                 _index_unindexed_rows(conn)
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         return True
     except sqlite3.OperationalError as exc:
-        if _is_busy(exc):
+        if is_busy(exc):
             raise SpoolBusy(f"{path} stayed locked by another writer: {exc}") from exc
         raise SpoolError(f"{path} is corrupt ({exc}); move it aside to start with an empty "
                          "spool") from exc
     except sqlite3.DatabaseError as exc:
         raise SpoolError(f"{path} is corrupt ({exc}); move it aside to start with an empty "
                          "spool") from exc
-
-
-def _is_busy(exc: sqlite3.Error) -> bool:
-    return "locked" in str(exc) or "busy" in str(exc)
 
 
 _SCHEMA_OBJECTS = {"spool_batches", "spool_checkpoints", "spool_q_ready", "spool_q_status",

@@ -53,6 +53,7 @@ from spoolagent.spool.format import (
     make_row,
 )
 from spoolagent.spool.salvage import diagnose, move_aside
+from spoolcore.sqlite import immediate, is_busy
 
 log = logging.getLogger(__name__)
 
@@ -228,16 +229,10 @@ class Spool:
             if not dropping:
                 self._wait_for_room(size)
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
+                with immediate(self._db):
                     if dropping:
                         self._drop_oldest(size)
                     pqid = self._insert(header, row)
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    if self._db.in_transaction:
-                        self._db.execute("ROLLBACK")
-                    raise
             except sqlite3.Error as exc:
                 raise SpoolError(f"cannot spool batch of {collector}: {exc}") from exc
             self._bytes += size
@@ -348,7 +343,7 @@ class Spool:
             except Empty:
                 item = None
             except sqlite3.OperationalError as exc:
-                if "locked" in str(exc) or "busy" in str(exc):
+                if is_busy(exc):
                     raise SpoolError(f"cannot read the spool: {exc}") from exc
                 self._fail_head(exc)  # e.g. a row that is text, not a blob
             except sqlite3.Error as exc:

@@ -49,6 +49,7 @@ from spoolagent.spool.format import (
     encode_row,
     insert_row,
 )
+from spoolcore.sqlite import immediate
 
 log = logging.getLogger(__name__)
 
@@ -279,22 +280,15 @@ def _count(result: SalvageResult, header: RowHeader, status: int) -> None:
 def _insert(into: SpoolFile, header: RowHeader, row: bytes, status: int) -> bool:
     conn = into.conn
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(conn):
             if conn.execute("SELECT 1 FROM spool_batches WHERE batch_id = ?",
                             (header.batch_id,)).fetchone():
-                conn.execute("ROLLBACK")
-                return False
+                return False  # already there (an earlier salvage): the empty commit is harmless
             pqid = insert_row(conn, header, row, status)
             if status == ACK_FAILED:
                 conn.execute("UPDATE spool_batches SET http_status = 0, reason = ?, failed_s = ? "
                              "WHERE pqid = ?", ("failed before; salvaged from a damaged spool",
                                                 time.time(), pqid))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
     except sqlite3.Error as exc:
         raise SpoolError(f"cannot re-queue into {into.path}: {exc}") from exc
     into.exists = True

@@ -19,14 +19,14 @@ import hmac
 import logging
 import re
 import time
-from concurrent.futures import Executor, Future
-from dataclasses import dataclass, field
+from concurrent.futures import Future
 from typing import Any
 
 import tornado.ioloop
 import tornado.web
 
 from receiver import body
+from receiver.context import AppContext
 from receiver.errors import (
     BadRequest,
     BodyTooLarge,
@@ -34,32 +34,12 @@ from receiver.errors import (
     RetryableError,
     StorageUnavailable,
 )
-from receiver.ingest import Ingestor, Outcome
-from receiver.metrics import CONTENT_TYPE, Metrics
+from receiver.ingest import Outcome
+from receiver.metrics import CONTENT_TYPE
 
 log = logging.getLogger(__name__)
 
 _BATCH_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
-
-
-@dataclass
-class Inflight:
-    """Requests and TCP chunks being handled now, so a stopping server can wait for them.
-    Touched only on the event loop."""
-
-    count: int = 0
-
-
-@dataclass
-class AppContext:
-    """What the handlers need, wired once by the server."""
-
-    ingestor: Ingestor
-    metrics: Metrics
-    executor: Executor
-    token: str | None
-    max_body_bytes: int
-    inflight: Inflight = field(default_factory=Inflight)
 
 
 def make_app(ctx: AppContext) -> tornado.web.Application:

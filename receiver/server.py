@@ -34,8 +34,9 @@ import tornado.ioloop
 import tornado.netutil
 
 from receiver import body
-from receiver.app import AppContext, make_app
+from receiver.app import make_app
 from receiver.config import Endpoint, ReceiverConfig, read_token
+from receiver.context import AppContext
 from receiver.dedup import DedupIndex
 from receiver.errors import ConfigError
 from receiver.ingest import Ingestor

@@ -7,7 +7,6 @@ when the connection ends is stored as it is (a missing final newline is accepted
 grows past the line cap without a newline is rejected as over-long (its first part is kept under
 ``_rejected/``) and the rest of it is skipped up to the next newline. There is no answer on the
 wire: on a storage failure the connection is closed, and the lines of that chunk are not stored.
-Imports app (for the shared context), errors (and tornado).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import tornado.ioloop
 from tornado.iostream import IOStream, StreamClosedError
 from tornado.tcpserver import TCPServer
 
-from receiver.app import AppContext
+from receiver.context import AppContext
 from receiver.errors import ReceiverError, StorageUnavailable
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,32 @@
+"""AppContext: what the HTTP handlers and the TCP listener share, wired once by the server.
+
+Its own module so the TCP listener does not import the HTTP app to get it.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from receiver.ingest import Ingestor
+from receiver.metrics import Metrics
+
+
+@dataclass
+class Inflight:
+    """Requests and TCP chunks being handled now, so a stopping server can wait for them.
+    Touched only on the event loop."""
+
+    count: int = 0
+
+
+@dataclass
+class AppContext:
+    """What the handlers need, wired once by the server."""
+
+    ingestor: Ingestor
+    metrics: Metrics
+    executor: Executor
+    token: str | None
+    max_body_bytes: int
+    inflight: Inflight = field(default_factory=Inflight)

@@ -57,13 +57,15 @@ def make_app(ctx: AppContext) -> tornado.web.Application:
     )
 
 
-def authorized(token: str | None, header: str | None) -> bool:
-    """True if no token is set, or ``header`` is ``Bearer <token>`` (constant-time compare)."""
-    if token is None:
+def authorized(tokens: tuple[str, ...] | None, header: str | None) -> bool:
+    """True if no token is set, or ``header`` is ``Bearer <one of tokens>`` (constant-time
+    compares, every token compared: the time does not tell which one matched)."""
+    if tokens is None:
         return True
     scheme, _, given = (header or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
-                                                              token.encode())
+    secret = given.strip().encode()
+    matches = [hmac.compare_digest(secret, t.encode()) for t in tokens]
+    return scheme.lower() == "bearer" and any(matches)
 
 
 class _Handler(tornado.web.RequestHandler):
@@ -119,7 +121,7 @@ class _BodyHandler(_Handler):
         self._received = 0
         self._too_large = False
         self._raw_cap = body.raw_cap(self.ctx.max_body_bytes)
-        if not authorized(self.ctx.token, self.request.headers.get("Authorization")):
+        if not authorized(self.ctx.tokens, self.request.headers.get("Authorization")):
             self._refuse(401, "bad or missing token")
             return
         length = self.request.headers.get("Content-Length", "")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from receiver.errors import ConfigError
-from spoolcore import units
+from spoolcore import tokens, units
 
 CRASH_POINTS = ("after_intent", "mid_append", "before_mark")
 LOG_FORMATS = ("kv", "json")
@@ -50,7 +50,7 @@ class ReceiverConfig:
     data_dir: Path
     listen: Endpoint
     tcp_listen: Endpoint | None = None
-    token: str | None = None
+    tokens: tuple[str, ...] | None = None  # any of them is accepted
     token_file: Path | None = None
     processes: int = 1
     threads: int = 4
@@ -155,7 +155,7 @@ def _build(s: dict[str, Any], environ: Mapping[str, str]) -> ReceiverConfig:
         data_dir=Path(s["data_dir"]),
         listen=parse_endpoint(s["listen"], "listen"),
         tcp_listen=parse_endpoint(tcp, "tcp_listen") if tcp not in (None, "") else None,
-        token=read_token(s.get("token_file")),
+        tokens=read_tokens(s.get("token_file")),
         token_file=_opt_path(s.get("token_file")),
         processes=_int(s.get("processes", 1), "processes", 0),
         threads=_int(s.get("threads", 4), "threads", 1),
@@ -210,14 +210,15 @@ def _opt_path(value: object) -> Path | None:
     return None if value in (None, "") else Path(str(value))
 
 
-def read_token(path: object) -> str | None:
-    """The bearer token in ``path`` (None if no path). Raises ConfigError. Also used on SIGHUP."""
+def read_tokens(path: object) -> tuple[str, ...] | None:
+    """The bearer tokens in ``path``, one per line (None if no path; the format is
+    ``spoolcore.tokens``). Raises ConfigError, naming the line but never a token. Also used on
+    SIGHUP."""
     if path in (None, ""):
         return None
     try:
-        token = Path(str(path)).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"token_file: cannot read {path}: {exc}") from exc
-    if not token:
-        raise ConfigError(f"token_file: {path} is empty")
-    return token
+        return tokens.read_tokens(Path(str(path)))
+    except OSError as exc:
+        raise ConfigError(f"token_file: cannot read {path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise ConfigError(f"token_file: {exc}") from exc

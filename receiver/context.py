@@ -27,6 +27,6 @@ class AppContext:
     ingestor: Ingestor
     metrics: Metrics
     executor: Executor
-    token: str | None
+    tokens: tuple[str, ...] | None  # replaced as a whole on SIGHUP (one assignment: atomic)
     max_body_bytes: int
     inflight: Inflight = field(default_factory=Inflight)

@@ -35,7 +35,7 @@ import tornado.netutil
 
 from receiver import body
 from receiver.app import make_app
-from receiver.config import Endpoint, ReceiverConfig, read_token
+from receiver.config import Endpoint, ReceiverConfig, read_tokens
 from receiver.context import AppContext
 from receiver.dedup import DedupIndex
 from receiver.errors import ConfigError
@@ -220,7 +220,7 @@ async def _serve(cfg: ReceiverConfig, http_socks: list[socket.socket],
     executor = ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="store")
     ingestor = Ingestor(store, dedup, max_body_bytes=cfg.max_body_bytes,
                         max_line_bytes=cfg.max_line_bytes)
-    ctx = AppContext(ingestor=ingestor, metrics=metrics, executor=executor, token=cfg.token,
+    ctx = AppContext(ingestor=ingestor, metrics=metrics, executor=executor, tokens=cfg.tokens,
                      max_body_bytes=cfg.max_body_bytes)
     ssl_ctx = _ssl_context(cfg)
     http = tornado.httpserver.HTTPServer(
@@ -273,11 +273,12 @@ def _reload_token(cfg: ReceiverConfig, ctx: AppContext) -> None:
         log.info("reload: no token_file, nothing to reload pid=%d", os.getpid())
         return
     try:
-        ctx.token = read_token(cfg.token_file)
+        ctx.tokens = read_tokens(cfg.token_file)
     except ConfigError as exc:
-        log.error("reload failed, keeping the old token pid=%d err=%s", os.getpid(), exc)
+        log.error("reload failed, keeping the old tokens pid=%d err=%s", os.getpid(), exc)
         return
-    log.info("reload: token re-read from %s pid=%d", cfg.token_file, os.getpid())
+    log.info("reload: tokens re-read from %s count=%d pid=%d", cfg.token_file,
+             len(ctx.tokens or ()), os.getpid())
 
 
 def _purge(loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor, dedup: DedupIndex,

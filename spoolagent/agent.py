@@ -11,6 +11,7 @@ Imports every part; nothing imports it but cli.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -100,6 +101,7 @@ class Agent:
         self._spool_errors = 0
         self.last_error: str | None = None
         self.last_error_s: float | None = None
+        self.restart_needed: list[str] = []  # config sections a reload read but cannot apply
         state_dir = cfg.agent.state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
         self.rejected = _RejectedLog(state_dir / REJECTED_FILE)
@@ -252,7 +254,7 @@ class Agent:
             except BatchRejected as exc:
                 # the sender logged it at ERROR with the batch id, status and reason
                 self._note_error(f"batch {batch.batch_id} rejected: {exc}")
-                self._settle(self.spool.fail, batch.pqid, exc.status, str(exc))
+                self._settle(self.spool.fail, batch.pqid, exc.status, str(exc), exc.code)
             except ReceiverUnavailable as exc:
                 self._note_error(f"receiver: {exc}")
                 self._settle(self.spool.nack, batch.pqid, str(exc))
@@ -328,6 +330,7 @@ class Agent:
                               "kept_files": [p.name for p in corrupt_files(self.cfg.agent.state_dir)]},
             "last_error": self.last_error,
             "last_error_s": self.last_error_s,
+            "restart_needed": self.restart_needed,
         }
 
     def _write_runtime_file(self) -> None:
@@ -368,8 +371,39 @@ class Agent:
                 self._note_error(f"reload: {exc}")
                 return
             self._settings = {k: dict(v) for k, v in new.collectors.items()}
+            self._reload_sender(new)
         log.info("reloading collectors=%d", len(self._settings))
         self.supervisor.reload(self._settings)
+
+    def _reload_sender(self, new: AgentConfig) -> None:
+        """Apply a reloaded [sender] token and receivers; name what only a restart applies."""
+        old = self.cfg
+        if new.sender.token != old.sender.token:
+            self.sender.set_token(new.sender.token)
+            log.info("reload: token re-read from %s", new.sender.token_file)
+        if new.sender.receivers != old.sender.receivers:
+            self.sender.set_receivers(new.sender.receivers)  # load() checked the URLs
+            log.info("reload: receivers=%s", ",".join(new.sender.receivers))
+        applied = dataclasses.replace(old.sender, token=new.sender.token,
+                                      token_file=new.sender.token_file,
+                                      receivers=new.sender.receivers)
+        restart = [f"[sender] {f.name}" for f in dataclasses.fields(applied)
+                   if getattr(applied, f.name) != getattr(new.sender, f.name)]
+        if new.batch != old.batch:
+            with self._batchers_lock:  # new batchers read self.cfg.batch, set below
+                for b in self._batchers.values():
+                    b.set_limits(max_lines=new.batch.max_lines, max_bytes=new.batch.max_bytes,
+                                 max_wait_s=new.batch.max_wait_ms / 1000.0)
+            self._pending.set()  # the flusher re-plans with the new max_wait_ms
+            log.info("reload: [batch] max_lines=%d max_bytes=%d max_wait_ms=%d",
+                     new.batch.max_lines, new.batch.max_bytes, new.batch.max_wait_ms)
+        restart += [f"[{name}]" for name in ("agent", "spool", "status")
+                    if getattr(new, name) != getattr(old, name)]
+        self.cfg = dataclasses.replace(old, sender=applied, batch=new.batch)
+        self.restart_needed = restart
+        if restart:
+            log.warning("reload: changed settings need a restart to apply changed=%s",
+                        ",".join(restart))
 
     def run(self, *, install_signals: bool = True) -> int:
         """Start everything, block until a stop is requested, stop in order. Returns the exit code."""

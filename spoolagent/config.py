@@ -21,6 +21,7 @@ from typing import Any
 from spoolagent.errors import ConfigError
 from spoolagent.protocol import DEFAULT_MAX_LINE_BYTES, is_valid_prod
 from spoolcore.units import parse_duration, parse_size
+from spoolcore.tokens import read_tokens
 
 _COMPRESSIONS = ("gzip", "zstd", "none")
 _WHEN_FULL = ("block", "drop_oldest")
@@ -63,7 +64,7 @@ class BatchSection:
 class SenderSection:
     receivers: tuple[str, ...] = ("http://127.0.0.1:8016",)
     token_file: Path | None = None
-    token: str | None = None
+    token: str | None = None  # the first token in token_file: the one the agent sends
     ca_file: Path | None = None
     compression: str = "zstd"
     timeout_s: float = 10.0
@@ -252,11 +253,12 @@ def from_dict(data: Mapping[str, Any], *, path: Path | None = None, check_paths:
     token: str | None = None
     if token_file is not None:
         try:
-            token = token_file.read_text().strip()
-            if not token:
-                problems.append(f"[sender] token_file: {token_file} is empty")
+            # the first token is sent; the others are for the receiver's side of a rotation
+            token = read_tokens(token_file)[0]
         except OSError as exc:
             problems.append(f"[sender] token_file: cannot read {token_file}: {exc.strerror}")
+        except ValueError as exc:  # names the line, never the token
+            problems.append(f"[sender] token_file: {exc}")
     if ca_file is not None and check_paths and not ca_file.is_file():
         problems.append(f"[sender] ca_file: {ca_file} is not a file")
     if timeout_s <= 0:

@@ -34,12 +34,26 @@ class ReceiverUnavailable(SpoolAgentError):
         self.retry_after_s = retry_after_s
 
 
+class ReceiverRefused(ReceiverUnavailable):
+    """401/403 (``unauthorized``) or 404/405 (``misconfigured``): an answer every batch would get.
+
+    Never a dead letter: the batch is nacked and the sender pauses with backoff until the
+    operator fixes the token or the URL (a SIGHUP applies both). ``state`` is the sender state.
+    """
+
+    def __init__(self, message: str, *, state: str) -> None:
+        super().__init__(message)
+        self.state = state
+
+
 class BatchRejected(SpoolAgentError):
-    """A 4xx other than 408/429: the batch goes to the dead letter, never retried."""
+    """400, 413, 415, 422 and other 4xx about this one batch: it goes to the dead letter, never
+    retried. ``code`` is the stable reason code kept with it (``http_413``...)."""
 
     def __init__(self, message: str, *, status: int) -> None:
         super().__init__(message)
         self.status = status
+        self.code = f"http_{status}"
 
 
 class CollectorFailed(SpoolAgentError):

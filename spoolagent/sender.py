@@ -39,7 +39,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from spoolagent.errors import BatchRejected, ConfigError, ReceiverUnavailable
+from spoolagent.errors import BatchRejected, ConfigError, ReceiverRefused, ReceiverUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,10 @@ _EXCERPT_CHARS = 200
 # A pooled keep-alive connection the server closed while we picked it shows up as one of these.
 # PUT with a batch id is idempotent (the receiver dedups), so one immediate resend is safe.
 _STALE_CONNECTION_ERRORS = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+# Answers every batch would get (a wrong token, a wrong URL or path): dead-lettering them would
+# empty the spool into `failed` at full speed. The sender keeps the batch and pauses instead.
+_REFUSED_STATES = {401: "unauthorized", 403: "unauthorized", 404: "misconfigured",
+                   405: "misconfigured"}
 
 
 class SenderState(enum.Enum):
@@ -62,6 +66,8 @@ class SenderState(enum.Enum):
     IDLE = "idle"          # nothing in flight
     SENDING = "sending"    # at least one request in flight, none waiting to retry
     BACKOFF = "backoff"    # at least one send waits before retrying a failed attempt
+    UNAUTHORIZED = "unauthorized"    # the receiver answered 401/403: fix the token, SIGHUP
+    MISCONFIGURED = "misconfigured"  # the receiver answered 404/405: fix the URL, SIGHUP
     STOPPED = "stopped"    # closed
 
 
@@ -84,6 +90,8 @@ class _Call:
     batch_id: str
     attempts: int = 0
     url_index: int = 0
+    url: str = ""
+    generation: int = 0  # of the receivers list the last attempt used (set_receivers bumps it)
     last_error: str = ""
     retry_after_s: float | None = None
 
@@ -107,6 +115,16 @@ def _parse_retry_after(value: str | None, now_wall_s: float) -> float | None:
     if not math.isfinite(seconds):
         return None
     return min(max(seconds, 0.0), _MAX_RETRY_AFTER_S)
+
+
+def _check_urls(urls: Sequence[str]) -> tuple[str, ...]:
+    if not urls:
+        raise ConfigError("sender.receivers: at least one receiver URL is needed")
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"sender.receivers: {url!r} is not an http:// or https:// URL")
+    return tuple(u.rstrip("/") for u in urls)
 
 
 def _read_capped(resp: httpx.Response) -> bytes:
@@ -139,13 +157,7 @@ class Sender:
                  ca_file: str | None = None, max_backoff_s: float = 30.0,
                  failover_after: int = 3, initial_backoff_s: float = 1.0,
                  log_summary_every_s: float = 30.0) -> None:
-        if not urls:
-            raise ConfigError("sender.receivers: at least one receiver URL is needed")
-        for url in urls:
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ConfigError(f"sender.receivers: {url!r} is not an http:// or https:// URL")
-        self._urls = tuple(u.rstrip("/") for u in urls)
+        self._urls = _check_urls(urls)
         self._stopping = stopping
         self._max_backoff_s = max_backoff_s
         self._initial_backoff_s = initial_backoff_s
@@ -157,8 +169,6 @@ class Sender:
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"sender.ca_file: cannot load {ca_file!r}: {exc}") from exc
         headers = {"User-Agent": "spoolagent-sender", "Content-Type": "text/plain"}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
         pool = max(1, in_flight)
         self._client = httpx.Client(
             headers=headers,
@@ -174,12 +184,17 @@ class Sender:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._current = 0                # index into _urls, shared by all threads
+        self._generation = 0             # bumped when a reload replaces _urls
+        self._auth: dict[str, str] = {}  # per request, so set_token() takes effect at once
+        self.set_token(token)
+        self._refused: SenderState | None = None  # the last answer was a 401/403/404/405
         self._consecutive_failures = 0   # against _urls[_current]
         self._sending = 0
         self._backing_off = 0
         self._retry_delay_s = 0.0
         self._last_success_s: float | None = None
         self._last_error: str | None = None
+        self._last_error_s: float | None = None
         # failure log summary: one WARNING when failing starts, then one line per period
         self._failing_since: float | None = None
         self._failed_attempts = 0
@@ -195,9 +210,10 @@ class Sender:
         """Send one batch; block until the receiver accepted it or shutdown gave up on it.
 
         ``body`` is sent as given (already compressed with ``encoding``: gzip, zstd or
-        identity). Thread-safe. Raises BatchRejected (a 4xx other than 408/429: dead-letter it,
-        never retried), ReceiverUnavailable (``stopping`` was set before the batch got through,
-        or the sender is closed: nack it), ValueError for a malformed batch id (a caller bug).
+        identity). Thread-safe. Raises BatchRejected (a 4xx about this batch -- 400, 413, 415,
+        422... -- dead-letter it, never retried), ReceiverUnavailable (``stopping`` was set
+        before the batch got through, or the sender is closed: nack it; a 401/403/404/405 is
+        retried with backoff until then, never rejected), ValueError for a malformed batch id (a caller bug).
         Once ``stopping`` is set no new attempt starts; the one in flight finishes (bounded by
         ``timeout_s`` per network operation).
         """
@@ -218,11 +234,36 @@ class Sender:
         result: SendResult = retrying(self._attempt, call, body, headers, lines)
         return result
 
+    def set_token(self, token: str | None) -> None:
+        """Send ``token`` from the next attempt on (SIGHUP re-reads the token file). Thread-safe;
+        the token is never logged."""
+        auth = {"Authorization": f"Bearer {token}"} if token else {}
+        with self._lock:
+            self._auth = auth
+
+    def set_receivers(self, urls: Sequence[str]) -> None:
+        """Send to ``urls`` from the next attempt on (a reload changed ``[sender] receivers``).
+
+        Thread-safe. Raises ConfigError (nothing changed) for a URL that is not http(s). An
+        attempt already on the wire finishes against the old URL; its answer still counts.
+        """
+        new = _check_urls(urls)
+        with self._lock:
+            if new == self._urls:
+                return
+            self._urls = new
+            self._generation += 1
+            self._current = 0
+            self._consecutive_failures = 0
+            self._refused = None
+
     def state(self) -> dict[str, object]:
         """A JSON-ready snapshot for /status. Thread-safe, never blocks on the network."""
         with self._lock:
             if self._closed.is_set():
                 state = SenderState.STOPPED
+            elif self._refused is not None:
+                state = self._refused
             elif self._backing_off:
                 state = SenderState.BACKOFF
             elif self._sending:
@@ -234,6 +275,7 @@ class Sender:
                 "state": state.value,
                 "last_success_s": self._last_success_s,
                 "last_error": self._last_error,
+                "last_error_s": self._last_error_s,
                 "retry_delay_s": self._retry_delay_s if self._backing_off else 0.0,
                 "consecutive_failures": self._consecutive_failures,
             }
@@ -271,11 +313,12 @@ class Sender:
                 raise ReceiverUnavailable("sender is closed")
             index = self._current
             self._sending += 1
-        url = self._urls[index]
-        call.url_index = index
+            auth = self._auth
+            url = call.url = self._urls[index]
+            call.url_index, call.generation = index, self._generation
         try:
             status, reason, retry_after, answer = self._request(
-                f"{url}/v1/batches/{call.batch_id}", body, headers)
+                f"{url}/v1/batches/{call.batch_id}", body, {**headers, **auth})
         except httpx.RequestError as exc:
             message = f"{type(exc).__name__}: {exc}".rstrip(": ")
             self._failed(call, index, message, None)
@@ -291,6 +334,10 @@ class Sender:
         if 200 <= status < 300:
             return self._succeeded(call, index, status, answer, lines, len(body))
         message = f"{status} {reason}: {_excerpt(answer)}".rstrip(": ")
+        refused = _REFUSED_STATES.get(status)
+        if refused is not None:
+            self._failed(call, index, message, None, SenderState(refused))
+            raise ReceiverRefused(message, state=refused)
         if 400 <= status < 500 and status not in (408, 429):
             self._rejected(call, index, status, message)
             raise BatchRejected(message, status=status)
@@ -327,7 +374,7 @@ class Sender:
 
         def wait(retry_state: RetryCallState) -> float:
             with self._lock:
-                moved_on = call.url_index != self._current
+                moved_on = not self._is_current(call)
             if moved_on:
                 # failed over (by us or another thread): try the next receiver soon
                 return random.uniform(0.0, self._initial_backoff_s)
@@ -351,13 +398,23 @@ class Sender:
 
     # -- bookkeeping (all under the lock, so two failing threads log once) -----------------
 
-    def _failed(self, call: _Call, index: int, message: str, retry_after: float | None) -> None:
-        url = self._urls[index]
+    def _failed(self, call: _Call, index: int, message: str, retry_after: float | None,
+                refused: SenderState | None = None) -> None:
+        url = call.url
         call.last_error = message
         call.retry_after_s = retry_after
         now = time.monotonic()
         with self._lock:
             self._last_error = f"{url}: {message}"
+            self._last_error_s = time.time()
+            if self._is_current(call):
+                if refused is not None and refused != self._refused:
+                    log.error("sender paused state=%s receiver=%s err=%s: every batch would get "
+                              "this answer, so batches stay in the spool and are retried with "
+                              "backoff; fix [sender] %s and reload (SIGHUP)", refused.value, url,
+                              message, "token_file" if refused is SenderState.UNAUTHORIZED
+                              else "receivers")
+                self._refused = refused
             self._failed_attempts += 1
             if self._failing_since is None:
                 self._failing_since = now
@@ -373,7 +430,7 @@ class Sender:
                                 now - self._failing_since, message)
                     self._last_summary = now
                     self._failed_since_summary = 0
-            if index != self._current:
+            if not self._is_current(call):
                 return  # a late failure against a receiver we already left
             self._consecutive_failures += 1
             if self._consecutive_failures >= self._failover_after and len(self._urls) > 1:
@@ -383,13 +440,18 @@ class Sender:
                 log.warning("receiver failover from=%s to=%s after_failures=%d err=%s",
                             url, self._urls[self._current], self._failover_after, message)
 
-    def _answered(self, index: int) -> None:
+    def _is_current(self, call: _Call) -> bool:
+        """The last attempt went to the current receiver. Called under the lock."""
+        return call.generation == self._generation and call.url_index == self._current
+
+    def _answered(self, call: _Call) -> None:
         """The receiver answered (2xx or a rejection): it is up. Called under the lock."""
-        if index == self._current:
+        if self._is_current(call):
             self._consecutive_failures = 0
+            self._refused = None
         if self._failing_since is not None:
             log.info("send recovered receiver=%s failed_attempts=%d failing_for_s=%.1f",
-                     self._urls[index], self._failed_attempts,
+                     call.url, self._failed_attempts,
                      time.monotonic() - self._failing_since)
             self._failing_since = None
             self._failed_attempts = 0
@@ -406,19 +468,20 @@ class Sender:
                       call.batch_id, status, exc)
             stored, rejected, duplicate = lines, 0, status == 200
         with self._lock:
-            self._answered(index)
+            self._answered(call)
             self._last_success_s = time.time()
             self._stats["batches_sent"] += 1
             self._stats["batches_duplicate"] += int(duplicate)
             self._stats["lines_sent"] += lines
             self._stats["bytes_sent"] += size
         return SendResult(status=status, stored=stored, rejected=rejected, duplicate=duplicate,
-                          receiver=self._urls[index])
+                          receiver=call.url)
 
     def _rejected(self, call: _Call, index: int, status: int, message: str) -> None:
         with self._lock:
-            self._answered(index)
-            self._last_error = f"{self._urls[index]}: batch={call.batch_id} rejected: {message}"
+            self._answered(call)
+            self._last_error = f"{call.url}: batch={call.batch_id} rejected: {message}"
+            self._last_error_s = time.time()
             self._stats["batches_failed"] += 1
         log.error("send rejected batch=%s receiver=%s status=%d err=%s",
-                  call.batch_id, self._urls[index], status, message)
+                  call.batch_id, call.url, status, message)

@@ -23,6 +23,11 @@ log = logging.getLogger(__name__)
 Snapshot = Callable[[], dict[str, Any]]
 
 
+# the values of sender.SenderState (not imported: this module imports nothing from the package;
+# tests/test_status.py pins that the two agree)
+_SENDER_STATES = ("idle", "sending", "backoff", "unauthorized", "misconfigured", "stopped")
+
+
 def _num(v: object) -> float:
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0.0
 
@@ -109,6 +114,13 @@ class _AgentCollector(Collector):
                     oldest or 0)
         yield gauge("sender_up", "1 unless the current receiver's last send attempt failed.",
                     1 if sender.get("consecutive_failures", 0) == 0 else 0)
+        # one series per state, 1 for the current one: an alert can name `unauthorized`
+        sender_state = GaugeMetricFamily("spoolagent_sender_state", "1 for the sender's current state "
+                                         "(idle, sending, backoff, unauthorized, misconfigured, stopped).",
+                                         labels=["state"])
+        for name in _SENDER_STATES:
+            sender_state.add_metric([name], 1.0 if sender.get("state") == name else 0.0)
+        yield sender_state
         yield gauge("sender_last_success_timestamp_seconds", "Unix time of the last acknowledged batch "
                     "(0: none yet).", sender.get("last_success_s"))
         restarts = CounterMetricFamily("spoolagent_collector_restarts", "Collector restarts.", labels=["collector"])

@@ -290,7 +290,7 @@ def test_retry_after_http_date_is_honoured(servers: MakeServer, senders: MakeSen
     assert time.monotonic() - t0 >= 1.0
 
 
-@pytest.mark.parametrize("status", [400, 401, 404, 413])
+@pytest.mark.parametrize("status", [400, 413, 415, 422])
 def test_4xx_rejects_at_once_without_retry(servers: MakeServer, senders: MakeSender,
                                            caplog: pytest.LogCaptureFixture, status: int) -> None:
     srv = servers(Reply(status, body=b"bad line 3: no date"))
@@ -304,6 +304,36 @@ def test_4xx_rejects_at_once_without_retry(servers: MakeServer, senders: MakeSen
     assert stats["batches_failed"] == 1 and stats["batches_retried"] == 0
     assert "rejected" in str(sender.state()["last_error"])
     assert len(messages(caplog, "send rejected")) == 1
+    assert info.value.code == f"http_{status}"
+
+
+@pytest.mark.parametrize(("status", "state"), [(401, "unauthorized"), (403, "unauthorized"),
+                                               (404, "misconfigured"), (405, "misconfigured")])
+def test_answer_every_batch_would_get_pauses_and_never_rejects(
+        servers: MakeServer, senders: MakeSender, caplog: pytest.LogCaptureFixture,
+        status: int, state: str) -> None:
+    # issue 15 #2: a 401 used to dead-letter the whole stream while status said `idle`
+    caplog.set_level(logging.INFO, logger="spoolagent.sender")
+    srv = servers(Reply(status), Reply(status), Reply(status))
+    sender = senders(srv.url)
+    t, out = in_thread(lambda: sender.send("b1", BODY, "identity"))
+    wait_until(lambda: sender.state()["state"] == state, 5, what=f"state {state}")
+    t.join(10)
+    assert out["result"].status == 201  # kept and retried until the receiver took it
+    assert len(srv.seen) == 4 and sender.stats()["batches_failed"] == 0
+    assert sender.state()["state"] == "idle"
+    paused = [r for r in caplog.records if r.getMessage().startswith("sender paused")]
+    assert len(paused) == 1 and paused[0].levelname == "ERROR"
+    assert f"state={state}" in paused[0].getMessage()
+
+
+def test_set_token_takes_effect_on_the_next_attempt(servers: MakeServer,
+                                                    senders: MakeSender) -> None:
+    srv = servers(Reply(401))
+    sender = senders(srv.url, token="old")
+    srv.hook = lambda: sender.set_token("new")  # the operator's SIGHUP, during the first attempt
+    assert sender.send("b1", BODY, "identity").status == 201
+    assert [r.headers.get("authorization") for r in srv.seen] == ["Bearer old", "Bearer new"]
 
 
 def test_connection_refused_then_receiver_appears(servers: MakeServer, senders: MakeSender) -> None:
@@ -521,5 +551,5 @@ def test_against_the_real_receiver(receiver_factory: Callable[..., ReceiverProc]
     assert rcv.read_lines() == {"app_2024-01-02.dat": [b"hello", b"world", b"z"],
                                 "app_2024-01-03.dat": [b"p"]}
     with pytest.raises(BatchRejected) as info:
-        senders(rcv.url, token="wrong").send("real-4", BODY, "identity")
-    assert info.value.status == 401
+        sender.send("real-4", b"app 2024-01-04 x\n", "gzip")  # not gzip: a bad body
+    assert info.value.status == 400

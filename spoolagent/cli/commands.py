@@ -181,6 +181,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_PAUSED = {"unauthorized": "the receiver refuses the token (401/403): fix [sender] token_file, then reload",
+           "misconfigured": "the receiver has no such endpoint (404/405): fix [sender] receivers, then reload"}
+
+
 def _print_status(s: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -200,9 +204,18 @@ def _print_status(s: dict[str, Any]) -> None:
               f"retry delay {se.get('retry_delay_s') or 0:.1f}s; failures in a row {se.get('consecutive_failures', 0)}")
     con.print(f"lines   read {ln['read']}, spooled {ln['spooled']}, sent {se.get('lines_sent', 0)}, "
               f"rejected {ln['rejected']}, dropped {sp.get('dropped_lines', 0)}")
-    if s.get("last_error"):
-        ago = _age(time.time() - (s.get("last_error_s") or time.time()))
-        con.print(f"[red]last error[/] {s['last_error']} ({ago} ago)")
+    if se.get("state") in _PAUSED:
+        con.print(f"[red]sender paused[/] {_PAUSED[se['state']]}; batches stay in the spool")
+    # the newer of the agent's last error and the sender's: a receiver that has been failing for
+    # minutes shows here, not only in --json
+    errors = [(s.get("last_error_s") or 0.0, s.get("last_error")),
+              (se.get("last_error_s") or 0.0, se.get("last_error") and f"sender: {se['last_error']}")]
+    when, last = max((e for e in errors if e[1]), default=(0.0, None), key=lambda e: e[0])
+    if last:
+        con.print(f"[red]last error[/] {last} ({_age(time.time() - (when or time.time()))} ago)")
+    if s.get("restart_needed"):
+        con.print(f"[yellow]restart needed[/] a reload read changed {', '.join(s['restart_needed'])}: "
+                  "only a restart applies them")
     t = Table("collector", "interval", "state", "pid", "restarts", "last exit", "spooled")
     for c in s["collectors"]:
         t.add_row(c["name"], f"{c['interval_s']}s", c["state"], str(c.get("pid") or "-"), str(c["restarts"]),

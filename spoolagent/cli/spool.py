@@ -120,7 +120,12 @@ def cmd_stats(args: argparse.Namespace, state_dir: Path) -> int:
 
 def _describe(b: BatchInfo) -> str:
     if b.state == "failed":
-        return f"HTTP {b.http_status}: {b.reason}" if b.http_status else str(b.reason or "")
+        # reason: the stable code (http_413, unreadable_row); last_error: the text. Spools from
+        # before the codes kept the text in reason.
+        text = b.last_error or ""
+        if b.reason and b.reason != text:
+            text = f"{b.reason}: {text}" if text else b.reason
+        return f"HTTP {b.http_status} {text}" if b.http_status else text
     return b.last_error or ""
 
 

@@ -261,6 +261,12 @@ class Batcher:
             if self._ready and (now or time.monotonic()) - self._ready_since >= self.max_wait_s:
                 self._flush()
 
+    def set_limits(self, *, max_lines: int, max_bytes: int, max_wait_s: float) -> None:
+        """A reload changed [batch]: the next cut uses these. Thread-safe."""
+        with self._lock:
+            self.max_lines, self.max_bytes, self.max_wait_s = max_lines, max_bytes, max_wait_s
+            self.max_held_bytes = 4 * max_bytes
+
     def close(self) -> None:
         """The collector exited (or the agent stops): put what is ready, drop held lines.
 

@@ -360,7 +360,8 @@ class Spool:
         reason = f"spool row {r[0]} is unreadable: {exc}"
         with self._cond:
             self._db.execute("UPDATE spool_batches SET http_status = 0, reason = ?, "
-                             "failed_s = ? WHERE pqid = ?", (reason, time.time(), r[0]))
+                             "last_error = ?, failed_s = ? WHERE pqid = ?",
+                             ("unreadable_row", reason, time.time(), r[0]))
             self._db.execute(f"UPDATE `{QUEUE_TABLE}` SET status = {ACK_FAILED} WHERE _id = ?", (r[0],))
         log.error("unreadable spool row moved to failed pqid=%d err=%s", r[0], exc)
         raise SpoolError(reason) from exc
@@ -411,15 +412,18 @@ class Spool:
             self._generation += 1
             self._ready.notify()
 
-    def fail(self, pqid: int, status: int, reason: str) -> None:
-        """Dead letter (the library's ack_failed), with HTTP status and reason kept. Thread-safe."""
+    def fail(self, pqid: int, status: int, error: str, code: str | None = None) -> None:
+        """Dead letter (the library's ack_failed), with HTTP status, the stable reason ``code``
+        (default ``http_<status>``: what ``spool ls`` groups by) and the ``error`` text kept.
+        Thread-safe."""
         with self._cond:
             self._check_open()
             try:
                 # reason first: a crash in between leaves a row that is simply resent
                 self._db.execute("UPDATE spool_batches SET attempts = attempts + 1, "
                                  "http_status = ?, reason = ?, last_error = ?, failed_s = ? "
-                                 "WHERE pqid = ?", (status, reason, reason, time.time(), pqid))
+                                 "WHERE pqid = ?", (status, code or f"http_{status}", error,
+                                                    time.time(), pqid))
                 self._q.ack_failed(id=pqid)
             except sqlite3.Error as exc:
                 raise SpoolError(f"cannot fail pqid={pqid}: {exc}") from exc

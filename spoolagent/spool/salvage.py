@@ -286,9 +286,10 @@ def _insert(into: SpoolFile, header: RowHeader, row: bytes, status: int) -> bool
                 return False  # already there (an earlier salvage): the empty commit is harmless
             pqid = insert_row(conn, header, row, status)
             if status == ACK_FAILED:
-                conn.execute("UPDATE spool_batches SET http_status = 0, reason = ?, failed_s = ? "
-                             "WHERE pqid = ?", ("failed before; salvaged from a damaged spool",
-                                                time.time(), pqid))
+                conn.execute("UPDATE spool_batches SET http_status = 0, reason = ?, "
+                             "last_error = ?, failed_s = ? WHERE pqid = ?",
+                             ("salvaged_failed", "failed before; salvaged from a damaged spool",
+                              time.time(), pqid))
     except sqlite3.Error as exc:
         raise SpoolError(f"cannot re-queue into {into.path}: {exc}") from exc
     into.exists = True

@@ -154,8 +154,8 @@ def test_stats_counts_match_while_agent_runs(holder: Holder, state: Path) -> Non
 def test_failed_batch_shows_status_and_reason(holder: Holder, state: Path) -> None:
     b = build(holder)
     (row,) = cli_json(state, "ls", "--state", "failed")
-    assert (row["batch_id"], row["http_status"], row["reason"], row["lines"]) == (
-        b["failed"]["id"], 400, "bad line framing", 100)
+    assert (row["batch_id"], row["http_status"], row["reason"], row["last_error"],
+            row["lines"]) == (b["failed"]["id"], 400, "http_400", "bad line framing", 100)
     human = cli(state, "ls", "--state", "failed")
     assert b["failed"]["id"] in human.stdout and "HTTP 400" in human.stdout
     assert len(cli_json(state, "ls", "--collector", "b", "--limit", "2")) == 2

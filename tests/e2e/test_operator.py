@@ -58,7 +58,7 @@ def test_operator_commands_on_a_live_agent(receiver: ReceiverProc, agent_factory
         wait_until(lambda: js(a, "spool", "stats")["failed_batches"] >= 1, 20, what="a failed batch")
         proxy.mode = "down"
         failed = js(a, "spool", "ls", "--state", "failed")
-        assert failed and all(r["http_status"] == 400 and "400" in (r["reason"] or "") for r in failed)
+        assert failed and all(r["http_status"] == 400 and r["reason"] == "http_400" for r in failed)
 
         # show: the lines of one batch, as they will be sent
         one = failed[0]

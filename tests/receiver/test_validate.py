@@ -153,7 +153,7 @@ def test_config_toml_then_flags(tmp_path: Path) -> None:
     assert cfg.data_dir == tmp_path / "d"
     assert (cfg.listen.host, cfg.listen.port) == ("0.0.0.0", 9000)
     assert cfg.max_body_bytes == 2 * 1024 * 1024 and cfg.dedup_retention_s == 12 * 3600
-    assert cfg.token == "s3cret" and cfg.fsync is False and cfg.processes == 2
+    assert cfg.tokens == ("s3cret",) and cfg.fsync is False and cfg.processes == 2
     assert cfg.crash_at == "mid_append"
 
 

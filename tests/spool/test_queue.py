@@ -106,7 +106,8 @@ def test_fail_keeps_status_and_reason(open_spool, tmp_path: Path) -> None:
     assert (st["failed_batches"], st["failed_lines"], st["ready_batches"]) == (1, 7, 0)
     with SpoolFile(tmp_path / "state") as f:
         (info,) = f.batches(["failed"])
-    assert (info.batch_id, info.http_status, info.reason) == (bid, 400, "bad line framing")
+    assert (info.batch_id, info.http_status, info.reason, info.last_error) == (
+        bid, 400, "http_400", "bad line framing")
 
 
 CHILD = r"""

@@ -20,8 +20,8 @@ from typing import Any
 
 from spoolagent.errors import ConfigError
 from spoolagent.protocol import DEFAULT_MAX_LINE_BYTES, is_valid_prod
-from spoolcore.units import parse_duration, parse_size
 from spoolcore.tokens import read_tokens
+from spoolcore.units import parse_duration, parse_size
 
 _COMPRESSIONS = ("gzip", "zstd", "none")
 _WHEN_FULL = ("block", "drop_oldest")

@@ -13,7 +13,10 @@ import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LOGHUB = ROOT.parent / "shared" / "data" / "loghub"
+# next to the checkout; from a worktree under wt/, next to the main checkout
+LOGHUB = next((p for p in (ROOT.parent / "shared" / "data" / "loghub",
+                           ROOT.parent.parent / "shared" / "data" / "loghub") if p.is_dir()),
+              ROOT.parent / "shared" / "data" / "loghub")
 LINE_BYTES = 200
 
 

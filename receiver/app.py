@@ -7,9 +7,10 @@
   ``{stored, rejected}``.
 - ``GET /healthz``, ``GET /metrics``: liveness; Prometheus text (no token).
 
-Bodies are streamed in and capped before they are decoded; decoding, checking and storing run on
-the executor, never on the event loop. Errors become JSON ``{"error": ...}`` with one log line
-each, naming the batch. Imports ingest, metrics, errors (and tornado); no handlers of logging.
+Bodies are streamed in and capped before they are decoded; decoding and checking run on the
+executor (on the event loop for a body under SMALL_BODY_BYTES), storing in the store's rounds.
+Errors become JSON ``{"error": ...}`` with one log line each, naming the batch. Imports ingest,
+metrics, errors (and tornado); no handlers of logging.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from receiver.errors import (
     RetryableError,
     StorageUnavailable,
 )
-from receiver.ingest import Outcome
+from receiver.ingest import SMALL_BODY_BYTES, Outcome
 from receiver.metrics import CONTENT_TYPE
 
 log = logging.getLogger(__name__)
@@ -164,11 +165,16 @@ class _BodyHandler(_Handler):
         self.finish(payload)
 
     async def _run(self, batch_id: str | None, work: Any, *args: Any) -> Outcome | None:
-        """Run ``work(*args)`` on the executor; answer errors here. None if it was refused."""
+        """Run ``work(*args)`` (on the executor unless the body is small), wait for its round;
+        answer errors here. None if it was refused."""
         try:
             raw = self._take_body()
-            loop = tornado.ioloop.IOLoop.current()
-            stored: Future[Outcome] = await loop.run_in_executor(self.ctx.executor, work, *args, raw)
+            stored: Future[Outcome]
+            if len(raw) <= SMALL_BODY_BYTES:
+                stored = work(*args, raw)
+            else:
+                loop = tornado.ioloop.IOLoop.current()
+                stored = await loop.run_in_executor(self.ctx.executor, work, *args, raw)
             return await asyncio.wrap_future(stored)
         except BadRequest as exc:
             self._refuse(400, str(exc), batch_id)

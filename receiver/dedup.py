@@ -15,7 +15,7 @@ store's commit round. They are Linux open-file-description locks: they exclude o
 and other holders in this one, and die with their holder (closing one descriptor drops them all).
 
 Thread-safe: one SQLite connection per thread (and per process: none crosses a fork). Every SQLite
-failure is raised as StorageUnavailable. Imports only ``receiver.errors``.
+failure is raised as StorageUnavailable. Imports only ``receiver.errors`` and ``spoolcore``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from receiver.errors import StorageUnavailable
+from spoolcore.sqlite import immediate
 
 log = logging.getLogger(__name__)
 
@@ -175,14 +176,8 @@ class DedupIndex:
         stored again. Returns how many were forgotten."""
         cutoff = time.time() - older_than_s  # wall clock: the retention must survive restarts
         with self._errors("purge"):
-            conn = self._conn()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(self._conn()) as conn:
                 n = conn.execute("DELETE FROM batches WHERE stored_at < ?", (cutoff,)).rowcount
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
         return int(n)
 
     # -- intents ------------------------------------------------------------------------------
@@ -234,15 +229,8 @@ class DedupIndex:
     # -- internals ----------------------------------------------------------------------------
 
     def _write(self, work: Callable[[sqlite3.Connection], object]) -> None:
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")  # take the write lock now: COMMIT cannot then be busy
-        try:
+        with immediate(self._conn()) as conn:
             work(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            raise
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)

@@ -12,8 +12,11 @@ receiver's local date of receipt), one JSON object per line:
 "line_b64": exact bytes, base64, "truncated": bool}``
 
 (a line is kept whole up to 64 KiB; longer ones, over-long lines above all, keep their first
-64 KiB and say ``"truncated": true``). Thread-safe; decoding blocks: call it from an executor.
-Imports body, validate, dedup, store and errors.
+64 KiB and say ``"truncated": true``). Only a bounded sample of a body's invalid lines is written
+(see ``validate``: the first 1,000, at most 1 MiB of line bytes); when some are left out, one more
+record counts them: ``{"received_at", "source", "batch_id", "omitted": n, "omitted_bytes": b,
+"reason": "..."}``. A body of empty lines costs one record per kept line, never one per line.
+Thread-safe; decoding blocks: call it from an executor.
 """
 
 from __future__ import annotations
@@ -27,9 +30,8 @@ from dataclasses import dataclass
 from receiver import body
 from receiver.dedup import DedupIndex
 from receiver.store import REJECTED_DIR, Batch, PartitionedStore, Stored
-from receiver.validate import CheckedBody, LineChecker, Rejected
+from receiver.validate import MAX_REJECTED_KEPT, MAX_REJECTED_KEPT_BYTES, CheckedBody, LineChecker
 
-_KEEP_REJECTED_BYTES = 64 * 1024
 # A body this small (compressed) is decoded on the event loop, and its id looked up only by the
 # store's round: the hop to a thread and the lookup cost more than decoding it (profiled, issue 13)
 SMALL_BODY_BYTES = 16 * 1024
@@ -71,23 +73,23 @@ class Ingestor:
             prior = self._dedup.lookup(batch_id)
             if prior is not None:
                 return _done(Outcome(batch_id, prior.stored, prior.rejected, duplicate=True))
-        checked = self._checker.check(body.decode(raw, encoding, self._max_body_bytes))
+        checked = self._checker.check_chunks(body.decode_chunks(raw, encoding, self._max_body_bytes))
         return self._submit(batch_id, "batch", checked)
 
     def put_lines(self, source: str, encoding: str | None, raw: bytes) -> Future[Outcome]:
         """Store lines without dedup (POST / and TCP). Raises as ``put_batch`` does."""
-        checked = self._checker.check(body.decode(raw, encoding, self._max_body_bytes))
+        checked = self._checker.check_chunks(body.decode_chunks(raw, encoding, self._max_body_bytes))
         return self._submit(None, source, checked)
 
     def _submit(self, batch_id: str | None, source: str, checked: CheckedBody) -> Future[Outcome]:
         parts = checked.parts
-        if checked.rejected:
+        if checked.rejected_count:
             now = datetime.datetime.now()
             name = f"{REJECTED_DIR}/rejected_{now.date().isoformat()}.jsonl"
             parts = dict(parts)
-            parts[name] = _rejected_records(now, source, batch_id, checked.rejected)
+            parts[name] = _rejected_records(now, source, batch_id, checked)
         bytes_stored = sum(len(d) for d in checked.parts.values())
-        stored = self._store.submit(Batch(batch_id, parts, checked.stored, len(checked.rejected)))
+        stored = self._store.submit(Batch(batch_id, parts, checked.stored, checked.rejected_count))
         outcome: Future[Outcome] = Future()
         outcome.set_running_or_notify_cancel()
 
@@ -111,16 +113,22 @@ def _done(outcome: Outcome) -> Future[Outcome]:
 
 
 def _rejected_records(now: datetime.datetime, source: str, batch_id: str | None,
-                      rejected: list[Rejected]) -> bytes:
+                      checked: CheckedBody) -> bytes:
     received_at = now.astimezone(datetime.UTC).isoformat(timespec="milliseconds")
     out = []
-    for r in rejected:
-        kept = r.raw[:_KEEP_REJECTED_BYTES]
+    for r in checked.rejected:
         out.append(json.dumps({
             "received_at": received_at, "source": source, "batch_id": batch_id,
-            "line_no": r.line_no, "reason": r.reason, "length": len(r.raw),
-            "line": kept.decode("utf-8", "backslashreplace"),
-            "line_b64": base64.b64encode(kept).decode("ascii"),
-            "truncated": len(kept) < len(r.raw),
+            "line_no": r.line_no, "reason": r.reason, "length": r.length,
+            "line": r.raw.decode("utf-8", "backslashreplace"),
+            "line_b64": base64.b64encode(r.raw).decode("ascii"),
+            "truncated": len(r.raw) < r.length,
         }, ensure_ascii=False).encode("utf-8"))
+    if checked.omitted:
+        out.append(json.dumps({
+            "received_at": received_at, "source": source, "batch_id": batch_id,
+            "omitted": checked.omitted, "omitted_bytes": checked.omitted_bytes,
+            "reason": f"more rejected lines than the {MAX_REJECTED_KEPT} (or "
+                      f"{MAX_REJECTED_KEPT_BYTES} bytes) kept per body",
+        }).encode("utf-8"))
     return b"\n".join(out) + b"\n"

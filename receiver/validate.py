@@ -11,18 +11,30 @@ Speed: a body whose every line starts with the same valid ``PROD DATE `` (the us
 collector on one day) is checked and turned into the file's bytes with a handful of C-level bytes
 operations and no Python object per line. Other bodies take a per-line loop with a cache of
 ``PROD DATE`` prefixes already judged. A PROD can never name a path: it has no ``/`` and cannot
-start with ``.``. Imports nothing from the package. Thread-safe (the prefix cache is a dict).
+start with ``.``. Thread-safe (the prefix cache is a dict).
+
+Hostile bodies: ``check_chunks`` takes the body as decoded chunks and checks it a segment of whole
+lines at a time, so no list of every line of a 64 MiB body ever exists; invalid lines are counted
+and only a bounded sample is kept (the first ``MAX_REJECTED_KEPT`` lines, each cut at
+``KEEP_REJECTED_BYTES``, at most ``MAX_REJECTED_KEPT_BYTES`` in all): 4 MiB of newlines cost a
+counter, not four million records. A segment of nothing but newlines is counted in one C call.
 """
 
 from __future__ import annotations
 
 import datetime
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 _PROD_RE = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 _DATE_RE = re.compile(rb"[0-9]{4}-[0-9]{2}-[0-9]{2}\Z")
 _MAX_CACHED_PREFIXES = 4096
+_SEGMENT_BYTES = 1024 * 1024
+
+MAX_REJECTED_KEPT = 1000
+MAX_REJECTED_KEPT_BYTES = 1024 * 1024
+KEEP_REJECTED_BYTES = 64 * 1024
 
 EMPTY_LINE = "empty line"
 NUL_BYTE = "NUL byte in line"
@@ -34,21 +46,61 @@ NO_SPACE_AFTER_DATE = "no space after DATE"
 
 @dataclass(frozen=True)
 class Rejected:
-    """One invalid line: its 1-based number in the body, the reason, and the raw bytes."""
+    """One invalid line: its 1-based number in the body, the reason, its first bytes (at most
+    ``KEEP_REJECTED_BYTES``) and its whole length."""
 
     line_no: int
     reason: str
     raw: bytes
+    length: int
 
 
 @dataclass
 class CheckedBody:
     """A checked body: ``parts`` maps a data file name to the bytes to append (DATA + newline per
-    valid line, in body order); ``stored`` counts valid lines; ``rejected`` lists invalid ones."""
+    valid line, in body order); ``stored`` counts valid lines; ``rejected`` is the kept sample of
+    invalid ones, ``omitted`` and ``omitted_bytes`` what is left out of it."""
 
     parts: dict[str, bytes] = field(default_factory=dict)
     stored: int = 0
     rejected: list[Rejected] = field(default_factory=list)
+    omitted: int = 0
+    omitted_bytes: int = 0
+
+    @property
+    def rejected_count(self) -> int:
+        """Every invalid line, kept in the sample or not."""
+        return len(self.rejected) + self.omitted
+
+
+class _Sample:
+    """The invalid lines kept for ``_rejected/``: bounded in count and bytes whatever the body."""
+
+    def __init__(self) -> None:
+        self.kept: list[Rejected] = []
+        self.kept_bytes = 0
+        self.omitted = 0
+        self.omitted_bytes = 0
+        self.full = False
+
+    def add(self, line_no: int, reason: str, line: bytes) -> None:
+        if not self.full:
+            head = line[:KEEP_REJECTED_BYTES]
+            if self.kept_bytes + len(head) <= MAX_REJECTED_KEPT_BYTES:
+                self.kept.append(Rejected(line_no, reason, head, len(line)))
+                self.kept_bytes += len(head)
+                self.full = len(self.kept) >= MAX_REJECTED_KEPT
+                return
+            self.full = True
+        self.omitted += 1
+        self.omitted_bytes += len(line)
+
+    def add_empty(self, first_line_no: int, count: int) -> None:
+        """``count`` empty lines from ``first_line_no`` on: only the room left is spent on them."""
+        room = 0 if self.full else min(count, MAX_REJECTED_KEPT - len(self.kept))
+        for i in range(room):
+            self.add(first_line_no + i, EMPTY_LINE, b"")
+        self.omitted += count - room
 
 
 def file_name(prod: bytes, date: bytes) -> str:
@@ -66,19 +118,56 @@ class LineChecker:
 
     def check(self, body: bytes) -> CheckedBody:
         """Split ``body`` into lines (a missing final newline is accepted) and judge each."""
-        if not body:
-            return CheckedBody()
-        ends_nl = body.endswith(b"\n")
+        return self.check_chunks((body,))
+
+    def check_chunks(self, chunks: Iterable[bytes]) -> CheckedBody:
+        """Like ``check`` for a body given as consecutive chunks (cut anywhere); checks a segment
+        of whole lines (about ``_SEGMENT_BYTES``) at a time. Raises only what iterating raises."""
+        groups: dict[str, list[bytes]] = {}
+        sample = _Sample()
+        stored = 0
+        line_no = 0
+        carry: list[bytes] = []  # the start of a line still without its newline
+        for chunk in chunks:
+            start = 0
+            while start < len(chunk):
+                cut = chunk.rfind(b"\n", start, start + _SEGMENT_BYTES)
+                if cut < 0:
+                    cut = chunk.find(b"\n", start + _SEGMENT_BYTES)
+                if cut < 0:
+                    carry.append(chunk[start:])
+                    break
+                segment = chunk[start:cut + 1]
+                if carry:
+                    segment = b"".join([*carry, segment])
+                    carry = []
+                stored += self._check_segment(segment, True, line_no, groups, sample)
+                line_no += segment.count(b"\n")
+                start = cut + 1
+        if carry:
+            stored += self._check_segment(b"".join(carry), False, line_no, groups, sample)
+        parts = {name: b"".join(group) for name, group in groups.items()}
+        return CheckedBody(parts, stored, sample.kept, sample.omitted, sample.omitted_bytes)
+
+    def _check_segment(self, body: bytes, ends_nl: bool, first: int, groups: dict[str, list[bytes]],
+                       sample: _Sample) -> int:
+        """Judge the lines of ``body`` (numbered from ``first`` + 1), append the data of the valid
+        ones to ``groups`` and put the invalid ones in ``sample``; the count of valid lines."""
         n_lines = body.count(b"\n") + (0 if ends_nl else 1)
+        if not body.strip(b"\n"):  # nothing but empty lines: one C call, not a loop
+            sample.add_empty(first + 1, n_lines)
+            return 0
         has_nul = b"\x00" in body
         maybe_long = len(body) > self.max_line_bytes
         if not (has_nul or maybe_long):
             fast = self._check_one_prefix(body, n_lines, ends_nl)
             if fast is not None:
-                return fast
-        return self._check_lines(body, ends_nl, has_nul, maybe_long)
+                name, data = fast
+                groups.setdefault(name, []).append(data)
+                return n_lines
+        return self._check_lines(body, ends_nl, has_nul, maybe_long, first, groups, sample)
 
-    def _check_one_prefix(self, body: bytes, n_lines: int, ends_nl: bool) -> CheckedBody | None:
+    def _check_one_prefix(self, body: bytes, n_lines: int, ends_nl: bool) -> tuple[str, bytes] | None:
         """The fast path: every line starts with the first line's valid ``PROD DATE ``."""
         sp = body.find(b" ")
         if sp <= 0:
@@ -98,32 +187,31 @@ class LineChecker:
         data = stripped[len(prefix):]
         if not ends_nl:
             data += b"\n"
-        return CheckedBody({name: data}, n_lines, [])
+        return name, data
 
-    def _check_lines(self, body: bytes, ends_nl: bool, has_nul: bool,
-                     maybe_long: bool) -> CheckedBody:
+    def _check_lines(self, body: bytes, ends_nl: bool, has_nul: bool, maybe_long: bool, first: int,
+                     groups: dict[str, list[bytes]], sample: _Sample) -> int:
         lines = body.split(b"\n")
         if ends_nl:
             lines.pop()
         max_line = self.max_line_bytes
         prefixes = self._prefixes
-        groups: dict[str, list[bytes]] = {}
-        rejected: list[Rejected] = []
+        reject = sample.add
+        data_of: dict[str, list[bytes]] = {}
         stored = 0
-        for i, line in enumerate(lines):
+        for i, line in enumerate(lines, first):
             if not line:
-                rejected.append(Rejected(i + 1, EMPTY_LINE, line))
+                reject(i + 1, EMPTY_LINE, line)
                 continue
             if maybe_long and len(line) > max_line:
-                rejected.append(Rejected(
-                    i + 1, f"line of {len(line)} bytes is over the limit of {max_line}", line))
+                reject(i + 1, f"line of {len(line)} bytes is over the limit of {max_line}", line)
                 continue
             if has_nul and b"\x00" in line:
-                rejected.append(Rejected(i + 1, NUL_BYTE, line))
+                reject(i + 1, NUL_BYTE, line)
                 continue
             sp = line.find(b" ")
             if sp < 0:
-                rejected.append(Rejected(i + 1, NO_SPACE_AFTER_PROD, line))
+                reject(i + 1, NO_SPACE_AFTER_PROD, line)
                 continue
             end = sp + 11
             key = line[:end]
@@ -132,22 +220,23 @@ class LineChecker:
                 judged = self._judge(key, sp)
             name, reason = judged
             if name is None:
-                rejected.append(Rejected(i + 1, reason or BAD_PROD, line))
+                reject(i + 1, reason or BAD_PROD, line)
                 continue
             if len(line) == end:
                 data = b""
             elif line[end] == 0x20:
                 data = line[end + 1:]
             else:
-                rejected.append(Rejected(i + 1, NO_SPACE_AFTER_DATE, line))
+                reject(i + 1, NO_SPACE_AFTER_DATE, line)
                 continue
-            group = groups.get(name)
+            group = data_of.get(name)
             if group is None:
-                group = groups[name] = []
+                group = data_of[name] = []
             group.append(data)
             stored += 1
-        parts = {name: b"\n".join(group) + b"\n" for name, group in groups.items()}
-        return CheckedBody(parts, stored, rejected)
+        for name, group in data_of.items():
+            groups.setdefault(name, []).append(b"\n".join(group) + b"\n")
+        return stored
 
     def _judge(self, key: bytes, sp: int) -> tuple[str | None, str | None]:
         """Judge a ``PROD DATE`` prefix (``sp`` = index of its space) and cache the verdict."""

@@ -40,6 +40,7 @@ from receiver.metrics import CONTENT_TYPE
 
 log = logging.getLogger(__name__)
 
+_SHED_LOG_EVERY_S = 10.0
 _BATCH_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 
 
@@ -76,6 +77,7 @@ class _Handler(tornado.web.RequestHandler):
         self.ctx = ctx
         self._started = time.monotonic()
         self._counted = True
+        self._admitted: int | None = None  # declared bytes of an admitted body request
         ctx.inflight.count += 1
 
     def on_finish(self) -> None:
@@ -91,6 +93,10 @@ class _Handler(tornado.web.RequestHandler):
         if self._counted:
             self._counted = False
             self.ctx.inflight.count -= 1
+            if self._admitted is not None:
+                self.ctx.admission.release(self._admitted)
+                self.ctx.metrics.queue_requests.dec()
+                self._admitted = None
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         self.finish({"error": self._reason})
@@ -128,6 +134,29 @@ class _BodyHandler(_Handler):
         length = self.request.headers.get("Content-Length", "")
         if length.isdigit() and int(length) > self._raw_cap:
             self._refuse(413, f"body of {length} bytes is over the cap")
+            return
+        declared = int(length) if length.isdigit() else 0
+        if not self.ctx.admission.admit(declared):
+            self._shed()
+            return
+        self._admitted = declared
+        self.ctx.metrics.queue_requests.inc()
+
+    def _shed(self) -> None:
+        """503 before the body is read: this process holds all the work it may. Not an error of
+        the request: one debug line each, and a warning with the count now and then."""
+        ctx = self.ctx
+        ctx.metrics.requests_shed.inc()
+        ctx.shed.count += 1
+        now = time.monotonic()
+        if now - ctx.shed.logged_at >= _SHED_LOG_EVERY_S:
+            log.warning("shedding load: queue full requests=%d bytes=%d shed_since_last=%d",
+                        ctx.admission.requests, ctx.admission.bytes, ctx.shed.count)
+            ctx.shed.count, ctx.shed.logged_at = 0, now
+        log.debug("request shed path=%s", self.request.path)
+        self.set_status(503)
+        self.set_header("Retry-After", str(ctx.admission.retry_after_s()))
+        self.finish({"error": "receiver busy, retry after Retry-After"})
 
     def data_received(self, chunk: bytes) -> None:
         if self._too_large:

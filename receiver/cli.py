@@ -26,7 +26,8 @@ _EPILOG = """examples:
 
 The config file is TOML with the flags' names as keys (data_dir, listen, tcp_listen, token_file,
 processes, threads, max_body, max_line, tls_cert, tls_key, fsync, dedup_retention, max_open_files,
-claim_wait, shutdown_grace, ready_file, log_level, log_format); flags override it.
+claim_wait, queue_max, queue_max_bytes, shutdown_grace, ready_file, log_level, log_format); flags
+override it.
 """
 
 
@@ -54,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a batch id is remembered, e.g. 30d (default), 12h, 90m")
     p.add_argument("--max-open-files", dest="max_open_files",
                    help="data files kept open per process (default 128)")
+    p.add_argument("--queue-max", dest="queue_max",
+                   help="body requests a process holds before it answers 503 (default 1024)")
+    p.add_argument("--queue-max-bytes", dest="queue_max_bytes",
+                   help="their declared bytes before it answers 503 (default 256MiB)")
     p.add_argument("--ready-file", dest="ready_file",
                    help="once listening, write JSON {pid, http, tcp} here (atomically)")
     p.add_argument("--log-level", dest="log_level", help="DEBUG, INFO (default), WARNING, ERROR")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
+from receiver.admission import Admission
 from receiver.ingest import Ingestor
 from receiver.metrics import Metrics
 
@@ -21,6 +22,14 @@ class Inflight:
 
 
 @dataclass
+class Shed:
+    """Requests shed since the last warning about it. Touched only on the event loop."""
+
+    count: int = 0
+    logged_at: float = float("-inf")
+
+
+@dataclass
 class AppContext:
     """What the handlers need, wired once by the server."""
 
@@ -29,4 +38,6 @@ class AppContext:
     executor: Executor
     tokens: tuple[str, ...] | None  # replaced as a whole on SIGHUP (one assignment: atomic)
     max_body_bytes: int
+    admission: Admission
     inflight: Inflight = field(default_factory=Inflight)
+    shed: Shed = field(default_factory=Shed)

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from receiver.store import RoundStats
@@ -57,6 +57,12 @@ class Metrics:
             ["handler"], buckets=_LATENCY_BUCKETS, registry=None)
         self.tcp_connections = Counter(
             "spoolreceiver_tcp_connections", "TCP connections accepted.", registry=None)
+        self.requests_shed = Counter(
+            "spoolreceiver_requests_shed", "Body requests refused with 503 by admission control.",
+            registry=None)
+        self.queue_requests = Gauge(
+            "spoolreceiver_queue_requests", "Body requests admitted and not answered yet.",
+            multiprocess_mode="livesum", registry=None)
         self.rounds = Counter(
             "spoolreceiver_commit_rounds", "Group-commit rounds (failed ones too).", ["result"],
             registry=None)

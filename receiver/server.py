@@ -34,6 +34,7 @@ import tornado.ioloop
 import tornado.netutil
 
 from receiver import body
+from receiver.admission import Admission
 from receiver.app import make_app
 from receiver.config import Endpoint, ReceiverConfig, read_tokens
 from receiver.context import AppContext
@@ -221,7 +222,8 @@ async def _serve(cfg: ReceiverConfig, http_socks: list[socket.socket],
     ingestor = Ingestor(store, dedup, max_body_bytes=cfg.max_body_bytes,
                         max_line_bytes=cfg.max_line_bytes)
     ctx = AppContext(ingestor=ingestor, metrics=metrics, executor=executor, tokens=cfg.tokens,
-                     max_body_bytes=cfg.max_body_bytes)
+                     max_body_bytes=cfg.max_body_bytes,
+                     admission=Admission(cfg.queue_max, cfg.queue_max_bytes))
     ssl_ctx = _ssl_context(cfg)
     http = tornado.httpserver.HTTPServer(
         make_app(ctx), ssl_options=ssl_ctx, max_body_size=body.raw_cap(cfg.max_body_bytes),

@@ -263,6 +263,42 @@ class SpoolFile:
             n += self._write(f"DELETE FROM {Q} WHERE _id IN ({chunk}) AND status != {UNACK}")
         return n
 
+    def move_out(self, states: Iterable[str], collector: str | None,
+                 write: Callable[[BatchInfo, bytes], None], sync: Callable[[], None],
+                 chunk: int = 100) -> list[BatchInfo]:
+        """Export and delete in one step (``spool export --move``); returns what moved.
+
+        Per chunk of batches (oldest first), one write transaction selects them, hands each
+        batch's lines to ``write``, calls ``sync`` (the output is durable), then deletes them and
+        commits. While it holds the write lock no batch can go in flight (the agent needs the
+        lock for that), so a batch ends up either in the output or, if anything fails before the
+        commit, still in the spool (then perhaps in the output as well: a duplicate after import,
+        never a loss). In-flight batches are never taken. Blocks the agent's spool writes for one
+        chunk at a time. Raises SpoolError/SpoolBusy, or what ``write``/``sync`` raise.
+        """
+        if not self.exists:
+            return []
+        codes = sorted(c for s in states if s != "inflight" for c in STATE_CODES[s])
+        sql = (f"SELECT {_INFO_COLS} FROM {_JOIN} WHERE q.status IN ({','.join(map(str, codes))}) "
+               "AND q._id > ?" + (" AND m.collector = ?" if collector is not None else "")
+               + " ORDER BY q._id LIMIT ?")
+        moved: list[BatchInfo] = []
+        after = 0
+        while codes:
+            with self._transaction():
+                args: list[Any] = [after] + ([collector] if collector is not None else [])
+                rows = [_info(r) for r in self.conn.execute(sql, [*args, chunk])]
+                if not rows:
+                    break
+                for info in rows:
+                    write(info, self.lines(info.pqid))
+                sync()  # the output first: a crash now leaves the batches in both places
+                self.conn.execute(f"DELETE FROM {Q} WHERE _id IN "
+                                  f"({','.join(str(r.pqid) for r in rows)})")
+            moved.extend(rows)
+            after = rows[-1].pqid
+        return moved
+
     def import_lines(self, collector: str, lines: Sequence[bytes], encoding: str) -> str:
         """One new ready batch (status 0, a new batch id); returns its batch id."""
         header, row = make_row(collector, lines, encoding)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from spoolagent.errors import SpoolBusy, SpoolError
-from spoolagent.spool.file import SpoolFile
+from spoolagent.spool.file import BatchInfo, SpoolFile
 from spoolagent.spool.format import decompress, new_batch_id
 from spoolagent.spool.queue import Spool, SpooledBatch, WhenFull
 from tests.conftest import child_env, wait_until
@@ -364,3 +364,29 @@ def test_newer_row_format_gives_clear_error(open_spool, tmp_path: Path) -> None:
                      "CAST(substr(data, 1, 4) || x'09' || substr(data, 6) AS BLOB)")
     with pytest.raises(SpoolError, match="row format v9 by a newer spoolagent"):
         s.get(timeout_s=1)
+
+
+def test_move_out_deletes_only_what_it_wrote_and_nothing_when_writing_fails(open_spool,
+                                                                          tmp_path: Path) -> None:
+    spool = open_spool()
+    ids = [spool.put("c", make_lines(3)) for _ in range(5)]
+    taken = spool.get(timeout_s=1)  # one in flight: never moved
+    assert taken is not None and taken.batch_id == ids[0]
+    written: list[str] = []
+
+    def failing(info: BatchInfo, data: bytes) -> None:
+        if len(written) == 2:
+            raise OSError("disk full")
+        written.append(info.batch_id)
+
+    with SpoolFile(tmp_path / "state", readonly=False) as f:
+        with pytest.raises(OSError):
+            f.move_out(["ready", "failed"], None, failing, lambda: None, chunk=10)
+        assert len(f.batches(["ready"])) == 4  # the chunk rolled back: all still there
+        out: list[tuple[str, bytes]] = []
+        moved = f.move_out(["ready", "inflight", "failed"], None,
+                           lambda info, data: out.append((info.batch_id, data)), lambda: None, chunk=2)
+        assert [m.batch_id for m in moved] == [i for i, _ in out] == ids[1:]
+        assert all(data.count(b"\n") == 3 for _, data in out)
+        assert [b.batch_id for b in f.batches()] == [ids[0]]  # the in-flight one stays
+    spool.ack(taken.pqid)

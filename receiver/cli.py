@@ -23,11 +23,16 @@ _EPILOG = """examples:
   spoolreceiver --data-dir /var/lib/spoolreceiver --listen 0.0.0.0:8016
   spoolreceiver --data-dir ./data --listen 127.0.0.1:0 --ready-file ./ready.json
   spoolreceiver --config /etc/spoolreceiver.toml --processes 0 --log-format json
+  spoolreceiver --listen 0.0.0.0:8016 --nats nats://n1:4222,nats://n2:4222,nats://n3:4222
+  spoolreceiver writer --nats nats://n1:4222,nats://n2:4222 --data-dir /var/lib/spool --partitions 0-7
+  spoolreceiver stream init --nats nats://n1:4222 --partitions 16 --replicas 3
+  spoolreceiver stream status --nats nats://n1:4222 --json
 
 The config file is TOML with the flags' names as keys (data_dir, listen, tcp_listen, token_file,
 processes, threads, max_body, max_line, tls_cert, tls_key, fsync, dedup_retention, max_open_files,
-claim_wait, queue_max, queue_max_bytes, shutdown_grace, ready_file, log_level, log_format); flags
-override it.
+claim_wait, queue_max, queue_max_bytes, shutdown_grace, ready_file, log_level, log_format, nats,
+stream); flags override it.
+Cluster mode (docs/scaling.md): `spoolreceiver writer --help`, `spoolreceiver stream --help`.
 """
 
 
@@ -61,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="their declared bytes before it answers 503 (default 256MiB)")
     p.add_argument("--ready-file", dest="ready_file",
                    help="once listening, write JSON {pid, http, tcp} here (atomically)")
+    p.add_argument("--nats", help="cluster mode: be an ingest node publishing to the JetStream "
+                   "cluster at these URLs (nats://HOST:PORT,...) instead of writing a data dir")
+    p.add_argument("--stream", help="cluster mode: the stream's name (default SPOOLAGENT)")
     p.add_argument("--log-level", dest="log_level", help="DEBUG, INFO (default), WARNING, ERROR")
     p.add_argument("--log-format", dest="log_format", choices=config.LOG_FORMATS,
                    help="kv (default): key=value lines; json: one JSON object per line")
@@ -68,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("writer", "stream"):  # cluster mode's commands (they need nats-py)
+        from receiver.cluster import cli as cluster_cli
+
+        return cluster_cli.main(argv, _setup_logging)
     args = build_parser().parse_args(argv)
     flags = {k: v for k, v in vars(args).items() if k != "config"}
     try:

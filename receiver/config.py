@@ -7,6 +7,7 @@ nothing but the test-only fault switches (``SPOOLRECEIVER_CRASH_AT``,
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ _KEYS = frozenset({
     "data_dir", "listen", "tcp_listen", "token_file", "processes", "threads", "max_body",
     "max_line", "tls_cert", "tls_key", "fsync", "dedup_retention", "max_open_files", "claim_wait",
     "shutdown_grace", "ready_file", "log_level", "log_format", "queue_max", "queue_max_bytes",
+    "nats", "stream",
 })
 _PATH_KEYS = frozenset({"data_dir", "token_file", "tls_cert", "tls_key", "ready_file"})
 
@@ -50,7 +52,7 @@ class Endpoint:
 class ReceiverConfig:
     """Every setting of one receiver; built by ``load``, never changed afterwards."""
 
-    data_dir: Path
+    data_dir: Path | None  # None only for an ingest node (``nats`` set): it keeps no files
     listen: Endpoint
     tcp_listen: Endpoint | None = None
     tokens: tuple[str, ...] | None = None  # any of them is accepted
@@ -71,6 +73,9 @@ class ReceiverConfig:
     ready_file: Path | None = None
     log_level: str = "INFO"
     log_format: str = "kv"
+    # cluster mode: an ingest node publishing to this JetStream stream instead of a data dir
+    nats: tuple[str, ...] = ()
+    stream: str = "SPOOLAGENT"
     # test-only fault switches, from the environment
     crash_at: str | None = None
     fault_enospc_after_bytes: int | None = None
@@ -137,9 +142,33 @@ def _read_toml(path: Path) -> dict[str, Any]:
     return out
 
 
+def parse_urls(value: object, key: str) -> tuple[str, ...]:
+    """``"nats://a:4222,nats://b:4222"`` (or a TOML list) -> the URLs. Raises ConfigError."""
+    items = value if isinstance(value, list) else str(value).split(",")
+    urls = tuple(str(u).strip() for u in items if str(u).strip())
+    for url in urls:
+        if not re.match(r"(nats|tls)://[^/\s]+\Z", url):
+            raise ConfigError(f"{key}: expected nats://HOST:PORT[,nats://HOST:PORT...], got {url!r}")
+    if not urls:
+        raise ConfigError(f"{key}: expected at least one nats://HOST:PORT")
+    return urls
+
+
+def parse_stream_name(value: object, key: str) -> str:
+    name = str(value)
+    if not re.match(r"[A-Za-z0-9_-]{1,64}\Z", name):
+        raise ConfigError(f"{key}: expected a stream name of [A-Za-z0-9_-]{{1,64}}, got {name!r}")
+    return name
+
+
 def _build(s: dict[str, Any], environ: Mapping[str, str]) -> ReceiverConfig:
-    if s.get("data_dir") in (None, ""):
-        raise ConfigError("data_dir: required (--data-dir DIR or data_dir in the config file)")
+    nats = parse_urls(s["nats"], "nats") if s.get("nats") not in (None, "") else ()
+    if s.get("data_dir") in (None, "") and not nats:
+        raise ConfigError("data_dir: required (--data-dir DIR or data_dir in the config file), "
+                          "unless --nats makes this an ingest node")
+    if s.get("data_dir") not in (None, "") and nats:
+        raise ConfigError("data_dir: an ingest node (--nats) keeps no data dir; the writers do "
+                          "(spoolreceiver writer --data-dir DIR)")
     if s.get("listen") in (None, ""):
         raise ConfigError("listen: required (--listen HOST:PORT or listen in the config file)")
     tls_cert = _opt_path(s.get("tls_cert"))
@@ -157,7 +186,7 @@ def _build(s: dict[str, Any], environ: Mapping[str, str]) -> ReceiverConfig:
         raise ConfigError(f"fsync: expected true or false, got {fsync!r}")
     tcp = s.get("tcp_listen")
     cfg = ReceiverConfig(
-        data_dir=Path(s["data_dir"]),
+        data_dir=None if nats else Path(s["data_dir"]),
         listen=parse_endpoint(s["listen"], "listen"),
         tcp_listen=parse_endpoint(tcp, "tcp_listen") if tcp not in (None, "") else None,
         tokens=read_tokens(s.get("token_file")),
@@ -180,6 +209,8 @@ def _build(s: dict[str, Any], environ: Mapping[str, str]) -> ReceiverConfig:
         ready_file=_opt_path(s.get("ready_file")),
         log_level=log_level,
         log_format=log_format,
+        nats=nats,
+        stream=parse_stream_name(s.get("stream", "SPOOLAGENT"), "stream"),
         **_faults(environ),
     )
     if cfg.max_body_bytes < 1 or cfg.max_line_bytes < 1:

@@ -17,6 +17,11 @@ receiver's local date of receipt), one JSON object per line:
 record counts them: ``{"received_at", "source", "batch_id", "omitted": n, "omitted_bytes": b,
 "reason": "..."}``. A body of empty lines costs one record per kept line, never one per line.
 Thread-safe; decoding blocks: call it from an executor.
+
+Where the lines go is a ``Destination``: ``PartitionedStore`` (the standalone receiver appends to
+its files) or ``receiver.cluster.publish.StreamDestination`` (an ingest node publishes to the
+stream). Both take the same ``Batch`` and answer the same ``Stored``, so the answers are the same.
+Imports body, validate, dedup, store and errors.
 """
 
 from __future__ import annotations
@@ -26,10 +31,11 @@ import datetime
 import json
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Protocol
 
 from receiver import body
-from receiver.dedup import DedupIndex
-from receiver.store import REJECTED_DIR, Batch, PartitionedStore, Stored
+from receiver.dedup import StoredBatch
+from receiver.store import REJECTED_DIR, Batch, Stored
 from receiver.validate import MAX_REJECTED_KEPT, MAX_REJECTED_KEPT_BYTES, CheckedBody, LineChecker
 
 # A body this small (compressed) is decoded on the event loop, and its id looked up only by the
@@ -52,16 +58,28 @@ class Outcome:
                 "duplicate": self.duplicate}
 
 
+class Destination(Protocol):
+    """Where checked batches go. Both calls are thread-safe; ``submit`` never blocks."""
+
+    def lookup(self, batch_id: str) -> StoredBatch | None:
+        """The counts of ``batch_id`` if it is known to be stored (a cheap early answer)."""
+        ...
+
+    def submit(self, batch: Batch) -> Future[Stored]:
+        """Store ``batch``; the future resolves once it is durable, or fails with a
+        RetryableError (nothing to keep: the sender resends with the same id)."""
+        ...
+
+
 class Ingestor:
     """Decodes, checks and deduplicates bodies, and hands them to the store. Thread-safe; the
     ``put_*`` calls block on decoding (run them on an executor unless the body is under
     SMALL_BODY_BYTES) and return a future that resolves once the store's round covering the body
     is durable."""
 
-    def __init__(self, store: PartitionedStore, dedup: DedupIndex, *, max_body_bytes: int,
+    def __init__(self, destination: Destination, *, max_body_bytes: int,
                  max_line_bytes: int) -> None:
-        self._store = store
-        self._dedup = dedup
+        self._store = destination
         self._checker = LineChecker(max_line_bytes)
         self._max_body_bytes = max_body_bytes
 
@@ -70,7 +88,7 @@ class Ingestor:
         fails with BatchInProgress (the same id is being stored by another process and did not
         finish within the claim wait) or StorageUnavailable (nothing of the batch left behind)."""
         if len(raw) > SMALL_BODY_BYTES:  # a big resend: one lookup saves decoding it
-            prior = self._dedup.lookup(batch_id)
+            prior = self._store.lookup(batch_id)
             if prior is not None:
                 return _done(Outcome(batch_id, prior.stored, prior.rejected, duplicate=True))
         checked = self._checker.check_chunks(body.decode_chunks(raw, encoding, self._max_body_bytes))

@@ -28,6 +28,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 import tornado.httpserver
 import tornado.ioloop
@@ -40,7 +41,7 @@ from receiver.config import Endpoint, ReceiverConfig, read_tokens
 from receiver.context import AppContext
 from receiver.dedup import DedupIndex
 from receiver.errors import ConfigError
-from receiver.ingest import Ingestor
+from receiver.ingest import Destination, Ingestor
 from receiver.metrics import Metrics
 from receiver.store import PartitionedStore
 from receiver.tcp import LineServer
@@ -57,16 +58,8 @@ _METRICS_PREFIX = "spoolreceiver-metrics-"
 def run(cfg: ReceiverConfig) -> int:
     """Run the receiver until SIGTERM/SIGINT. Blocks; returns the exit code.
     Raises StorageUnavailable (data dir unusable) and OSError (cannot bind)."""
-    state_dir = cfg.data_dir / STATE_DIR
-    dedup = DedupIndex(state_dir, fsync=cfg.fsync)
-    dedup.create()
-    store = _make_store(cfg, dedup)
-    store.create()
-    rolled = store.recover()
-    purged = dedup.purge(cfg.dedup_retention_s)
-    store.close()
-    dedup.close()  # no SQLite connection may cross a fork
-    log.info("storage ready data_dir=%s rolled_back=%d purged_ids=%d", cfg.data_dir, rolled, purged)
+    if cfg.data_dir is not None:  # an ingest node (--nats) has no storage to prepare
+        _prepare_storage(cfg, cfg.data_dir)
 
     http_socks = _bind(cfg.listen)
     tcp_socks = _bind(cfg.tcp_listen) if cfg.tcp_listen else []
@@ -83,9 +76,21 @@ def run(cfg: ReceiverConfig) -> int:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _make_store(cfg: ReceiverConfig, dedup: DedupIndex,
+def _prepare_storage(cfg: ReceiverConfig, data_dir: Path) -> None:
+    dedup = DedupIndex(data_dir / STATE_DIR, fsync=cfg.fsync)
+    dedup.create()
+    store = _make_store(cfg, data_dir, dedup)
+    store.create()
+    rolled = store.recover()
+    purged = dedup.purge(cfg.dedup_retention_s)
+    store.close()
+    dedup.close()  # no SQLite connection may cross a fork
+    log.info("storage ready data_dir=%s rolled_back=%d purged_ids=%d", data_dir, rolled, purged)
+
+
+def _make_store(cfg: ReceiverConfig, data_dir: Path, dedup: DedupIndex,
                 metrics: Metrics | None = None) -> PartitionedStore:
-    return PartitionedStore(cfg.data_dir, dedup, fsync=cfg.fsync,
+    return PartitionedStore(data_dir, dedup, fsync=cfg.fsync,
                             max_open_files=cfg.max_open_files, claim_wait_s=cfg.claim_wait_s,
                             on_round=None if metrics is None else metrics.observe_round,
                             crash_at=cfg.crash_at,
@@ -215,11 +220,10 @@ async def _serve(cfg: ReceiverConfig, http_socks: list[socket.socket],
                  ready: dict[str, object] | None) -> int:
     """Serve in this process until SIGTERM/SIGINT; write the ready file if ``ready`` is given."""
     metrics = Metrics(metrics_dir)
-    dedup = DedupIndex(cfg.data_dir / STATE_DIR, fsync=cfg.fsync)
-    store = _make_store(cfg, dedup, metrics)
-    store.start()  # the committer thread: after the fork
     executor = ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="store")
-    ingestor = Ingestor(store, dedup, max_body_bytes=cfg.max_body_bytes,
+    loop = asyncio.get_running_loop()
+    backend = await _open_backend(cfg, metrics, loop, executor)
+    ingestor = Ingestor(backend.destination, max_body_bytes=cfg.max_body_bytes,
                         max_line_bytes=cfg.max_line_bytes)
     ctx = AppContext(ingestor=ingestor, metrics=metrics, executor=executor, tokens=cfg.tokens,
                      max_body_bytes=cfg.max_body_bytes,
@@ -234,14 +238,9 @@ async def _serve(cfg: ReceiverConfig, http_socks: list[socket.socket],
         tcp.add_sockets(tcp_socks)
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload_token, cfg, ctx)
-    purge_s = min(max(cfg.dedup_retention_s / 4, _PURGE_INTERVAL_MIN_S), _PURGE_INTERVAL_MAX_S)
-    purger = tornado.ioloop.PeriodicCallback(
-        lambda: _purge(loop, executor, dedup, cfg.dedup_retention_s), purge_s * 1000)
-    purger.start()
     if ready is not None:
         _write_ready(cfg.ready_file, ready)
         log.info("receiver listening http=%s tcp=%s processes=1 pid=%d", ready["http"],
@@ -251,7 +250,6 @@ async def _serve(cfg: ReceiverConfig, http_socks: list[socket.socket],
 
     await stop.wait()
     log.info("stopping inflight=%d pid=%d", ctx.inflight.count, os.getpid())
-    purger.stop()
     http.stop()
     tcp.stop()
     deadline = time.monotonic() + cfg.shutdown_grace_s
@@ -263,10 +261,49 @@ async def _serve(cfg: ReceiverConfig, http_socks: list[socket.socket],
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(http.close_all_connections(), timeout=5)
     await loop.run_in_executor(None, executor.shutdown, True)
-    store.close()
-    dedup.close()
+    await backend.close()
     log.info("stopped pid=%d", os.getpid())
     return 0
+
+
+class _Backend(Protocol):
+    @property
+    def destination(self) -> Destination: ...
+
+    async def close(self) -> None: ...
+
+
+class _Files:
+    """The standalone receiver's backend: the data dir's store and dedup index, and the purger."""
+
+    def __init__(self, cfg: ReceiverConfig, data_dir: Path, metrics: Metrics,
+                 loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor) -> None:
+        self._dedup = DedupIndex(data_dir / STATE_DIR, fsync=cfg.fsync)
+        self._store = _make_store(cfg, data_dir, self._dedup, metrics)
+        self._store.start()  # the committer thread: after the fork
+        purge_s = min(max(cfg.dedup_retention_s / 4, _PURGE_INTERVAL_MIN_S), _PURGE_INTERVAL_MAX_S)
+        self._purger = tornado.ioloop.PeriodicCallback(
+            lambda: _purge(loop, executor, self._dedup, cfg.dedup_retention_s), purge_s * 1000)
+        self._purger.start()
+
+    @property
+    def destination(self) -> Destination:
+        return self._store
+
+    async def close(self) -> None:
+        self._purger.stop()
+        self._store.close()
+        self._dedup.close()
+
+
+async def _open_backend(cfg: ReceiverConfig, metrics: Metrics, loop: asyncio.AbstractEventLoop,
+                        executor: ThreadPoolExecutor) -> _Backend:
+    """Where this process's batches go: the data dir, or (an ingest node) the stream."""
+    if cfg.data_dir is not None:
+        return _Files(cfg, cfg.data_dir, metrics, loop, executor)
+    from receiver.cluster.publish import open_ingest  # nats-py is needed by ingest nodes only
+
+    return await open_ingest(cfg)
 
 
 def _reload_token(cfg: ReceiverConfig, ctx: AppContext) -> None:

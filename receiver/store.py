@@ -54,7 +54,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from receiver.dedup import Claims, DedupIndex
+from receiver.dedup import Claims, DedupIndex, StoredBatch
 from receiver.errors import BatchInProgress, StorageUnavailable
 from receiver.files import RETRY_AFTER_S, FileTable, OpenFile, fsync_dir, write_all
 
@@ -196,6 +196,10 @@ class PartitionedStore:
                rejected: int) -> Stored:
         """``commit(Batch(batch_id, parts, stored, rejected))``."""
         return self.commit(Batch(batch_id, parts, stored, rejected))
+
+    def lookup(self, batch_id: str) -> StoredBatch | None:
+        """The counts of ``batch_id`` if it is stored (the common resend, answered early)."""
+        return self._journal.lookup(batch_id)
 
     def queued(self) -> tuple[int, int]:
         """(batches, bytes) waiting for a round, the running round not included."""

@@ -76,8 +76,7 @@ class ReceiverProc:
     def start(self, timeout_s: float = 20.0, port: int | None = None) -> ReceiverProc:
         ready = self.data_dir.parent / f".ready-{self.data_dir.name}-{time.monotonic_ns()}.json"
         listen = f"127.0.0.1:{port if port is not None else (self.port or 0)}"
-        cmd = [sys.executable, "-m", "receiver", "--data-dir", str(self.data_dir),
-               "--listen", listen, "--ready-file", str(ready), *self.args]
+        cmd = [*self.command(), "--listen", listen, "--ready-file", str(ready), *self.args]
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                      env=child_env(**self.extra_env), start_new_session=True)
@@ -95,6 +94,10 @@ class ReceiverProc:
         self.tcp = info.get("tcp")
         self.port = int(info["http"].rsplit(":", 1)[1])
         return self
+
+    def command(self) -> list[str]:
+        """The receiver's command line before ``--listen``; an ingest node has no data dir."""
+        return [sys.executable, "-m", "receiver", "--data-dir", str(self.data_dir)]
 
     @property
     def url(self) -> str:

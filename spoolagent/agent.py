@@ -1,81 +1,37 @@
 """Agent: builds the parts from AgentConfig, wires them with plain callables, owns every thread.
 
-    Supervisor --on_lines--> Batcher --put--> Spool --get--> sender threads --send--> receiver
-                                                     <--ack/nack/fail--
+    Supervisor --on_lines--> Batchers --put--> SpoolWriter --> Spool --get--> sender threads --send--> receiver
+                                                                      <--ack/nack/fail--
 
-The agent owns the one ``stopping`` event, the signal flags, the timer thread that flushes batches
-by age, ``in_flight`` sender threads, the status server and the runtime file
-``STATE_DIR/agent.json`` that tells the CLI where the running agent's status endpoint is.
-Imports every part; nothing imports it but cli.py.
+The agent owns the one ``stopping`` event, the signal flags, reload, the send loops, the snapshot
+and the stop order. The batcher registry and age flusher live in ``collect.batchers``, the
+spool hand-off in ``spool.writer``, the runtime file in ``runtime``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import queue
-import re
 import signal
 import threading
 import time
-from collections.abc import Sequence
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from spoolagent import __version__, config
-from spoolagent.collect.batcher import Batcher
+from spoolagent import __version__, config, runtime
+from spoolagent.collect.batchers import Batchers
+from spoolagent.collect.rejected import RejectedLog
 from spoolagent.collect.supervisor import Supervisor
 from spoolagent.config import AgentConfig
 from spoolagent.errors import BatchRejected, ConfigError, ReceiverUnavailable, SpoolError
 from spoolagent.sender import Sender
 from spoolagent.spool.queue import Spool, WhenFull
 from spoolagent.spool.salvage import corrupt_files
+from spoolagent.spool.writer import SpoolWriter
 from spoolagent.status import StatusServer
 
 log = logging.getLogger(__name__)
-
-RUNTIME_FILE = "agent.json"
-REJECTED_FILE = "rejected.log"
-_REJECTED_MAX_BYTES = 64 * 1024 * 1024
-_PROD_BAD_CHARS = re.compile(r"[^A-Za-z0-9._-]")
-
-
-def runtime_file(state_dir: Path) -> Path:
-    return state_dir / RUNTIME_FILE
-
-
-class _RejectedLog:
-    """Lines the agent could not take (invalid, over-long), kept for the operator with the reason.
-
-    One entry per line: ``<ISO time> collector=<name> reason="<why>" | <the line's bytes>``.
-    Rotated once to ``rejected.log.1`` past 64 MiB, so it cannot fill the disk.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self.count = 0
-
-    def write(self, collector: str, line: bytes, reason: str) -> None:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z").encode()
-        entry = b"%s collector=%s reason=\"%s\" | %s\n" % (
-            stamp, collector.encode(), reason.replace('"', "'").encode(), line.replace(b"\n", b"\\n"))
-        with self._lock:
-            self.count += 1
-            try:
-                if self.path.exists() and self.path.stat().st_size > _REJECTED_MAX_BYTES:
-                    os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-                with open(self.path, "ab") as f:
-                    f.write(entry)
-            except OSError as exc:
-                log.error("cannot keep a rejected line collector=%s path=%s err=%s", collector, self.path, exc)
-        if self.count <= 10 or self.count % 1000 == 0:
-            log.warning("rejected line collector=%s reason=%s total=%d kept_in=%s",
-                        collector, reason, self.count, self.path)
-
 
 class Agent:
     """The running agent. ``run()`` blocks in the main thread until SIGTERM/SIGINT."""
@@ -87,24 +43,14 @@ class Agent:
         self._reload_requested = threading.Event()
         self._signals = 0
         self._started_s = time.time()
-        self._batchers: dict[str, Batcher] = {}
-        self._batchers_lock = threading.Lock()
-        self._retired_per: dict[str, dict[str, int]] = {}
-        self._retired: dict[str, int] = {"lines_spooled": 0, "lines_invalid": 0,
-                                         "lines_unprotected": 0, "lines_discarded": 0, "batches_spooled": 0,
-                                         "checkpoints": 0, "lines_read": 0}
         self._threads: list[threading.Thread] = []
-        self._spool_q: queue.Queue[tuple[str, list[bytes], str | None] | None] = queue.Queue(maxsize=1)
-        self._writer: threading.Thread | None = None
-        self._pending = threading.Event()   # a batcher started a new batch: the flusher re-plans
         self._wake = threading.Event()      # a signal arrived: the main loop looks at the flags
-        self._spool_errors = 0
         self.last_error: str | None = None
         self.last_error_s: float | None = None
         self.restart_needed: list[str] = []  # config sections a reload read but cannot apply
         state_dir = cfg.agent.state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
-        self.rejected = _RejectedLog(state_dir / REJECTED_FILE)
+        self.rejected = RejectedLog(state_dir)
         self.spool = Spool(state_dir, max_bytes=cfg.spool.max_bytes, when_full=WhenFull(cfg.spool.when_full),
                            compression=cfg.sender.compression, stopping=self.stopping,
                            move_corrupt_aside=True)  # never brick the host's logging
@@ -112,131 +58,38 @@ class Agent:
                              timeout_s=cfg.sender.timeout_s, in_flight=cfg.sender.in_flight,
                              ca_file=str(cfg.sender.ca_file) if cfg.sender.ca_file else None,
                              max_backoff_s=cfg.sender.max_backoff_s, failover_after=cfg.sender.failover_after)
+        self.writer = SpoolWriter(self.spool, stopping=self.stopping, on_error=self._note_error)
         self._settings: dict[str, dict[str, Any]] = {k: dict(v) for k, v in cfg.collectors.items()}
+        self.batchers = Batchers(
+            put=self.writer.put, on_invalid=self.rejected.write,
+            settings=lambda name: self._settings.get(name, {}),
+            checkpointing=lambda name: name in self.spool.checkpoints(),
+            wait_spooled=self.writer.wait_spooled, max_lines=cfg.batch.max_lines,
+            max_bytes=cfg.batch.max_bytes, max_wait_s=cfg.batch.max_wait_ms / 1000.0,
+            max_line_bytes=cfg.agent.max_line_bytes)
         self.supervisor = Supervisor(
-            cfg.agent.collectors_dir, settings=self._settings, on_lines=self._on_lines,
+            cfg.agent.collectors_dir, settings=self._settings, on_lines=self.batchers.feed,
             on_overlong=self._on_overlong, on_exit=self._on_exit, checkpoint_for=self._checkpoint_for,
             stopping=self.stopping, max_line_bytes=cfg.agent.max_line_bytes, stop_grace_s=cfg.agent.stop_grace_s)
         self.status: StatusServer | None = None
 
     # -- wiring: collectors -> batchers -> spool -----------------------------------------------
 
-    def _batcher(self, name: str) -> Batcher:
-        b = self._batchers.get(name)
-        if b is None:
-            with self._batchers_lock:
-                b = self._batchers.get(name)
-                if b is None:
-                    settings = self._settings.get(name, {})
-                    raw_prod = None
-                    if settings.get("format", "protocol") == "raw":
-                        raw_prod = str(settings.get("prod") or _PROD_BAD_CHARS.sub("_", name)[:128])
-                    b = Batcher(name, put=self._put, on_invalid=self.rejected.write,
-                                max_lines=self.cfg.batch.max_lines, max_bytes=self.cfg.batch.max_bytes,
-                                max_wait_s=self.cfg.batch.max_wait_ms / 1000.0,
-                                max_held_bytes=4 * self.cfg.batch.max_bytes,
-                                max_line_bytes=self.cfg.agent.max_line_bytes, raw_prod=raw_prod,
-                                on_pending=self._pending.set,
-                                # a token from an earlier run: hold lines until this run's first
-                                checkpointing=name in self.spool.checkpoints())
-                    self._batchers[name] = b
-        return b
-
-    def _on_lines(self, name: str, lines: list[bytes]) -> None:
-        self._batcher(name).feed(lines)
-
     def _on_overlong(self, name: str, size: int, head: bytes) -> None:
         self.rejected.write(name, head[:4096], f"line of {size} bytes is over the limit of "
                             f"{self.cfg.agent.max_line_bytes}; its first {min(len(head), 4096)} bytes are kept")
 
     def _on_exit(self, name: str, returncode: int) -> None:
-        b = self._batchers.get(name)
-        if b is not None:
-            b.close()
-            # the next run of this collector starts from the newest committed token
-            self._wait_spooled()
-            with self._batchers_lock:  # one step for snapshot(): counters never go backwards
-                self._batchers.pop(name, None)
-                mine = self._retired_per.setdefault(name, {})
-                for k, v in b.stats().items():
-                    if k in self._retired:
-                        self._retired[k] += v
-                        mine[k] = mine.get(k, 0) + v
+        self.batchers.retire(name)
 
     def _checkpoint_for(self, name: str) -> str:
         return self.spool.checkpoints().get(name, "")
-
-    def _put(self, collector: str, lines: Sequence[bytes], checkpoint: str | None) -> object:
-        """The batchers' ``put``: hand one batch to the spool writer thread.
-
-        Compressing and committing a batch (an fsync) then overlaps with reading the next one.
-        The hand-over queue holds one batch, so a full spool or a slow disk still reaches the
-        collectors through their pipes within a batch or two.
-        """
-        self._spool_q.put((collector, list(lines), checkpoint))
-        return None
-
-    def _spool_writer(self) -> None:
-        """One thread commits every batch, in the order the batchers cut them."""
-        while True:
-            item = self._spool_q.get()
-            try:
-                if item is None:
-                    return
-                self._write_batch(*item)
-            except Exception:
-                log.exception("data lost: cannot spool batch collector=%s lines=%d", item[0] if item else "?",
-                              len(item[1]) if item else 0)
-            finally:
-                self._spool_q.task_done()
-
-    def _wait_spooled(self) -> None:
-        """Block until every batch handed to the writer is committed (its token is then durable)."""
-        self._spool_q.join()
-
-    def _write_batch(self, collector: str, lines: Sequence[bytes], checkpoint: str | None) -> object:
-        """Spool one batch. A failing disk is retried (the collector waits), never dropped."""
-        attempt = 0
-        while True:
-            try:
-                return self.spool.put(collector, lines, checkpoint)
-            except SpoolError as exc:
-                attempt += 1
-                self._spool_errors += 1
-                self._note_error(f"spool: {exc}")
-                if attempt == 1 or attempt % 60 == 0:
-                    log.error("cannot spool batch collector=%s lines=%d attempt=%d err=%s; retrying",
-                              collector, len(lines), attempt, exc)
-                if self.stopping.is_set() and attempt >= 3:
-                    log.error("data lost: cannot spool at shutdown collector=%s lines=%d err=%s",
-                              collector, len(lines), exc)
-                    raise
-                self.stopping.wait(1.0) if not self.stopping.is_set() else time.sleep(0.5)
 
     def _note_error(self, err: str) -> None:
         self.last_error = err
         self.last_error_s = time.time()
 
     # -- threads --------------------------------------------------------------------------------
-
-    def _flush_loop(self) -> None:
-        """Put batches whose oldest line has waited max_wait_ms. Sleeps until the next one is due,
-        or until a batcher starts a new batch (no polling while idle)."""
-        while not self.stopping.is_set():
-            self._pending.clear()
-            now, next_due = time.monotonic(), None
-            for b in list(self._batchers.values()):
-                due = b.due_at()
-                if due is None:
-                    continue
-                if due <= now:
-                    try:
-                        b.flush_due(now)
-                    except Exception:
-                        log.exception("flush failed collector=%s", b.collector)
-                else:
-                    next_due = due if next_due is None else min(next_due, due)
-            self._pending.wait(5.0 if next_due is None else max(0.0, next_due - time.monotonic()))
 
     def _send_loop(self) -> None:
         while not self.stopping.is_set():
@@ -287,18 +140,8 @@ class Agent:
 
     def snapshot(self) -> dict[str, Any]:
         """Everything /status and /metrics show. Thread-safe (reads counters)."""
-        with self._batchers_lock:
-            totals = dict(self._retired)
-            # per collector: every run so far (a counter must not restart with the collector)
-            per_collector = {n: dict(v) for n, v in self._retired_per.items()}
-            for name, b in self._batchers.items():
-                mine = per_collector.setdefault(name, {})
-                for k, v in b.stats().items():
-                    if k in totals:
-                        totals[k] += v
-                        mine[k] = mine.get(k, 0) + v
-                    else:
-                        mine[k] = v
+        # per collector: every run so far (a counter must not restart with the collector)
+        totals, per_collector = self.batchers.counters()
         collectors = []
         for info in self.supervisor.collectors():
             collectors.append({
@@ -324,7 +167,7 @@ class Agent:
                       "unprotected": totals["lines_unprotected"], "discarded": totals["lines_discarded"]},
             "batches": {"spooled": totals["batches_spooled"]},
             "supervisor": sup,
-            "spool_errors": self._spool_errors,
+            "spool_errors": self.writer.errors,
             "spool_corrupt": {"moved_total": 1 if self.spool.moved_aside else 0,
                               "moved_to": str(self.spool.moved_aside) if self.spool.moved_aside else None,
                               "kept_files": [p.name for p in corrupt_files(self.cfg.agent.state_dir)]},
@@ -334,14 +177,10 @@ class Agent:
         }
 
     def _write_runtime_file(self) -> None:
-        path = runtime_file(self.cfg.agent.state_dir)
-        info = {"pid": os.getpid(), "agent_id": self.cfg.agent.id, "version": __version__,
-                "started_s": self._started_s,
-                "status_url": self.status.url if self.status else None,
-                "config": str(self.cfg.path) if self.cfg.path else None}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info))
-        os.replace(tmp, path)
+        runtime.write(self.cfg.agent.state_dir, {
+            "pid": os.getpid(), "agent_id": self.cfg.agent.id, "version": __version__,
+            "started_s": self._started_s, "status_url": self.status.url if self.status else None,
+            "config": str(self.cfg.path) if self.cfg.path else None})
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -390,11 +229,8 @@ class Agent:
         restart = [f"[sender] {f.name}" for f in dataclasses.fields(applied)
                    if getattr(applied, f.name) != getattr(new.sender, f.name)]
         if new.batch != old.batch:
-            with self._batchers_lock:  # new batchers read self.cfg.batch, set below
-                for b in self._batchers.values():
-                    b.set_limits(max_lines=new.batch.max_lines, max_bytes=new.batch.max_bytes,
-                                 max_wait_s=new.batch.max_wait_ms / 1000.0)
-            self._pending.set()  # the flusher re-plans with the new max_wait_ms
+            self.batchers.set_limits(max_lines=new.batch.max_lines, max_bytes=new.batch.max_bytes,
+                                     max_wait_s=new.batch.max_wait_ms / 1000.0)
             log.info("reload: [batch] max_lines=%d max_bytes=%d max_wait_ms=%d",
                      new.batch.max_lines, new.batch.max_bytes, new.batch.max_wait_ms)
         restart += [f"[{name}]" for name in ("agent", "spool", "status")
@@ -423,9 +259,8 @@ class Agent:
         self._write_runtime_file()
         for i in range(self.cfg.sender.in_flight):
             self._start_thread(self._send_loop, f"sender-{i}")
-        self._start_thread(self._flush_loop, "flusher")
-        self._writer = threading.Thread(target=self._spool_writer, name="spool-writer", daemon=True)
-        self._writer.start()
+        self._start_thread(lambda: self.batchers.flush_loop(self.stopping), "flusher")
+        self.writer.start()
         self.supervisor.start()
         log.info("agent running status=%s", self.status.url if self.status else "off")
         while not self._stop_requested.is_set():
@@ -441,17 +276,12 @@ class Agent:
         t0 = time.monotonic()
         log.info("agent stopping")
         self.stopping.set()
-        self._pending.set()  # the flusher sees stopping at once
+        self.batchers.wake()  # the flusher sees stopping at once
         grace = 0.0 if self._signals >= 2 else self.cfg.agent.stop_grace_s
         self.supervisor.stop(grace)
-        with self._batchers_lock:
-            batchers = list(self._batchers.values())
-        for b in batchers:
-            b.close()
-        if self._writer is not None:
-            # everything the readers handed over is committed before the spool closes
-            self._spool_q.put(None)
-            self._writer.join()
+        self.batchers.close_all()
+        # everything the readers handed over is committed before the spool closes
+        self.writer.close()
         deadline = time.monotonic() + 2.0
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
@@ -462,9 +292,6 @@ class Agent:
         self.spool.close()
         if self.status:
             self.status.stop()
-        try:
-            runtime_file(self.cfg.agent.state_dir).unlink()
-        except FileNotFoundError:
-            pass
+        runtime.remove(self.cfg.agent.state_dir)
         log.info("agent stopped in %.2fs", time.monotonic() - t0)
         return 0

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from spoolagent import __version__, config
+from spoolagent import __version__, config, runtime
 from spoolagent.errors import ConfigError, SpoolBusy, SpoolError
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
@@ -102,14 +102,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _agent_status(state_dir: Path, timeout_s: float = 3.0) -> tuple[dict[str, Any] | None, str]:
     """The running agent's /status, or None and why not."""
-    rt = state_dir / "agent.json"
+    rt = runtime.path(state_dir)
     try:
-        info = json.loads(rt.read_text())
+        info = runtime.read(state_dir)
     except FileNotFoundError:
         return None, f"the agent is not running (no {rt})"
     except (OSError, ValueError) as exc:
         return None, f"cannot read {rt}: {exc}"
-    pid = info.get("pid")
+    pid: Any = info.get("pid")
     try:
         os.kill(int(pid), 0)
     except (TypeError, ValueError, ProcessLookupError):

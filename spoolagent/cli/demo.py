@@ -29,6 +29,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from spoolagent import runtime
 from spoolagent.config import bundled_collectors_dir
 
 _SAMPLE = [
@@ -194,8 +195,8 @@ def run_demo(args: argparse.Namespace) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     ready = base / "receiver.ready.json"
     ready.unlink(missing_ok=True)
-    runtime = base / "state" / "agent.json"
-    runtime.unlink(missing_ok=True)  # left by an agent that was killed
+    runtime_file = runtime.path(base / "state")
+    runtime_file.unlink(missing_ok=True)  # left by an agent that was killed
     # new sessions: a Ctrl-C reaches only the demo, which then stops them in order
     with open(base / "receiver.log", "ab") as out:
         receiver = subprocess.Popen(
@@ -212,7 +213,7 @@ def run_demo(args: argparse.Namespace) -> int:
         with open(base / "agent.log", "ab") as out:
             agent = subprocess.Popen([sys.executable, "-m", "spoolagent", "run", "--config", str(cfg)],
                                      stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        status_url = str(_wait_for_file(runtime, agent, "the agent", base / "agent.log")["status_url"])
+        status_url = str(_wait_for_file(runtime_file, agent, "the agent", base / "agent.log")["status_url"])
         writer.start()
         agent_cmd, recv_cmd = _command("spoolagent", "spoolagent"), _command("spoolreceiver", "receiver")
         con.print(f"[bold]spoolagent demo[/] in {base}")

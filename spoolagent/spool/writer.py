@@ -1,0 +1,87 @@
+"""SpoolWriter: the thread that commits every batch the batchers cut, in order.
+
+Compressing and committing a batch (an fsync) then overlaps with reading the next one. The
+hand-over queue holds one batch, so a full spool or a slow disk still reaches the collectors
+through their pipes within a batch or two. A failing disk is retried (the collector waits), never
+dropped, except at shutdown after three attempts (logged as data lost).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from spoolagent.errors import SpoolError
+from spoolagent.spool.queue import Spool
+
+log = logging.getLogger(__name__)
+
+_Item = tuple[str, list[bytes], "str | None"]
+
+
+class SpoolWriter:
+    """One writer thread in front of ``spool.put``. ``put`` and ``wait_spooled`` are thread-safe;
+    ``start`` and ``close`` are for the agent's main thread."""
+
+    def __init__(self, spool: Spool, *, stopping: threading.Event, on_error: Callable[[str], None]) -> None:
+        self._spool = spool
+        self._stopping = stopping
+        self._on_error = on_error
+        self._q: queue.Queue[_Item | None] = queue.Queue(maxsize=1)
+        self._thread: threading.Thread | None = None
+        self.errors = 0  # failed spool writes (each retried)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, collector: str, lines: Sequence[bytes], checkpoint: str | None) -> object:
+        """The batchers' ``put``: hand one batch over. Blocks while the writer is busy with the
+        previous one (that is the back-pressure)."""
+        self._q.put((collector, list(lines), checkpoint))
+        return None
+
+    def wait_spooled(self) -> None:
+        """Block until every batch handed over is committed (its token is then durable)."""
+        self._q.join()
+
+    def close(self) -> None:
+        """Commit everything handed over, then stop the thread. Blocks."""
+        if self._thread is not None:
+            self._q.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            try:
+                if item is None:
+                    return
+                self._write(*item)
+            except Exception:
+                log.exception("data lost: cannot spool batch collector=%s lines=%d", item[0] if item else "?",
+                              len(item[1]) if item else 0)
+            finally:
+                self._q.task_done()
+
+    def _write(self, collector: str, lines: Sequence[bytes], checkpoint: str | None) -> object:
+        attempt = 0
+        while True:
+            try:
+                return self._spool.put(collector, lines, checkpoint)
+            except SpoolError as exc:
+                attempt += 1
+                self.errors += 1
+                self._on_error(f"spool: {exc}")
+                if attempt == 1 or attempt % 60 == 0:
+                    log.error("cannot spool batch collector=%s lines=%d attempt=%d err=%s; retrying",
+                              collector, len(lines), attempt, exc)
+                if self._stopping.is_set() and attempt >= 3:
+                    log.error("data lost: cannot spool at shutdown collector=%s lines=%d err=%s",
+                              collector, len(lines), exc)
+                    raise
+                self._stopping.wait(1.0) if not self._stopping.is_set() else time.sleep(0.5)

@@ -1,0 +1,101 @@
+"""Batchers: one batcher per running collector, the age flusher, counters over a collector's runs."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from spoolagent.collect.batchers import COUNTERS, Batchers
+from spoolagent.protocol import today
+from tests.conftest import wait_until
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.batches: list[tuple[str, list[bytes], str | None]] = []
+        self.invalid: list[tuple[str, bytes, str]] = []
+        self.waits = 0
+
+    def put(self, collector: str, lines: Sequence[bytes], checkpoint: str | None) -> None:
+        self.batches.append((collector, list(lines), checkpoint))
+
+    def bad(self, collector: str, line: bytes, reason: str) -> None:
+        self.invalid.append((collector, line, reason))
+
+    def wait_spooled(self) -> None:
+        self.waits += 1
+
+
+def make(sink: Sink, settings: Mapping[str, Mapping[str, Any]] | None = None, *,
+         max_wait_s: float = 60.0, checkpointing: frozenset[str] = frozenset()) -> Batchers:
+    known = settings or {}
+    return Batchers(put=sink.put, on_invalid=sink.bad, settings=lambda n: known.get(n, {}),
+                    checkpointing=lambda n: n in checkpointing, wait_spooled=sink.wait_spooled,
+                    max_lines=1000, max_bytes=100_000, max_wait_s=max_wait_s, max_line_bytes=4096)
+
+
+def rec(i: int) -> bytes:
+    return b"app %s line %d" % (today(), i)
+
+
+def test_counters_add_up_over_a_collectors_runs() -> None:
+    s = Sink()
+    bs = make(s)
+    bs.feed("a", [rec(1), rec(2), b"not a record"])
+    bs.retire("a")  # the first run exits: its lines are put and waited for
+    assert s.waits == 1 and [len(b[1]) for b in s.batches] == [2]
+    bs.feed("a", [rec(3)])  # the second run, a fresh batcher
+    bs.feed("b", [rec(4)])
+    totals, per = bs.counters()
+    assert set(totals) == set(COUNTERS)
+    assert per["a"]["lines_read"] == 4 and per["a"]["lines_invalid"] == 1
+    assert per["a"]["lines_spooled"] == 2 and per["a"]["lines_pending"] == 1
+    assert totals["lines_read"] == 5 and totals["lines_spooled"] == 2
+    bs.close_all()
+    totals, per = bs.counters()
+    assert totals["lines_spooled"] == 4 and per["b"]["lines_spooled"] == 1
+
+
+def test_retiring_an_unknown_collector_is_a_no_op() -> None:
+    s = Sink()
+    make(s).retire("never-ran")
+    assert s.waits == 0
+
+
+def test_raw_collectors_get_their_prod_from_settings_or_a_cleaned_name() -> None:
+    s = Sink()
+    bs = make(s, {"web log": {"format": "raw"}, "x": {"format": "raw", "prod": "nginx"}})
+    bs.feed("web log", [b"GET /"])
+    bs.feed("x", [b"GET /x"])
+    bs.close_all()
+    lines = sorted(line for b in s.batches for line in b[1])
+    assert lines[0].startswith(b"nginx ") and lines[1].startswith(b"web_log ")
+
+
+def test_a_collector_with_a_token_from_an_earlier_run_holds_lines_until_its_first_checkpoint() -> None:
+    s = Sink()
+    bs = make(s, max_wait_s=0.0, checkpointing=frozenset({"a"}))
+    bs.feed("a", [rec(1)])
+    bs.get("a").flush_due()
+    assert s.batches == []  # held, not put by age: a crash now would read it again from the token
+    bs.feed("a", [b"!checkpoint t2"])
+    bs.get("a").flush_due()
+    assert s.batches == [("a", [rec(1)], "t2")]
+
+
+def test_the_flusher_puts_a_batch_once_it_is_due_and_stops_with_the_event() -> None:
+    s = Sink()
+    bs = make(s, max_wait_s=0.05)
+    stopping = threading.Event()
+    t = threading.Thread(target=bs.flush_loop, args=(stopping,), daemon=True)
+    t.start()
+    try:
+        bs.feed("a", [rec(1)])
+        wait_until(lambda: len(s.batches) == 1, timeout_s=10)
+    finally:
+        stopping.set()
+        bs.wake()
+        t.join(10)
+    assert not t.is_alive()
+    assert s.batches == [("a", [rec(1)], None)]

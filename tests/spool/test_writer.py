@@ -1,0 +1,50 @@
+"""SpoolWriter: batches committed in the order they were handed over; a failing spool is retried
+and, at shutdown, given up on after a few attempts (counted, reported)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from spoolagent.spool.queue import Spool, WhenFull
+from spoolagent.spool.writer import SpoolWriter
+
+
+def _spool(tmp_path: Path, stopping: threading.Event) -> Spool:
+    return Spool(tmp_path / "state", max_bytes=1 << 30, when_full=WhenFull.BLOCK, compression="none",
+                 stopping=stopping)
+
+
+def test_batches_are_committed_in_hand_over_order_with_their_tokens(tmp_path: Path) -> None:
+    stopping = threading.Event()
+    spool = _spool(tmp_path, stopping)
+    writer = SpoolWriter(spool, stopping=stopping, on_error=lambda err: None)
+    writer.start()
+    try:
+        for i in range(20):
+            writer.put("c", [b"app 2026-11-30 line %d" % i], f"t{i}")
+        writer.wait_spooled()
+        assert spool.checkpoints() == {"c": "t19"}  # durable once wait_spooled returns
+        got = []
+        while (b := spool.get(timeout_s=0.0)) is not None:
+            got.append(b.body)
+            spool.ack(b.pqid)
+        assert got == [b"app 2026-11-30 line %d\n" % i for i in range(20)]
+    finally:
+        writer.close()
+        spool.close()
+    assert writer.errors == 0
+
+
+def test_a_spool_that_keeps_failing_at_shutdown_is_given_up_on_and_reported(tmp_path: Path) -> None:
+    stopping = threading.Event()
+    spool = _spool(tmp_path, stopping)
+    errors: list[str] = []
+    writer = SpoolWriter(spool, stopping=stopping, on_error=errors.append)
+    writer.start()
+    stopping.set()
+    spool.close()  # every put now raises SpoolError
+    writer.put("c", [b"app 2026-11-30 lost"], None)
+    writer.close()  # returns: three attempts at shutdown, then the batch is logged as lost
+    assert writer.errors == 3
+    assert len(errors) == 3 and all(e.startswith("spool: ") for e in errors)

@@ -23,15 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from spoolagent.errors import SpoolBusy, SpoolError
+from spoolagent.spool._pq import ACK_FAILED, ACKED, QUEUE_TABLE, READY, UNACK
 from spoolagent.spool.format import (
-    ACK_FAILED,
-    ACKED,
     BUSY_TIMEOUT_S,
     DB_NAME,
-    QUEUE_TABLE,
-    READY,
     STATE_CODES,
-    UNACK,
     check_schema,
     connect,
     decode_row,

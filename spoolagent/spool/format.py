@@ -1,6 +1,6 @@
 """The on-disk format of the spool: row codec, batch ids, compression and the SQL schema.
 
-Owns what ``spool.py`` (the agent's Spool) and ``spool_file.py`` (the operator's offline and
+Owns what ``queue`` (the agent's Spool) and ``file`` (the operator's offline and
 read-only access) must agree on: the row format, the side tables next to persist-queue's own
 ``ack_queue_default`` table, the status codes, and how a file is checked and upgraded.
 
@@ -9,9 +9,9 @@ JSON header + body``; the header carries ``batch_id, collector, lines, encoding,
 created_s, prods`` and the body is the lines (each ending in ``\\n``) compressed as ``encoding``.
 Never pickle: an operator may copy a spool around.
 
-Imports only ``spoolagent.errors`` and the standard library plus zstandard; never persistqueue
-(only ``spool.py`` does), never sender, collectors, config or agent. Thread-safe: pure functions,
-and ``new_batch_id`` serialises its monotonic state with a lock.
+What it takes from persist-queue (table name, status codes, table definition) comes from
+``_pq``. Thread-safe: pure functions, and ``new_batch_id`` serialises its monotonic state with a
+lock.
 """
 
 from __future__ import annotations
@@ -33,19 +33,17 @@ from typing import Any
 import zstandard
 
 from spoolagent.errors import SpoolBusy, SpoolError
+from spoolagent.spool._pq import ACK_FAILED, INITED, QUEUE_DDL, QUEUE_TABLE, READY, UNACK
 from spoolcore.sqlite import immediate, is_busy
 
 DB_NAME = "spool.db"
 LOCK_NAME = "spool.lock"
-QUEUE_TABLE = "ack_queue_default"  # persist-queue's table for queue name "default"
 SCHEMA_VERSION = 1  # PRAGMA user_version of a spool this build writes
 ROW_MAGIC = b"SPAB"
 ROW_VERSION = 1
 WAL_LIMIT_BYTES = 16 * 1024 * 1024
 BUSY_TIMEOUT_S = 120.0  # long enough that a VACUUM or purge never fails the agent
 
-# persist-queue's status codes (persistqueue.sqlackqueue.AckStatus)
-INITED, READY, UNACK, ACKED, ACK_FAILED = 0, 1, 2, 5, 9
 STATE_CODES: dict[str, tuple[int, ...]] = {
     "ready": (INITED, READY),
     "inflight": (UNACK,),
@@ -56,11 +54,6 @@ ENCODINGS = {"gzip": "gzip", "zstd": "zstd", "none": "identity"}
 _HEAD = struct.Struct(">4sBI")
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
-# The library's DDL, verbatim, so that a spool created by the CLI (import) is the library's table.
-_QUEUE_DDL = (
-    f"CREATE TABLE IF NOT EXISTS `{QUEUE_TABLE}` (_id INTEGER PRIMARY KEY AUTOINCREMENT, "
-    "data BLOB, timestamp FLOAT, status INTEGER)"
-)
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS spool_batches (
     pqid INTEGER PRIMARY KEY,          -- {QUEUE_TABLE}._id
@@ -274,7 +267,7 @@ def check_schema(conn: sqlite3.Connection, path: Path, *, upgrade: bool) -> bool
         if not upgrade or (version == SCHEMA_VERSION and _SCHEMA_OBJECTS <= _objects(conn)):
             return QUEUE_TABLE in tables
         with immediate(conn):
-            conn.execute(_QUEUE_DDL)
+            conn.execute(QUEUE_DDL)
             for stmt in _split_sql(_SCHEMA):
                 conn.execute(stmt)
             if version < SCHEMA_VERSION:

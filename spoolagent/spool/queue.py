@@ -35,16 +35,14 @@ from persistqueue import SQLiteAckQueue
 from persistqueue.exceptions import Empty
 
 from spoolagent.errors import SpoolBusy, SpoolError
+from spoolagent.spool import _pq
+from spoolagent.spool._pq import ACK_FAILED, ACKED, QUEUE_TABLE, UNACK
 from spoolagent.spool.file import file_bytes, query_stats
 from spoolagent.spool.format import (
-    ACK_FAILED,
-    ACKED,
     BUSY_TIMEOUT_S,
     DB_NAME,
     ENCODINGS,
     LOCK_NAME,
-    QUEUE_TABLE,
-    UNACK,
     check_schema,
     configure,
     connect,
@@ -173,10 +171,9 @@ class Spool:
             # of them, and the batch is then resent with its id (the receiver dedups) -- never
             # lost. So they skip the fsync; puts and acks (our own connection) stay FULL, and a
             # FULL commit syncs every WAL frame before it too.
-            for conn in (q._getter, q._putter):
-                if conn is not None:
-                    configure(conn)
-                    conn.execute("PRAGMA synchronous=NORMAL")
+            for conn in _pq.connections(q):
+                configure(conn)
+                conn.execute("PRAGMA synchronous=NORMAL")
             self._checkpoints = dict(self._db.execute(
                 "SELECT collector, token FROM spool_checkpoints").fetchall())
             self._bytes = 0
@@ -390,7 +387,7 @@ class Spool:
                 # commit. The library's ack is an UPDATE to "acked" and a commit, and clearing
                 # acked rows a second DELETE and commit: two fsyncs where one does.
                 self._db.execute(f"DELETE FROM `{QUEUE_TABLE}` WHERE _id = ?", (pqid,))
-                self._q._unack_cache.pop(pqid, None)  # what the library's ack forgets too
+                _pq.forget_unacked(self._q, pqid)  # what the library's ack forgets too
             except sqlite3.Error as exc:
                 raise SpoolError(f"cannot ack pqid={pqid}: {exc}") from exc
             self._bytes -= self._inflight.pop(pqid, 0)

@@ -35,13 +35,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from spoolagent.errors import SpoolError
+from spoolagent.spool._pq import ACK_FAILED, ACKED, QUEUE_TABLE, READY
 from spoolagent.spool.file import SpoolFile
 from spoolagent.spool.format import (
-    ACK_FAILED,
-    ACKED,
     DB_NAME,
-    QUEUE_TABLE,
-    READY,
     SCHEMA_VERSION,
     RowHeader,
     decode_row,

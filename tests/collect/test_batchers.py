@@ -99,3 +99,14 @@ def test_the_flusher_puts_a_batch_once_it_is_due_and_stops_with_the_event() -> N
         t.join(10)
     assert not t.is_alive()
     assert s.batches == [("a", [rec(1)], None)]
+
+
+def test_new_limits_reach_running_and_later_batchers() -> None:
+    s = Sink()
+    bs = make(s)
+    bs.feed("a", [rec(1)])
+    bs.set_limits(max_lines=2, max_bytes=100_000, max_wait_s=60.0)
+    bs.feed("a", [rec(2), rec(3)])  # the running batcher cuts by the new limit (not at 1000)
+    bs.feed("b", [rec(4), rec(5)])  # a new one is made with the new limits
+    assert [b[0] for b in s.batches] == ["a", "b"]
+    assert [len(b[1]) for b in s.batches][1] == 2

@@ -91,6 +91,8 @@ def test_key_value_lines_one_per_event(receiver: ReceiverProc, agent_factory: Ca
         assert not bad, f"{path.name}: lines that are not one key=value event:\n" + "\n".join(bad[:10])
     text = agent.log_path.read_text()
     assert re.search(r"level=warning logger=spoolagent\.agent rejected line collector=chatty", text)
+    # issue 15 finding 8: a value with spaces is quoted logfmt-style, so logfmt parsers keep it whole
+    assert re.search(r'rejected line collector=chatty reason="[^"]* [^"]*" total=1 ', text)
     assert re.search(r"level=info logger=spoolagent\.[\w.]+ .*chatty.*a message on stderr", text)
     # two problems, two lines of text, one event: the newline is escaped
     assert re.search(r"level=error logger=spoolagent\.agent reload failed.*bogus: unknown key\\n\S+ \[batch\] "
@@ -123,5 +125,8 @@ def test_json_lines_parse(receiver_factory: Callable[..., ReceiverProc],
     msgs = [e["msg"] for e in agent_events]
     assert any(m.startswith("agent starting id=test") for m in msgs)
     assert any(m.startswith("rejected line collector=chatty") for m in msgs)
+    # issue 15 finding 8: the message's fields are keys of the object, not only text in msg
+    rejected = next(e for e in agent_events if e["msg"].startswith("rejected line"))
+    assert rejected["collector"] == "chatty" and " " in rejected["reason"] and rejected["total"] == "1"
     assert any("a message on stderr" in m for m in msgs)
     assert agent_events[-1]["msg"].startswith("agent stopped")

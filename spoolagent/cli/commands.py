@@ -6,7 +6,6 @@ Exit codes: 0 ok, 1 runtime error, 2 usage or config error, 3 spool busy or lock
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ from typing import Any
 
 from spoolagent import __version__, config, runtime
 from spoolagent.errors import ConfigError, SpoolBusy, SpoolError
+from spoolcore import logfmt
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 DEFAULT_CONFIG = os.environ.get("SPOOLAGENT_CONFIG", "/etc/spoolagent/agent.toml")
@@ -26,37 +26,10 @@ DEFAULT_CONFIG = os.environ.get("SPOOLAGENT_CONFIG", "/etc/spoolagent/agent.toml
 log = logging.getLogger("spoolagent")
 
 
-def _timestamp(record: logging.LogRecord) -> str:
-    """ISO 8601 in UTC with milliseconds, as the receiver writes it."""
-    when = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
-    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-class _KeyValueFormatter(logging.Formatter):
-    """``ts=... level=... logger=... MESSAGE``: one line per event, a traceback included (as a
-    JSON string in ``exc=``), so line-based shippers and grep never split an event."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = f"ts={_timestamp(record)} level={record.levelname.lower()} logger={record.name} {record.getMessage()}"
-        if record.exc_info:
-            line += " exc=" + json.dumps(self.formatException(record.exc_info))
-        return line.replace("\n", "\\n")
-
-
-class _JsonFormatter(logging.Formatter):
-    """One JSON object per line: ``ts``, ``level``, ``logger``, ``msg`` and ``exc`` (a traceback)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {"ts": _timestamp(record), "level": record.levelname.lower(), "logger": record.name,
-                               "msg": record.getMessage()}
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
-
-
 def setup_logging(level: str = "info", fmt: str = "kv") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if fmt == "json" else _KeyValueFormatter())
+    # the receiver's formatters: every argument quoted logfmt-style, JSON with fields as keys
+    handler.setFormatter(logfmt.JsonFormatter() if fmt == "json" else logfmt.KeyValueFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))

@@ -26,6 +26,9 @@ Snapshot = Callable[[], dict[str, Any]]
 # the values of sender.SenderState (not imported: this module imports nothing from the package;
 # tests/test_status.py pins that the two agree)
 _SENDER_STATES = ("idle", "sending", "backoff", "unauthorized", "misconfigured", "stopped")
+# the values of collect.supervisor.CollectorState, likewise
+_COLLECTOR_STATES = ("starting", "running", "backoff", "waiting", "stopping", "stopped", "disabled",
+                     "exited", "failed")
 
 
 def _num(v: object) -> float:
@@ -123,6 +126,12 @@ class _AgentCollector(Collector):
         yield sender_state
         yield gauge("sender_last_success_timestamp_seconds", "Unix time of the last acknowledged batch "
                     "(0: none yet).", sender.get("last_success_s"))
+        c_state = GaugeMetricFamily("spoolagent_collector_state", "1 for the collector's current state "
+                                    f"({', '.join(_COLLECTOR_STATES)}).", labels=["collector", "state"])
+        for c in s.get("collectors", []):
+            for name in _COLLECTOR_STATES:
+                c_state.add_metric([c["name"], name], 1.0 if c.get("state") == name else 0.0)
+        yield c_state
         restarts = CounterMetricFamily("spoolagent_collector_restarts", "Collector restarts.", labels=["collector"])
         up = GaugeMetricFamily("spoolagent_collector_up", "1 while the collector runs (or waits for its "
                                "next interval).", labels=["collector"])

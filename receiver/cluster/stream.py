@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STREAM = "SPOOLAGENT"
 PARTITIONS_KEY = "spoolagent.partitions"
+_PING_INTERVAL_S = 2
 _RETRY_AFTER_S = (1, 5)  # spread: a fleet refused at once must not come back in lock-step
 
 
@@ -110,6 +111,9 @@ async def connect(urls: list[str], name: str, *, timeout_s: float = 30.0) -> Cli
                 return await nats.connect(
                     servers=urls, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                     connect_timeout=2, allow_reconnect=True, error_cb=on_error,
+                    # a frozen server (SIGSTOP, a hung host) is noticed in ~6 s, not the
+                    # default 2 x 120 s, and the client moves to another node
+                    ping_interval=_PING_INTERVAL_S, max_outstanding_pings=2,
                     disconnected_cb=on_disconnect, reconnected_cb=on_reconnect)
         except StorageUnavailable as exc:
             if time.monotonic() > deadline:

@@ -174,7 +174,7 @@ class Writer:
         while not self._stopping.is_set() and self._leases.held(p):
             try:
                 msgs = await sub.fetch(cfg.fetch_batch, timeout=_FETCH_TIMEOUT_S) if sub else []
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nothing came (nats-py raises asyncio's, or its own subclass)
                 continue
             except nats.errors.Error as exc:
                 log.warning("fetch failed partition=%d err=%s", p, exc)

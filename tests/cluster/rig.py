@@ -135,6 +135,7 @@ class WriterProc:
         self.args = list(args)
         self.log_path = data_dir.parent / f"writer-{name or data_dir.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.http: str | None = None  # HOST:PORT of /metrics with --listen
 
     def start(self, timeout_s: float = 30.0, wait_ready: bool = True) -> WriterProc:
         ready = self.data_dir.parent / f".ready-writer-{time.monotonic_ns()}.json"
@@ -151,11 +152,21 @@ class WriterProc:
                 return ready.exists()
 
             wait_until(_ready, timeout_s, interval_s=0.05, what="writer ready file")
+            self.http = json.loads(ready.read_text()).get("http")
         return self
 
     def wait(self, timeout_s: float = 30.0) -> int:
         assert self.proc is not None
         return self.proc.wait(timeout_s)
+
+    def metric(self, name: str) -> float:
+        """The value of sample ``name`` (with labels, as exposed) on the writer's /metrics."""
+        assert self.http is not None, "start the writer with --listen"
+        with urllib.request.urlopen(f"http://{self.http}/metrics", timeout=5) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[-1])
+        return 0.0
 
     def log_text(self) -> str:
         try:

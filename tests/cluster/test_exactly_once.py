@@ -1,0 +1,132 @@
+"""Cluster mode end to end on a real 3-node JetStream cluster: agents -> ingest nodes -> stream ->
+writers -> files, checked line by line with the reliability checker's checkpointing collector.
+Ingest nodes failing over, a resend after the stream's duplicate window, writers on disjoint
+partitions (and a third refused), a full stream."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from receiver.cluster.stream import partition_of
+from tests.cluster.rig import IngestProc, NatsCluster, WriterProc, run_cli
+from tests.conftest import AgentProc, wait_until
+from tests.reliability.rig import Workload, first_tokens, poll_progress
+
+DAY = "2026-11-30"
+
+
+def _workload(tmp_path: Path, n: int, srcs: tuple[str, ...] = ("ck-a", "ck-b", "ck-c"),
+              delay: float = 0.05) -> Workload:
+    """Checkpointing collectors writing steadily (100 lines every ``delay`` s each), one PROD
+    each, so that the lines spread over the stream's partitions."""
+    w = Workload(tmp_path / "w")
+    for src in srcs:
+        w.ckpt(src, n, every=100, delay=delay)
+    return w
+
+
+def _agent(agent_factory: Callable[..., AgentProc], urls: list[str], w: Workload) -> AgentProc:
+    a = agent_factory(urls, batch="max_lines = 300\nmax_wait_ms = 50",
+                      sender="max_backoff_s = 1\nin_flight = 2", extra_toml=w.toml())
+    w.install(a)
+    return a
+
+
+def test_agent_fails_over_between_ingest_nodes_exactly_once(
+        tmp_path: Path, ingest_factory: Callable[..., IngestProc],
+        writer_factory: Callable[..., WriterProc], agent_factory: Callable[..., AgentProc],
+        stream_name: str) -> None:
+    nodes = [ingest_factory(stream_name), ingest_factory(stream_name)]
+    w = writer_factory(stream_name)
+    work = _workload(tmp_path, 8000)
+    agent = _agent(agent_factory, [n.url for n in nodes], work)
+    agent.start()
+    first_tokens(agent, work)
+    poll_progress(work, w.data_dir, 1500)
+    nodes[0].kill()  # the agent's preferred node: it fails over to the other
+    poll_progress(work, w.data_dir, 3000)
+    nodes[0].start()
+    work.settle(agent, w.data_dir)
+    work.verify(w.data_dir).assert_exactly_once("ck-a", "ck-b", "ck-c")
+
+
+def test_resend_after_the_duplicate_window_is_stored_once(
+        nats_cluster: NatsCluster, ingest_factory: Callable[..., IngestProc],
+        writer_factory: Callable[..., WriterProc]) -> None:
+    name = "LATE"
+    done = run_cli("stream", "init", "--nats", nats_cluster.urls, "--stream", name,
+                   "--partitions", "2", "--replicas", "3", "--duplicate-window", "1s")
+    assert done.returncode == 0, done.stderr
+    node = ingest_factory(name)
+    w = writer_factory(name, "--listen", "127.0.0.1:0")
+    body = b"".join(b"late %s line %d\n" % (DAY.encode(), i) for i in range(50))
+    first = httpx.put(f"{node.url}/v1/batches/late-1", content=body, timeout=30)
+    assert first.status_code == 201, first.text
+    wait_until(lambda: w.metric('spoolreceiver_writer_messages_total{result="stored"}') == 1, 30,
+               what="the first copy stored")
+    # an agent that was down past the stream's duplicate window resends the batch: the stream
+    # takes it as new (nothing can be polled for the window to pass: it is time)
+    time.sleep(1.5)
+    again = httpx.put(f"{node.url}/v1/batches/late-1", content=body, timeout=30)
+    assert again.status_code in (200, 201), again.text
+    wait_until(lambda: w.metric('spoolreceiver_writer_messages_total{result="duplicate"}') == 1,
+               30, what="the late copy dropped by the writer's dedup index")
+    assert (w.data_dir / f"late_{DAY}.dat").read_bytes() == body.replace(b"late %s " % DAY.encode(), b"")
+
+
+def test_two_writers_disjoint_partitions_and_a_third_refused(
+        tmp_path: Path, ingest_factory: Callable[..., IngestProc],
+        writer_factory: Callable[..., WriterProc], stream_name: str) -> None:
+    a = writer_factory(stream_name, "--partitions", "0-1", data_dir=tmp_path / "a", name="a")
+    b = writer_factory(stream_name, "--partitions", "2,3", data_dir=tmp_path / "b", name="b")
+    third = writer_factory(stream_name, "--partitions", "1-2", data_dir=tmp_path / "c", name="c",
+                           wait_ready=False)
+    assert third.wait(30) == 2, third.log_text()
+    assert "partition 1 is held by writer" in third.log_text()
+    node = ingest_factory(stream_name)
+    prods = [f"prod{i}" for i in range(16)]
+    for n in range(10):
+        body = b"".join(b"%s %s %d\n" % (p.encode(), DAY.encode(), n) for p in prods)
+        assert httpx.put(f"{node.url}/v1/batches/d-{n}", content=body, timeout=30).status_code == 201
+
+    def written() -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for d in (a.data_dir, b.data_dir):
+            for f in d.glob("*.dat"):
+                if f.read_bytes().count(b"\n") == 10:
+                    out.setdefault(f.name, []).append(d.name)
+        return out
+
+    wait_until(lambda: len(written()) == len(prods), 30, what="every PROD's file complete")
+    for prod in prods:
+        owners = written()[f"{prod}_{DAY}.dat"]
+        assert owners == ["a" if partition_of(prod, 4) in (0, 1) else "b"], (prod, owners)
+    assert a.proc is not None and a.proc.poll() is None and b.proc is not None and b.proc.poll() is None
+
+
+def test_full_stream_answers_503_and_nothing_is_lost_once_the_writer_catches_up(
+        tmp_path: Path, nats_cluster: NatsCluster, ingest_factory: Callable[..., IngestProc],
+        writer_factory: Callable[..., WriterProc], agent_factory: Callable[..., AgentProc]) -> None:
+    name = "FULL"
+    done = run_cli("stream", "init", "--nats", nats_cluster.urls, "--stream", name,
+                   "--partitions", "2", "--replicas", "3", "--max-bytes", "96KiB")
+    assert done.returncode == 0, done.stderr
+    node = ingest_factory(name)
+    work = _workload(tmp_path, 6000, srcs=("full-a", "full-b"), delay=0.01)
+    agent = _agent(agent_factory, [node.url], work)
+    agent.start()
+
+    def refused() -> bool:
+        return 'spoolreceiver_requests_total{code="503",handler="batch"}' in httpx.get(
+            node.url + "/metrics", timeout=5).text
+
+    wait_until(refused, 60, what="the full stream refusing batches (503)")
+    st = agent.get_status()
+    assert st["spool"]["ready_batches"] + st["spool"]["inflight_batches"] > 0  # kept, not lost
+    w = writer_factory(name)
+    work.settle(agent, w.data_dir, timeout_s=120)
+    work.verify(w.data_dir).assert_exactly_once("full-a", "full-b")

@@ -2,7 +2,7 @@
 
 TOML is read with tomllib, every key is checked once here, and every problem is reported in one
 ConfigError that names the file, the key and what was expected. Relative paths are resolved
-against the directory of the config file. Imports only spoolagent.errors and spoolagent.protocol.
+against the directory of the config file.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The agent's exception tree. Imports nothing from the package.
+"""The agent's exception tree.
 
 The type of an error decides what happens next: the CLI exits 2 on ConfigError, the sender nacks
 and retries on ReceiverUnavailable, dead-letters on BatchRejected, and so on.

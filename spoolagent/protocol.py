@@ -7,7 +7,7 @@ makes a line invalid (it marks a torn or zero-filled file, never a log line).
 A collector may also print ``!checkpoint TOKEN``.
 
 Bundled collectors import this module, so it stays cheap to import: the standard library only,
-and nothing from the package but ``errors`` (which imports nothing).
+and nothing from the package but ``errors``.
 Thread-safe: pure functions plus a small cache of dates already checked.
 """
 

@@ -5,9 +5,8 @@ Owns the HTTP client (one shared httpx.Client: keep-alive pool, TLS, timeouts), 
 across the configured receivers, the sender's state and counters, and the summarised logging of a
 receiver that keeps failing.
 
-The only module that imports httpx and tenacity. From the package it imports only
-``spoolagent.errors``; it never imports the spool, the batcher or the collectors (``agent.py``
-wires them together with plain callables).
+The only module that imports httpx and tenacity; ``agent.py`` wires it to the spool with plain
+callables.
 """
 
 from __future__ import annotations

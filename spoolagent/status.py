@@ -2,7 +2,7 @@
 
 Both are rendered from one ``snapshot()`` callable (agent.py passes ``Agent.snapshot``), so the
 parts keep plain counters and never import prometheus_client. Runs a small threaded HTTP server on
-its own daemon thread. Imports nothing from the package.
+its own daemon thread.
 """
 
 from __future__ import annotations

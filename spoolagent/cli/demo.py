@@ -9,8 +9,8 @@ outage. Run it again in the same directory and it resumes: every line of ``logs/
 in ``data/`` exactly once.
 
 Stopping delivers first: the writer stops, the demo waits (bounded) until the receiver's files hold
-every line written, then stops the agent with SIGTERM and the receiver after it. Imports only config
-(for the bundled collectors dir); reads the others' state over HTTP and from files.
+every line written, then stops the agent with SIGTERM and the receiver after it. Reads the others'
+state over HTTP and from files.
 """
 
 from __future__ import annotations

@@ -6,9 +6,6 @@ touch a batch in flight; never through persist-queue (a second ``SQLiteAckQueue`
 agent's in-flight batches). See docs/spool.md. The inspection commands, salvage, compact and the
 parser live here; purge/export/import in ``cli.transfer``; printing helpers and exit codes (0 ok,
 1 runtime error, 2 usage, 3 spool busy or locked) in ``cli.output``. ``cli.commands`` wires them in.
-
-Imports spool.file, spool.format, spool.salvage, config, errors, cli.output, cli.transfer and
-(lazily) rich; never persistqueue.
 """
 
 from __future__ import annotations

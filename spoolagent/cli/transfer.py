@@ -3,7 +3,6 @@ the spool or put lines back in (docs/operations.md, "Spool full" and "Moving a s
 
 Safe while the agent runs: they never touch a batch in flight, and ``export --move`` writes and
 deletes in one transaction per chunk, so a batch spooled meanwhile is in neither list and stays.
-Imports spool.file, spool.format, protocol, config, errors and cli.output; never persistqueue.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Ready lines are cut into batches by lines, bytes and age. Held lines are capped 
 ``max_held_bytes``: past the cap they are put without a token and counted (a restart may repeat them).
 
 Also parses the collector's stdout lines (protocol or raw format) with spoolagent.protocol.
-Imports only protocol and errors; never spool, sender or collectors (agent.py wires ``put``).
+``put`` is a plain callable (agent.py wires it to the spool writer).
 """
 
 from __future__ import annotations

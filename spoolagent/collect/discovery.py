@@ -3,7 +3,7 @@
 Dotfiles, editor backups and autosaves, package-manager leftovers, directories, dangling symlinks
 and non-executables are skipped; NAME is the file name without its extension, and of two files
 with the same NAME the first in (interval, file name) order wins. Pure functions over the
-directory; imports only ``spoolagent.errors`` and the standard library.
+directory.
 """
 
 from __future__ import annotations

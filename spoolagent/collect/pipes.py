@@ -1,8 +1,7 @@
 """Reading a collector's pipes: stdout into lists of complete lines, stderr into the log.
 
 Owns line splitting (chunks of 256 KiB, never a Python object per line before the split), the
-over-long line rule, and rate-limited stderr logging. Imports only the standard library; must not
-import spool, sender, batcher, config, agent or collectors.
+over-long line rule, and rate-limited stderr logging.
 """
 
 from __future__ import annotations

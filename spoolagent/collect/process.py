@@ -2,8 +2,6 @@
 group, reap it, and run its reader threads (:class:`Run`).
 
 The supervisor (``spoolagent.collect.supervisor``) decides *when* to run what; this module only knows how.
-Imports only ``spoolagent.errors``, ``spoolagent.collect.pipes`` and the standard library; must not import
-spool, sender, batcher, config, agent or collectors.
 
 Parent-death signal: on Linux every collector is started through a tiny wrapper
 (``python -I -S -c _WRAPPER``) that calls ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, checks that its

@@ -4,9 +4,8 @@ Owns ``collectors_dir/<interval>/<program>``: which collectors exist (:func:`dis
 named states (:class:`CollectorState`), when each runs (interval 0: long-running, respawned with
 exponential backoff; interval N: started every N s and terminated when it overruns), picking up
 new, changed and removed files and new settings, and stopping everything. How a single process is
-spawned and its pipes read lives in ``spoolagent.collect.process`` and ``spoolagent.collect.pipes``. Imports only
-``spoolagent.errors``, those, ``spoolagent.collect.discovery`` and the standard library; must not import
-spool, sender, batcher, config or agent (the agent wires it with plain callables).
+spawned and its pipes read lives in ``spoolagent.collect.process`` and ``spoolagent.collect.pipes``;
+the agent wires the supervisor to the batchers with plain callables.
 
 Threads: :meth:`Supervisor.start` starts one thread, ``collectors-supervisor``. It is the only
 thread that spawns, signals, reaps and changes a collector's state, and it lives until

@@ -7,8 +7,7 @@ a read-only connection; mutations are short ``BEGIN IMMEDIATE`` transactions wit
 timeout that never touch in-flight (status 2) rows, so the agent's Spool stays correct (it
 re-reads its byte total from SQL every few seconds and polls for new ready rows).
 
-Imports ``spoolagent.spool.format`` and ``spoolagent.errors`` only; never persistqueue, sender,
-collectors, config, agent or cli. Not thread-safe: one SpoolFile per thread.
+Never goes through persistqueue. Not thread-safe: one SpoolFile per thread.
 """
 
 from __future__ import annotations

@@ -6,9 +6,8 @@ The spool is bounded by ``max_bytes``: when full, ``put`` blocks (back-pressure)
 oldest ready batches. Side tables (same file): ``spool_batches`` (metadata: attempts, last error,
 HTTP status and reason of a dead-lettered batch) and ``spool_checkpoints``.
 
-The only module that imports persistqueue. Imports ``spoolagent.errors``, ``spool_format``,
-``spool_file`` and ``spool_salvage`` (a damaged file at start-up) only: never sender, collectors,
-config or agent.
+The only module that imports persistqueue (what it takes beyond the public API is named in
+``_pq``); a damaged file at start-up goes to ``salvage``.
 
 Why some writes bypass the library: a put must insert the row, its metadata and its checkpoint
 in ONE transaction (a crash never leaves a row without metadata or a checkpoint ahead of its

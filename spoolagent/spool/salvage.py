@@ -11,14 +11,12 @@ it aside so the agent starts with an empty spool, and salvage what is still read
   both directions, and from each index, each until it hits damage), skips unreadable rows, and
   inserts every readable undelivered batch into a live spool with its ORIGINAL batch id, so the
   receiver answers those it already has as duplicates. Safe while the agent runs: short
-  ``BEGIN IMMEDIATE`` transactions through ``spool_format.insert_row``, as ``spool import``.
+  ``BEGIN IMMEDIATE`` transactions through ``format.insert_row``, as ``spool import``.
 
 Checkpoint tokens are not carried over, neither at the move nor by salvage: after the fresh start
 every collector was restarted without a token (and re-read from its start policy), so the live
 spool's tokens are the truth; a salvaged, older token would win by row id and rewind the
 collector at its next restart, storing its lines twice. Salvaged rows are re-encoded without one.
-
-Imports spool_format, spool_file and errors only; never persistqueue, sender, collectors, config.
 """
 
 from __future__ import annotations

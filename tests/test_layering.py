@@ -1,0 +1,112 @@
+"""The import rules of the house, read from the source with ``ast`` (module docstrings no longer
+list their imports; this test is where the rules live).
+
+- spoolagent: ``cli -> agent -> {collect, spool, sender, status} -> core`` where core is
+  ``protocol, config, errors, runtime`` and the package root; nothing imports upward, and collect,
+  spool, sender and status never import each other.
+- ``spoolagent`` and ``receiver`` never import each other.
+- ``spoolcore`` imports neither, and nothing outside the standard library.
+- one owner per foreign library: persistqueue only in ``spool/queue.py`` (``_pq`` names its
+  internals as data), httpx and tenacity only in ``sender.py``.
+- the bundled collectors import the standard library, ``spoolagent.protocol``, their own helpers
+  and ``inotify_simple`` (a dependency of the package, optional at run time).
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CORE = {"protocol", "config", "errors", "runtime", ""}
+PARTS = {"collect", "spool", "sender", "status"}
+OWNERS = {"persistqueue": {"spoolagent.spool.queue"}, "httpx": {"spoolagent.sender"},
+          "tenacity": {"spoolagent.sender"}}
+COLLECTOR_EXTRAS = {"spoolagent_collectors", "inotify_simple"}
+RANK = {"cli": 3, "__main__": 3, "agent": 2, **dict.fromkeys(PARTS, 1), **dict.fromkeys(CORE, 0)}
+
+
+def _modules(package: str) -> Iterator[tuple[str, Path]]:
+    base = ROOT / package
+    for path in sorted(base.rglob("*.py")):
+        rel = path.relative_to(base).with_suffix("")
+        parts = [p for p in rel.parts if p != "__init__"]
+        yield ".".join([package, *parts]), path
+
+
+def _imports(path: Path) -> Iterator[tuple[int, str]]:
+    """Every module a file imports (``from a import b`` yields ``a.b`` too: b may be a module)."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.lineno, node.module
+            for alias in node.names:
+                yield node.lineno, f"{node.module}.{alias.name}"
+
+
+def _part(module: str) -> str | None:
+    """The layer a spoolagent module belongs to: its first component under the package."""
+    parts = module.split(".")
+    if parts[0] != "spoolagent":
+        return None
+    name = parts[1] if len(parts) > 1 else ""
+    return name if name in RANK else None
+
+
+def _allowed(mine: str, theirs: str) -> bool:
+    """Down the ranks, never sideways between the parts (collect, spool, sender, status)."""
+    if mine == theirs:
+        return True
+    if mine in PARTS and theirs in PARTS:
+        return False
+    return RANK[theirs] <= RANK[mine]
+
+
+def _violations() -> Iterator[str]:
+    for package in ("spoolagent", "receiver", "spoolcore", "collectors"):
+        for module, path in _modules(package):
+            where = f"{path.relative_to(ROOT)}"
+            for line, target in _imports(path):
+                top = target.split(".")[0]
+                if package == "spoolcore" and top not in sys.stdlib_module_names and top != "spoolcore":
+                    yield f"{where}:{line}: spoolcore imports {target} (standard library only)"
+                if package == "receiver" and top == "spoolagent":
+                    yield f"{where}:{line}: the receiver imports the agent ({target})"
+                if package == "collectors" and top not in sys.stdlib_module_names and not (
+                        target.startswith("spoolagent.protocol") or top in COLLECTOR_EXTRAS
+                        or target == "spoolagent"):
+                    yield f"{where}:{line}: a bundled collector imports {target}"
+                if package != "spoolagent":
+                    continue
+                if top in OWNERS and module not in OWNERS[top]:
+                    yield f"{where}:{line}: only {', '.join(sorted(OWNERS[top]))} may import {top}"
+                if top == "receiver":
+                    yield f"{where}:{line}: the agent imports the receiver ({target})"
+                mine, theirs = _part(module), _part(target)
+                if mine is not None and theirs is not None and not _allowed(mine, theirs):
+                    yield f"{where}:{line}: {mine} must not import {theirs} ({target})"
+
+
+def test_no_module_imports_against_the_layering() -> None:
+    assert list(dict.fromkeys(_violations())) == []
+
+
+@pytest.mark.parametrize(("module", "target", "allowed"), [
+    ("spoolagent.collect.batcher", "spoolagent.spool.queue", False),
+    ("spoolagent.protocol", "spoolagent.agent", False),
+    ("spoolagent.agent", "spoolagent.cli.commands", False),
+    ("spoolagent.cli.commands", "spoolagent.agent", True),
+    ("spoolagent.spool.queue", "spoolagent.errors", True),
+    ("spoolagent.status", "spoolagent.sender", False),
+    ("spoolagent.config", "spoolagent.protocol", True),
+])
+def test_the_rule_itself(module: str, target: str, allowed: bool) -> None:
+    mine, theirs = _part(module), _part(target)
+    assert mine is not None and theirs is not None
+    assert _allowed(mine, theirs) is allowed

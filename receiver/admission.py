@@ -5,8 +5,8 @@ A body request is admitted when its headers arrive, before its body is read, and
 until it is answered: the bodies being read, decoded, waiting for the store's round and in the
 round. Past ``max_requests`` of them, or ``max_bytes`` of their declared sizes (Content-Length,
 compressed), a new one is refused with 503 and a ``Retry-After`` drawn at random between 1 s and
-about twice the time the admitted work takes to drain at the recent pace: a fleet that was
-refused together does not come back together. Touched only on the event loop. Imports nothing
+about twice the time the admitted work takes to drain at the recent pace (at most 10 s): a fleet
+that was refused together does not come back together. Touched only on the event loop. Imports nothing
 from the package.
 """
 
@@ -17,7 +17,8 @@ import random
 import time
 
 _RATE_HALF_LIFE_S = 2.0
-_MAX_RETRY_AFTER_S = 60
+_PRIOR_RATE = 500.0  # requests/s assumed before any was answered (a quiet start is no measure)
+_MAX_RETRY_AFTER_S = 10
 
 
 class Admission:
@@ -28,7 +29,7 @@ class Admission:
         self.max_bytes = max_bytes
         self.requests = 0
         self.bytes = 0
-        self._rate = 0.0  # answered requests per second, decaying average
+        self._rate = _PRIOR_RATE  # answered requests per second, decaying average
         self._rate_at = time.monotonic()
         self._random = random.Random()
 
@@ -55,6 +56,6 @@ class Admission:
 
     def retry_after_s(self) -> int:
         """Seconds a refused request should wait: random in [1, ~2 x the drain time]."""
-        drain_s = self.requests / max(self._rate, 1.0)
+        drain_s = self.requests / max(self._rate, 50.0)
         top = min(_MAX_RETRY_AFTER_S, max(2, math.ceil(2 * drain_s)))
         return self._random.randint(1, top)

@@ -16,6 +16,8 @@ metrics, errors (and tornado); no handlers of logging.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hmac
 import logging
 import re
@@ -35,13 +37,16 @@ from receiver.errors import (
     RetryableError,
     StorageUnavailable,
 )
-from receiver.ingest import SMALL_BODY_BYTES, Outcome
+from receiver.ingest import SMALL_BODY_BYTES, Charge, Outcome
 from receiver.metrics import CONTENT_TYPE
 
 log = logging.getLogger(__name__)
 
 _SHED_LOG_EVERY_S = 10.0
 _BATCH_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+# a small body is decoded on the event loop only while it stays this small decoded: a 16 KiB zstd
+# body can expand to the whole cap, and checking 64 MiB there would stall every connection
+_INLINE_DECODED_BYTES = 256 * 1024
 
 
 def make_app(ctx: AppContext) -> tornado.web.Application:
@@ -121,9 +126,14 @@ class MetricsHandler(_Handler):
 
 
 class _BodyHandler(_Handler):
-    """Streams the body in, refusing it (413) once it is past what the cap could decode from."""
+    """Streams the body in, refusing it (413) once it is past what the cap could decode from, or
+    (503 + Retry-After) once this process holds ``max_inflight`` bytes of bodies. Both answers
+    come as soon as the body crosses the bound, chunked or not; the connection is then closed."""
+
+    _charge: Charge | None = None
 
     def prepare(self) -> None:
+        self._charge = self.ctx.budget.charge()
         self._chunks: list[bytes] = []
         self._received = 0
         self._too_large = False
@@ -159,14 +169,27 @@ class _BodyHandler(_Handler):
         self.finish({"error": "receiver busy, retry after Retry-After"})
 
     def data_received(self, chunk: bytes) -> None:
-        if self._too_large:
+        if self._too_large or self._finished:
             return
         self._received += len(chunk)
         if self._received > self._raw_cap:
             self._too_large = True
             self._chunks = []
-        else:
-            self._chunks.append(chunk)
+            self._refuse(413, f"body is over the cap of {self._raw_cap} bytes")
+            return
+        try:
+            assert self._charge is not None
+            self._charge.take(len(chunk))
+        except RetryableError as exc:
+            self._chunks = []
+            self._refuse(503, str(exc), retry_after_s=exc.retry_after_s)
+            return
+        self._chunks.append(chunk)
+
+    def _release(self) -> None:
+        super()._release()
+        if self._charge is not None:
+            self._charge.close()
 
     def _take_body(self) -> bytes:
         if self._too_large:
@@ -196,14 +219,20 @@ class _BodyHandler(_Handler):
     async def _run(self, batch_id: str | None, work: Any, *args: Any) -> Outcome | None:
         """Run ``work(*args)`` (on the executor unless the body is small), wait for its round;
         answer errors here. None if it was refused."""
+        if self._finished:  # refused while the body came in
+            return None
         try:
             raw = self._take_body()
-            stored: Future[Outcome]
+            charge = None if self._charge is None else self._charge.take
+            stored: Future[Outcome] | None = None
             if len(raw) <= SMALL_BODY_BYTES:
-                stored = work(*args, raw)
-            else:
+                with contextlib.suppress(BodyTooLarge):
+                    stored = work(*args, raw, max_bytes=_INLINE_DECODED_BYTES, charge=charge)
+            if stored is None:
                 loop = tornado.ioloop.IOLoop.current()
-                stored = await loop.run_in_executor(self.ctx.executor, work, *args, raw)
+                call = functools.partial(work, *args, raw, charge=charge)
+                stored = await loop.run_in_executor(self.ctx.executor, call)
+            assert stored is not None
             return await asyncio.wrap_future(stored)
         except BadRequest as exc:
             self._refuse(400, str(exc), batch_id)

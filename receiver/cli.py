@@ -31,7 +31,7 @@ _EPILOG = """examples:
 The config file is TOML with the flags' names as keys (data_dir, listen, tcp_listen, token_file,
 processes, threads, max_body, max_line, tls_cert, tls_key, fsync, dedup_retention, max_open_files,
 claim_wait, queue_max, queue_max_bytes, shutdown_grace, ready_file, log_level, log_format, nats,
-stream); flags override it.
+stream, max_inflight, max_connections, idle_timeout); flags override it.
 Cluster mode (docs/scaling.md): `spoolreceiver writer --help`, `spoolreceiver stream --help`.
 """
 
@@ -64,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="body requests a process holds before it answers 503 (default 1024)")
     p.add_argument("--queue-max-bytes", dest="queue_max_bytes",
                    help="their declared bytes before it answers 503 (default 256MiB)")
+    p.add_argument("--max-inflight", dest="max_inflight",
+                   help="body bytes held at once per process, received and decoded, past which new "
+                   "requests get 503 + Retry-After (default 4 x max-body)")
+    p.add_argument("--max-connections", dest="max_connections",
+                   help="open HTTP + TCP connections per process (default: from the fd limit)")
+    p.add_argument("--idle-timeout", dest="idle_timeout",
+                   help="close a connection idle this long, e.g. 300s (default), 2m")
     p.add_argument("--ready-file", dest="ready_file",
                    help="once listening, write JSON {pid, http, tcp} here (atomically)")
     p.add_argument("--nats", help="cluster mode: be an ingest node publishing to the JetStream "

@@ -32,7 +32,7 @@ _KEYS = frozenset({
     "data_dir", "listen", "tcp_listen", "token_file", "processes", "threads", "max_body",
     "max_line", "tls_cert", "tls_key", "fsync", "dedup_retention", "max_open_files", "claim_wait",
     "shutdown_grace", "ready_file", "log_level", "log_format", "queue_max", "queue_max_bytes",
-    "nats", "stream",
+    "nats", "stream", "max_inflight", "max_connections", "idle_timeout",
 })
 _PATH_KEYS = frozenset({"data_dir", "token_file", "tls_cert", "tls_key", "ready_file"})
 
@@ -76,6 +76,9 @@ class ReceiverConfig:
     # cluster mode: an ingest node publishing to this JetStream stream instead of a data dir
     nats: tuple[str, ...] = ()
     stream: str = "SPOOLAGENT"
+    max_inflight_bytes: int = 4 * DEFAULT_MAX_BODY_BYTES  # bodies held at once, received + decoded
+    max_connections: int | None = None  # None: from the fd limit (see server.connection_cap)
+    idle_timeout_s: float = 300.0  # an HTTP keep-alive or TCP connection with nothing to read
     # test-only fault switches, from the environment
     crash_at: str | None = None
     fault_enospc_after_bytes: int | None = None
@@ -211,10 +214,17 @@ def _build(s: dict[str, Any], environ: Mapping[str, str]) -> ReceiverConfig:
         log_format=log_format,
         nats=nats,
         stream=parse_stream_name(s.get("stream", "SPOOLAGENT"), "stream"),
+        max_inflight_bytes=parse_size(s["max_inflight"], "max_inflight") if "max_inflight" in s
+        else 4 * parse_size(s.get("max_body", DEFAULT_MAX_BODY_BYTES), "max_body"),
+        max_connections=_int(s["max_connections"], "max_connections", 1)
+        if s.get("max_connections") is not None else None,
+        idle_timeout_s=parse_duration(s.get("idle_timeout", 300.0), "idle_timeout"),
         **_faults(environ),
     )
     if cfg.max_body_bytes < 1 or cfg.max_line_bytes < 1:
         raise ConfigError("max_body/max_line: must be at least 1 byte")
+    if cfg.max_inflight_bytes < 1 or cfg.idle_timeout_s <= 0:
+        raise ConfigError("max_inflight/idle_timeout: must be more than 0")
     if cfg.dedup_retention_s <= 0:
         raise ConfigError("dedup_retention: must be more than 0")
     return cfg

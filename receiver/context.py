@@ -9,7 +9,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from receiver.admission import Admission
-from receiver.ingest import Ingestor
+from receiver.ingest import BodyBudget, Ingestor
 from receiver.metrics import Metrics
 
 
@@ -41,3 +41,4 @@ class AppContext:
     admission: Admission
     inflight: Inflight = field(default_factory=Inflight)
     shed: Shed = field(default_factory=Shed)
+    budget: BodyBudget = field(default_factory=lambda: BodyBudget(1 << 62))  # server: max_inflight

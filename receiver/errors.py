@@ -39,5 +39,9 @@ class StorageUnavailable(RetryableError):
     """
 
 
+class Overloaded(RetryableError):
+    """This process holds as many body bytes in memory as ``max_inflight`` allows: 503."""
+
+
 class BatchInProgress(RetryableError):
     """The same batch id is being stored by another request, which did not finish in time."""

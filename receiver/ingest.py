@@ -29,18 +29,75 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
 
 from receiver import body
 from receiver.dedup import StoredBatch
+from receiver.errors import Overloaded
 from receiver.store import REJECTED_DIR, Batch, Stored
 from receiver.validate import MAX_REJECTED_KEPT, MAX_REJECTED_KEPT_BYTES, CheckedBody, LineChecker
 
 # A body this small (compressed) is decoded on the event loop, and its id looked up only by the
 # store's round: the hop to a thread and the lookup cost more than decoding it (profiled, issue 13)
 SMALL_BODY_BYTES = 16 * 1024
+
+
+class BodyBudget:
+    """Bytes of request bodies this process holds now (received, and decoded so far), across
+    requests, against ``limit``. Thread-safe. One request is always let in when nothing else is
+    held, so a single body at the cap never waits forever."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def charge(self) -> Charge:
+        """A charge for one request, to close when the request is done."""
+        return Charge(self)
+
+    def _take(self, n: int, held: int) -> bool:
+        with self._lock:
+            if self.used > held and self.used + n > self.limit:
+                return False
+            self.used += n
+            return True
+
+    def _give(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
+class Charge:
+    """What one request holds of a BodyBudget. ``take`` from any thread; ``close`` gives it all
+    back (once: later takes are not counted, the request is over)."""
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self._budget = budget
+        self._held = 0
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> None:
+        """Hold ``n`` more bytes. Raises Overloaded (503) past the budget."""
+        with self._lock:
+            if self._closed:
+                return
+            if not self._budget._take(n, self._held):
+                raise Overloaded(f"bodies in memory are at the cap of {self._budget.limit} bytes",
+                                 retry_after_s=1)
+            self._held += n
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._budget._give(self._held)
+                self._held = 0
 
 
 @dataclass(frozen=True)
@@ -83,21 +140,33 @@ class Ingestor:
         self._checker = LineChecker(max_line_bytes)
         self._max_body_bytes = max_body_bytes
 
-    def put_batch(self, batch_id: str, encoding: str | None, raw: bytes) -> Future[Outcome]:
-        """Store batch ``batch_id`` exactly once. Raises BadRequest or BodyTooLarge; the future
+    def put_batch(self, batch_id: str, encoding: str | None, raw: bytes, *, max_bytes: int | None = None,
+                  charge: Callable[[int], None] | None = None) -> Future[Outcome]:
+        """Store batch ``batch_id`` exactly once. ``max_bytes`` lowers the decoded cap (an attempt
+        on the event loop); ``charge(n)`` is called for every n decoded bytes and may raise
+        (Overloaded). Raises BadRequest, BodyTooLarge or Overloaded; the future
         fails with BatchInProgress (the same id is being stored by another process and did not
         finish within the claim wait) or StorageUnavailable (nothing of the batch left behind)."""
         if len(raw) > SMALL_BODY_BYTES:  # a big resend: one lookup saves decoding it
             prior = self._store.lookup(batch_id)
             if prior is not None:
                 return _done(Outcome(batch_id, prior.stored, prior.rejected, duplicate=True))
-        checked = self._checker.check_chunks(body.decode_chunks(raw, encoding, self._max_body_bytes))
+        checked = self._checker.check_chunks(self._decode(raw, encoding, max_bytes, charge))
         return self._submit(batch_id, "batch", checked)
 
-    def put_lines(self, source: str, encoding: str | None, raw: bytes) -> Future[Outcome]:
-        """Store lines without dedup (POST / and TCP). Raises as ``put_batch`` does."""
-        checked = self._checker.check_chunks(body.decode_chunks(raw, encoding, self._max_body_bytes))
+    def put_lines(self, source: str, encoding: str | None, raw: bytes, *, max_bytes: int | None = None,
+                  charge: Callable[[int], None] | None = None,
+                  keep_rejected: int = MAX_REJECTED_KEPT) -> Future[Outcome]:
+        """Store lines without dedup (POST / and TCP: ``keep_rejected`` is what is left of the
+        connection's sample). Raises as ``put_batch`` does."""
+        checked = self._checker.check_chunks(self._decode(raw, encoding, max_bytes, charge),
+                                             keep_rejected)
         return self._submit(None, source, checked)
+
+    def _decode(self, raw: bytes, encoding: str | None, max_bytes: int | None,
+                charge: Callable[[int], None] | None) -> Iterable[bytes]:
+        chunks = body.decode_chunks(raw, encoding, max_bytes or self._max_body_bytes)
+        return chunks if charge is None else _charged(chunks, charge)
 
     def _submit(self, batch_id: str | None, source: str, checked: CheckedBody) -> Future[Outcome]:
         parts = checked.parts
@@ -122,6 +191,12 @@ class Ingestor:
 
         stored.add_done_callback(done)
         return outcome
+
+
+def _charged(chunks: Iterator[bytes], charge: Callable[[int], None]) -> Iterator[bytes]:
+    for chunk in chunks:
+        charge(len(chunk))  # before the chunk is kept: past the budget it is refused, not held
+        yield chunk
 
 
 def _done(outcome: Outcome) -> Future[Outcome]:

@@ -30,18 +30,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
-import tornado.httpserver
 import tornado.ioloop
 import tornado.netutil
 
-from receiver import body
+from receiver import conns
 from receiver.admission import Admission
 from receiver.app import make_app
 from receiver.config import Endpoint, ReceiverConfig, read_tokens
 from receiver.context import AppContext
 from receiver.dedup import DedupIndex
 from receiver.errors import ConfigError
-from receiver.ingest import Destination, Ingestor
+from receiver.ingest import BodyBudget, Destination, Ingestor
 from receiver.metrics import Metrics
 from receiver.store import PartitionedStore
 from receiver.tcp import LineServer
@@ -61,6 +60,11 @@ def run(cfg: ReceiverConfig) -> int:
     if cfg.data_dir is not None:  # an ingest node (--nats) has no storage to prepare
         _prepare_storage(cfg, cfg.data_dir)
 
+    conns.raise_fd_limit()  # before the fork: every worker inherits it
+    if cfg.tcp_listen is not None and cfg.tokens is not None:
+        log.warning("the TCP listener takes lines without a token while a token_file is set "
+                    "tcp_listen=%s; bind it to loopback or a private address, or firewall it "
+                    "(docs/receiver.md)", cfg.tcp_listen)
     http_socks = _bind(cfg.listen)
     tcp_socks = _bind(cfg.tcp_listen) if cfg.tcp_listen else []
     metrics_dir = _metrics_dir()
@@ -227,15 +231,21 @@ async def _serve(cfg: ReceiverConfig, http_socks: list[socket.socket],
                         max_line_bytes=cfg.max_line_bytes)
     ctx = AppContext(ingestor=ingestor, metrics=metrics, executor=executor, tokens=cfg.tokens,
                      max_body_bytes=cfg.max_body_bytes,
-                     admission=Admission(cfg.queue_max, cfg.queue_max_bytes))
+                     admission=Admission(cfg.queue_max, cfg.queue_max_bytes),
+                     budget=BodyBudget(cfg.max_inflight_bytes))
     ssl_ctx = _ssl_context(cfg)
-    http = tornado.httpserver.HTTPServer(
-        make_app(ctx), ssl_options=ssl_ctx, max_body_size=body.raw_cap(cfg.max_body_bytes),
-        idle_connection_timeout=300, body_timeout=120)
-    http.add_sockets(http_socks)
-    tcp = LineServer(ctx, cfg.max_line_bytes, ssl_options=ssl_ctx)
-    if tcp_socks:
-        tcp.add_sockets(tcp_socks)
+    gate = conns.ConnectionGate(conns.connection_cap(cfg.max_connections, cfg.max_open_files))
+    # the handlers refuse a body past the cap with a JSON 413 as it crosses it, chunked or not:
+    # tornado's own limit (a plain-text 400) must never come first
+    http = conns.GatedHTTPServer(
+        make_app(ctx), ssl_options=ssl_ctx, max_body_size=1 << 62,
+        idle_connection_timeout=cfg.idle_timeout_s, body_timeout=120)
+    http.listen_gated(gate, http_socks)
+    tcp = LineServer(ctx, cfg.max_line_bytes, ssl_options=ssl_ctx, gate=gate,
+                     idle_timeout_s=cfg.idle_timeout_s)
+    tcp.listen_gated(tcp_socks)
+    log.info("connections cap=%d idle_timeout_s=%.0f max_inflight=%d pid=%d", gate.cap,
+             cfg.idle_timeout_s, cfg.max_inflight_bytes, os.getpid())
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -250,8 +260,7 @@ async def _serve(cfg: ReceiverConfig, http_socks: list[socket.socket],
 
     await stop.wait()
     log.info("stopping inflight=%d pid=%d", ctx.inflight.count, os.getpid())
-    http.stop()
-    tcp.stop()
+    gate.stop()
     deadline = time.monotonic() + cfg.shutdown_grace_s
     while ctx.inflight.count > 0 and time.monotonic() < deadline:
         await asyncio.sleep(0.02)

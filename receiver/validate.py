@@ -76,12 +76,13 @@ class CheckedBody:
 class _Sample:
     """The invalid lines kept for ``_rejected/``: bounded in count and bytes whatever the body."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_kept: int) -> None:
+        self.max_kept = max_kept
         self.kept: list[Rejected] = []
         self.kept_bytes = 0
         self.omitted = 0
         self.omitted_bytes = 0
-        self.full = False
+        self.full = max_kept <= 0
 
     def add(self, line_no: int, reason: str, line: bytes) -> None:
         if not self.full:
@@ -89,7 +90,7 @@ class _Sample:
             if self.kept_bytes + len(head) <= MAX_REJECTED_KEPT_BYTES:
                 self.kept.append(Rejected(line_no, reason, head, len(line)))
                 self.kept_bytes += len(head)
-                self.full = len(self.kept) >= MAX_REJECTED_KEPT
+                self.full = len(self.kept) >= self.max_kept
                 return
             self.full = True
         self.omitted += 1
@@ -97,7 +98,7 @@ class _Sample:
 
     def add_empty(self, first_line_no: int, count: int) -> None:
         """``count`` empty lines from ``first_line_no`` on: only the room left is spent on them."""
-        room = 0 if self.full else min(count, MAX_REJECTED_KEPT - len(self.kept))
+        room = 0 if self.full else min(count, self.max_kept - len(self.kept))
         for i in range(room):
             self.add(first_line_no + i, EMPTY_LINE, b"")
         self.omitted += count - room
@@ -120,11 +121,12 @@ class LineChecker:
         """Split ``body`` into lines (a missing final newline is accepted) and judge each."""
         return self.check_chunks((body,))
 
-    def check_chunks(self, chunks: Iterable[bytes]) -> CheckedBody:
+    def check_chunks(self, chunks: Iterable[bytes], max_kept: int = MAX_REJECTED_KEPT) -> CheckedBody:
         """Like ``check`` for a body given as consecutive chunks (cut anywhere); checks a segment
-        of whole lines (about ``_SEGMENT_BYTES``) at a time. Raises only what iterating raises."""
+        of whole lines (about ``_SEGMENT_BYTES``) at a time, keeps at most ``max_kept`` rejected
+        lines. Raises only what iterating raises."""
         groups: dict[str, list[bytes]] = {}
-        sample = _Sample()
+        sample = _Sample(max_kept)
         stored = 0
         line_no = 0
         carry: list[bytes] = []  # the start of a line still without its newline

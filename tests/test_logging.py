@@ -90,7 +90,7 @@ def test_key_value_lines_one_per_event(receiver: ReceiverProc, agent_factory: Ca
         bad = [line for line in lines if not _KV_LINE.match(line)]
         assert not bad, f"{path.name}: lines that are not one key=value event:\n" + "\n".join(bad[:10])
     text = agent.log_path.read_text()
-    assert re.search(r"level=warning logger=spoolagent\.agent rejected line collector=chatty", text)
+    assert re.search(r"level=warning logger=spoolagent\.[\w.]+ rejected line collector=chatty", text)
     # issue 15 finding 8: a value with spaces is quoted logfmt-style, so logfmt parsers keep it whole
     assert re.search(r'rejected line collector=chatty reason="[^"]* [^"]*" total=1 ', text)
     assert re.search(r"level=info logger=spoolagent\.[\w.]+ .*chatty.*a message on stderr", text)

@@ -32,6 +32,43 @@ def wait_until(cond: Callable[[], Any], timeout_s: float = 10.0, interval_s: flo
         time.sleep(interval_s)
 
 
+# Every process the suite starts inherits this mark (child_env copies os.environ), so the
+# session's end can find the ones left behind, re-parented to pid 1 or not.
+_SESSION_MARK = "SPOOLAGENT_TEST_SESSION"
+
+
+def _marked_processes(mark: str) -> dict[int, str]:
+    """pid -> command line of every other process whose environment carries ``mark``."""
+    needle = f"{_SESSION_MARK}={mark}".encode()
+    found: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                    errors="replace").strip()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    """Fails the session if a process it started outlives it (and kills what it finds)."""
+    mark = f"{os.getpid()}-{time.monotonic_ns()}"
+    os.environ[_SESSION_MARK] = mark
+    yield
+    # a process signalled by the last teardown may still be on its way out
+    deadline = time.monotonic() + 10.0
+    while (left := _marked_processes(mark)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes the tests started outlived the session (killed now): {left}"
+
+
 def child_env(**extra: str) -> dict[str, str]:
     """The environment for a child: the repo importable, the venv first on PATH."""
     env = dict(os.environ)

@@ -7,6 +7,7 @@ exactly as the agent does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -56,8 +57,10 @@ class TailProc:
         env = child_env(SPOOLAGENT_COLLECTOR_CONFIG=json.dumps(self.config),
                         SPOOLAGENT_CHECKPOINT=self.token)
         with open(self.tmp / "tail.stderr", "ab") as err:
+            # its own process group, signalled as a whole as the agent does: a collector's
+            # children (journald's ``journalctl -f``) go with it
             self.proc = subprocess.Popen([sys.executable, str(self.script)], stdout=subprocess.PIPE,
-                                         stderr=err, env=env)
+                                         stderr=err, env=env, start_new_session=True)
         self.reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
         self.reader.start()
         return self
@@ -84,8 +87,10 @@ class TailProc:
 
     def _end(self, sig: int) -> int:
         assert self.proc is not None and self.reader is not None
-        self.proc.send_signal(sig)
+        os.killpg(self.proc.pid, sig)
         rc = self.proc.wait(10)
+        with contextlib.suppress(ProcessLookupError):  # whatever of the group is still there
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.reader.join(10)
         assert self.proc.stdout is not None
         self.proc.stdout.close()

@@ -57,7 +57,8 @@ class Agent:
         self.sender = Sender(urls=cfg.sender.receivers, stopping=self.stopping, token=cfg.sender.token,
                              timeout_s=cfg.sender.timeout_s, in_flight=cfg.sender.in_flight,
                              ca_file=str(cfg.sender.ca_file) if cfg.sender.ca_file else None,
-                             max_backoff_s=cfg.sender.max_backoff_s, failover_after=cfg.sender.failover_after)
+                             max_backoff_s=cfg.sender.max_backoff_s, failover_after=cfg.sender.failover_after,
+                             balance=cfg.sender.balance)
         self.writer = SpoolWriter(self.spool, stopping=self.stopping, on_error=self._note_error)
         self._settings: dict[str, dict[str, Any]] = {k: dict(v) for k, v in cfg.collectors.items()}
         self.batchers = Batchers(

@@ -71,6 +71,7 @@ class SenderSection:
     in_flight: int = 2
     max_backoff_s: float = 30.0
     failover_after: int = 3
+    balance: str = "ordered"  # or "spread": prefer one of receivers at random
 
 
 @dataclass(frozen=True)
@@ -249,6 +250,7 @@ def from_dict(data: Mapping[str, Any], *, path: Path | None = None, check_paths:
     in_flight = se.get("in_flight", 2, _positive_int)
     max_backoff_s = se.get("max_backoff_s", 30.0, parse_duration)
     failover_after = se.get("failover_after", 3, _positive_int)
+    balance = se.get("balance", "ordered", _choice(("ordered", "spread")))
     se.finish()
     token: str | None = None
     if token_file is not None:
@@ -265,7 +267,8 @@ def from_dict(data: Mapping[str, Any], *, path: Path | None = None, check_paths:
         problems.append("[sender] timeout_s: must be more than 0")
     sender = SenderSection(receivers=receivers, token_file=token_file, token=token, ca_file=ca_file,
                            compression=compression, timeout_s=timeout_s, in_flight=in_flight,
-                           max_backoff_s=max_backoff_s, failover_after=failover_after)
+                           max_backoff_s=max_backoff_s, failover_after=failover_after,
+                           balance=balance)
 
     st = _Checker(problems, "status", data.get("status"))
     status = StatusSection(listen=st.get("listen", "127.0.0.1:9108", _listen))

@@ -155,8 +155,11 @@ class Sender:
                  token: str | None = None, timeout_s: float = 10.0, in_flight: int = 2,
                  ca_file: str | None = None, max_backoff_s: float = 30.0,
                  failover_after: int = 3, initial_backoff_s: float = 1.0,
-                 log_summary_every_s: float = 30.0) -> None:
-        self._urls = _check_urls(urls)
+                 log_summary_every_s: float = 30.0, balance: str = "ordered") -> None:
+        # "spread": this agent prefers one receiver at random (kept across reloads), so a fleet
+        # spreads over several receivers without a load balancer; failover goes on in list order
+        self._spread = random.randrange(1 << 30) if balance == "spread" else 0
+        self._urls = self._balanced(_check_urls(urls))
         self._stopping = stopping
         self._max_backoff_s = max_backoff_s
         self._initial_backoff_s = initial_backoff_s
@@ -246,7 +249,7 @@ class Sender:
         Thread-safe. Raises ConfigError (nothing changed) for a URL that is not http(s). An
         attempt already on the wire finishes against the old URL; its answer still counts.
         """
-        new = _check_urls(urls)
+        new = self._balanced(_check_urls(urls))
         with self._lock:
             if new == self._urls:
                 return
@@ -297,6 +300,10 @@ class Sender:
                 return
             self._closed.set()
         self._client.close()
+
+    def _balanced(self, urls: tuple[str, ...]) -> tuple[str, ...]:
+        first = self._spread % len(urls)
+        return urls[first:] + urls[:first]
 
     # -- one attempt -----------------------------------------------------------------------
 
@@ -380,7 +387,9 @@ class Sender:
             if call.retry_after_s is not None:
                 # the receiver said when; a little jitter on top keeps threads apart
                 return call.retry_after_s + random.uniform(0.0, min(1.0, call.retry_after_s / 10))
-            return float(exponential(retry_state))
+            # half to all of the backoff: agents that failed together (a receiver went away under
+            # a fleet) retry apart, from the first retry on
+            return float(exponential(retry_state)) * random.uniform(0.5, 1.0)
 
         return wait
 

@@ -11,6 +11,7 @@ import gzip
 import importlib.util
 import json
 import logging
+import random
 import socket
 import ssl
 import subprocess
@@ -403,6 +404,34 @@ def test_failover_wraps_round_robin(servers: MakeServer, senders: MakeSender) ->
     assert len(first.seen) == 3 and len(second.seen) == 2
     assert sender.state()["receiver"] == first.url
     assert sender.stats()["failovers"] == 2
+
+
+def test_balance_spread_prefers_a_receiver_at_random(
+        servers: MakeServer, senders: MakeSender) -> None:
+    a, b, c = servers(), servers(), servers()
+    urls = (a.url, b.url, c.url)
+    random.seed(13)  # deterministic: 12 agents choosing among 3 receivers
+    fleet = [senders(*urls, balance="spread") for _ in range(12)]
+    chosen = [s.send(f"s{n}", BODY, "identity").receiver for n, s in enumerate(fleet)]
+    assert set(chosen) == set(urls)  # the fleet spreads over every receiver
+    assert len(a.seen) + len(b.seen) + len(c.seen) == 12
+    assert all(senders(*urls).send(f"o{n}", BODY, "identity").receiver == a.url for n in range(3))
+
+
+def test_backoff_is_spread_from_the_first_retry(servers: MakeServer, senders: MakeSender,
+                                                 stopping: threading.Event) -> None:
+    srv = servers(default=Reply(503))
+    fleet = [senders(srv.url, initial_backoff_s=10.0, max_backoff_s=10.0) for _ in range(8)]
+    threads = [in_thread(lambda s=s, n=n: s.send(f"j{n}", BODY, "identity"))[0]  # type: ignore[misc]
+               for n, s in enumerate(fleet)]
+    for s in fleet:
+        wait_until(lambda s=s: s.state()["state"] == "backoff", 10, what="backoff")  # type: ignore[misc]
+    delays = [float(s.state()["retry_delay_s"]) for s in fleet]  # type: ignore[arg-type]
+    stopping.set()
+    for t in threads:
+        t.join(10)
+    # the first retry of agents that failed together: half to all of the backoff, all different
+    assert all(5.0 <= d <= 10.0 for d in delays) and len(set(delays)) == len(delays), delays
 
 
 # -- shutdown, dead receivers ---------------------------------------------------------------

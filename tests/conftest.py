@@ -100,8 +100,9 @@ class ReceiverProc:
     """A real ``spoolreceiver`` (``python -m receiver``) on 127.0.0.1 with an ephemeral port."""
 
     def __init__(self, data_dir: Path, *args: str, log_path: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, prefix: list[str] | None = None) -> None:
         self.data_dir = data_dir
+        self.prefix = prefix or []  # e.g. ["prlimit", "--nofile=256:256", "--"]
         self.args = list(args)
         self.log_path = log_path or data_dir.parent / f"receiver-{data_dir.name}.log"
         self.extra_env = env or {}
@@ -113,7 +114,7 @@ class ReceiverProc:
     def start(self, timeout_s: float = 20.0, port: int | None = None) -> ReceiverProc:
         ready = self.data_dir.parent / f".ready-{self.data_dir.name}-{time.monotonic_ns()}.json"
         listen = f"127.0.0.1:{port if port is not None else (self.port or 0)}"
-        cmd = [*self.command(), "--listen", listen, "--ready-file", str(ready), *self.args]
+        cmd = [*self.prefix, *self.command(), "--listen", listen, "--ready-file", str(ready), *self.args]
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                      env=child_env(**self.extra_env), start_new_session=True)
@@ -169,10 +170,10 @@ def receiver_factory(tmp_path: Path) -> Iterator[Callable[..., ReceiverProc]]:
     procs: list[ReceiverProc] = []
 
     def make(*args: str, data_dir: Path | None = None, start: bool = True,
-             env: dict[str, str] | None = None) -> ReceiverProc:
+             env: dict[str, str] | None = None, prefix: list[str] | None = None) -> ReceiverProc:
         d = data_dir or tmp_path / f"data{len(procs)}"
         d.mkdir(parents=True, exist_ok=True)
-        r = ReceiverProc(d, *args, env=env)
+        r = ReceiverProc(d, *args, env=env, prefix=prefix)
         procs.append(r)
         return r.start() if start else r
 

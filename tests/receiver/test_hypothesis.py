@@ -1,5 +1,7 @@
-"""Property tests of the receiver's HTTP API against a real ``spoolreceiver``: random bodies,
-encodings (declared right, wrong, unknown), batch ids (valid, hostile, reused), headers and sizes.
+"""Property tests of the receiver's HTTP API against a real ``spoolreceiver``: random bodies
+(bodies of empty lines among them), encodings (declared right, wrong, unknown; nested and mixed
+lists of codings; gzip of many members, zstd of many frames), batch ids (valid, hostile, reused),
+headers and sizes.
 
 For every request: no 5xx but 503; a 201 stores exactly the body's valid lines (judged by the
 agent's own parser) byte for byte in the right file, a 200 duplicate stores nothing, a 4xx stores
@@ -88,8 +90,16 @@ ids = st.one_of(
                      "a b", "", "-", "_"]),
     st.text(max_size=70).filter(lambda s: "/" not in s and "?" not in s and "#" not in s),
 )
-encodings = st.sampled_from([None, "identity", "gzip", "zstd", "GZIP", "x-gzip", "br", "gzip, zstd",
-                             "deflate", "", "lie-gzip", "lie-zstd", "truncated-gzip"])
+encodings = st.one_of(
+    st.sampled_from([None, "identity", "gzip", "zstd", "GZIP", "x-gzip", "br", "gzip, zstd",
+                     "deflate", "", "lie-gzip", "lie-zstd", "truncated-gzip"]),
+    # applied in this order, listed in this order (the receiver undoes them last to first);
+    # more than 4 codings is refused
+    st.lists(st.sampled_from(["gzip", "zstd", "identity"]), min_size=1, max_size=5)
+    .map(lambda cs: "nested:" + ",".join(cs)),
+    st.tuples(st.sampled_from(["members-gzip", "frames-zstd"]), st.integers(2, 60))
+    .map(lambda t: f"{t[0]}:{t[1]}"),
+)
 valid = st.builds(lambda p, d, x: p + b" " + d + b" " + x,
                   st.sampled_from([b"app", b"web.1", b"A-b_c", b"x" * 128]),
                   st.dates().map(lambda d: d.isoformat().encode()),
@@ -101,14 +111,33 @@ bodies = st.one_of(
     st.binary(max_size=300),
     st.builds(lambda n, ln: (b"big 2024-01-01 " + b"z" * ln + b"\n") * n,
               st.integers(1, 400), st.sampled_from([100, 1000, 4081, 4082, 5000])),
+    st.integers(1, 5000).map(lambda n: b"\n" * n),  # nothing but empty lines
+    st.builds(lambda a, n, b: a + b"\n" * n + b + b"\n", mixed, st.integers(1, 3000), mixed),
 )
 headers = st.dictionaries(st.sampled_from(["Content-Type", "Authorization", "X-Batch-Id", "Expect",
                                            "Accept-Encoding", "X-Forwarded-For"]),
                           st.text("abc/;= -*", max_size=20), max_size=3)
 
 
+def _pack(body: bytes, coding: str) -> bytes:
+    if coding == "gzip":
+        return gzip.compress(body)
+    return zstandard.ZstdCompressor().compress(body) if coding == "zstd" else body
+
+
 def _encode(body: bytes, enc: str | None) -> tuple[bytes, str | None, bool]:
     """(wire bytes, Content-Encoding header, decodable) for one chosen encoding."""
+    if enc is not None and enc.startswith("nested:"):
+        codings = enc.removeprefix("nested:").split(",")
+        for coding in codings:
+            body = _pack(body, coding)
+        real = [c for c in codings if c != "identity"]
+        return body, ", ".join(codings), len(real) <= 4
+    if enc is not None and enc.startswith(("members-gzip:", "frames-zstd:")):
+        kind, k = enc.split(":")
+        cut = [body[i * len(body) // int(k):(i + 1) * len(body) // int(k)] for i in range(int(k))]
+        coding = "gzip" if kind == "members-gzip" else "zstd"
+        return b"".join(_pack(piece, coding) for piece in cut), coding, True
     if enc in ("gzip", "GZIP", "x-gzip"):
         return gzip.compress(body), enc, True
     if enc == "zstd":

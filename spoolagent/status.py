@@ -26,7 +26,7 @@ Snapshot = Callable[[], dict[str, Any]]
 # the values of sender.SenderState (not imported: this module imports nothing from the package;
 # tests/test_status.py pins that the two agree)
 _SENDER_STATES = ("idle", "sending", "backoff", "unauthorized", "misconfigured", "stopped")
-# the values of collect.supervisor.CollectorState, likewise
+# the values of collect.states.CollectorState, likewise
 _COLLECTOR_STATES = ("starting", "running", "backoff", "waiting", "stopping", "stopped", "disabled",
                      "exited", "failed")
 

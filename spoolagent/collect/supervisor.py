@@ -22,21 +22,29 @@ when it exits get SIGTERM, then SIGKILL after the grace period.
 
 from __future__ import annotations
 
-import enum
-import json
 import logging
 import os
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from spoolagent.collect.discovery import check_dir, discover, is_ignored_name, scan
 from spoolagent.collect.pipes import Counters, StderrLimiter
 from spoolagent.collect.process import CollectorNotExecutable, Run, spawn
+from spoolagent.collect.reconcile import apply_scan
+from spoolagent.collect.states import (
+    After,
+    Backoff,
+    Collector,
+    CollectorInfo,
+    CollectorState,
+    change_state,
+    fail_all,
+    info,
+)
 from spoolagent.errors import CollectorFailed
 
 __all__ = ["CollectorInfo", "CollectorState", "Supervisor", "check_dir", "discover",
@@ -48,59 +56,6 @@ EXIT_DO_NOT_RESTART = 13
 ENV_CONFIG = "SPOOLAGENT_COLLECTOR_CONFIG"
 ENV_CHECKPOINT = "SPOOLAGENT_CHECKPOINT"
 _POLL_S = 0.25  # exit detection for a process that exits while something else holds its stdout
-_AFTER_RANK = {"": 0, "restart": 1, "disable": 2, "remove": 3}
-
-
-class CollectorState(enum.Enum):
-    STARTING = "starting"  # being spawned
-    RUNNING = "running"  # process alive (or exited, its output still being handed over)
-    BACKOFF = "backoff"  # interval 0: exited or failed to spawn; respawn at a later time
-    WAITING = "waiting"  # interval N: waiting for its next start time
-    STOPPING = "stopping"  # SIGTERM sent; SIGKILL after the grace period
-    STOPPED = "stopped"  # stopped by the supervisor's stop()
-    DISABLED = "disabled"  # enabled = false in its settings
-    EXITED = "exited"  # exited with 13: not restarted until its file or settings change
-    FAILED = "failed"  # cannot be exec'd: not retried until its file or settings change
-
-
-@dataclass(frozen=True)
-class CollectorInfo:
-    name: str
-    path: Path
-    interval_s: int
-    state: CollectorState
-    pid: int | None
-    restarts: int  # respawns of an interval-0 collector after it exited on its own
-    last_exit: int | None  # returncode of the last run; -N = killed by signal N
-    last_start_s: float | None  # wall clock
-    enabled: bool
-    runs: int = 0  # processes started, for any reason
-    overruns: int = 0  # interval-N runs terminated because the next start time came
-
-
-@dataclass(eq=False)
-class _Collector:
-    name: str
-    path: Path
-    interval_s: int
-    ident: tuple[int, int, int, int]
-    config_json: str
-    enabled: bool
-    backoff_s: float
-    state: CollectorState = CollectorState.WAITING
-    next_start: float = 0.0  # monotonic
-    run: Run | None = None
-    restarts: int = 0
-    runs: int = 0
-    overruns: int = 0
-    last_exit: int | None = None
-    last_start_s: float | None = None
-    respawn: bool = False  # the next start respawns an interval-0 collector that exited
-    after_run: str = ""  # what to do when the current run is over: see _AFTER_RANK
-
-
-def _enabled(settings: Mapping[str, Any]) -> bool:
-    return settings.get("enabled", True) is not False
 
 
 class Supervisor:
@@ -137,9 +92,7 @@ class Supervisor:
         self.max_line_bytes = max_line_bytes
         self.stop_grace_s = stop_grace_s
         self.rescan_s = rescan_s
-        self.backoff_initial_s = backoff_initial_s
-        self.backoff_max_s = backoff_max_s
-        self.backoff_reset_s = backoff_reset_s
+        self._backoff = Backoff(backoff_initial_s, backoff_max_s, backoff_reset_s)
         self.overlong_head_bytes = overlong_head_bytes
         self.stderr_lines_per_s = stderr_lines_per_s
         self.stderr_burst = stderr_burst
@@ -148,7 +101,7 @@ class Supervisor:
                                   "overruns_total", "stderr_lines_suppressed_total",
                                   "callback_errors_total")
         self._lock = threading.Lock()  # guards _collectors, _settings, _reload_pending
-        self._collectors: dict[str, _Collector] = {}
+        self._collectors: dict[str, Collector] = {}
         self._reload_pending = True
         self._wake = threading.Event()
         self._stop_requested = threading.Event()
@@ -198,7 +151,7 @@ class Supervisor:
         if thread is None:
             with self._lock:
                 for c in self._collectors.values():
-                    c.state = CollectorState.STOPPED
+                    change_state(c, CollectorState.STOPPED)
             return
         thread.join(drain_timeout_s)
         if thread.is_alive():
@@ -214,7 +167,7 @@ class Supervisor:
     def collectors(self) -> list[CollectorInfo]:
         """A snapshot of every known collector, by name. Thread-safe, non-blocking."""
         with self._lock:
-            return [self._info(c) for _, c in sorted(self._collectors.items())]
+            return [info(c) for _, c in sorted(self._collectors.items())]
 
     def stats(self) -> dict[str, int]:
         """Counters since start: restarts_total, spawn_failures_total, overlong_lines_total,
@@ -233,7 +186,7 @@ class Supervisor:
                 for c in self._collectors.values():
                     if c.run is not None:
                         c.run.abandon()
-                    c.state = CollectorState.FAILED
+                fail_all(list(self._collectors.values()))
 
     def _loop(self) -> None:
         next_scan = 0.0
@@ -273,59 +226,13 @@ class Supervisor:
             for p in dups:
                 log.warning("collector skipped: duplicate name path=%s", p)
             self._dups = dups
-        seen: set[str] = set()
-        for f in found:
-            seen.add(f.name)
-            settings = self._settings.get(f.name, {})
-            config_json = json.dumps(settings, sort_keys=True, default=str)
-            enabled = _enabled(settings)
-            c = self._collectors.get(f.name)
-            if c is None:
-                c = _Collector(f.name, f.path, f.interval_s, f.ident, config_json, enabled,
-                               self.backoff_initial_s, next_start=now)
-                c.state = CollectorState.WAITING if enabled else CollectorState.DISABLED
-                self._collectors[f.name] = c
-                log.info("collector found name=%s interval_s=%d path=%s enabled=%s",
-                         f.name, f.interval_s, f.path, enabled)
-                continue
-            changed = ((f.path, f.interval_s, f.ident, config_json)
-                       != (c.path, c.interval_s, c.ident, c.config_json))
-            c.path, c.interval_s, c.ident, c.config_json = (f.path, f.interval_s, f.ident,
-                                                            config_json)
-            c.enabled = enabled
-            if c.after_run == "remove":  # removed and put back before its run was over
-                c.after_run = "restart" if enabled else "disable"
-            if not changed:
-                continue
-            log.info("collector changed name=%s interval_s=%d enabled=%s", f.name,
-                     f.interval_s, enabled)
-            if c.run is not None:
-                self._after(c, "restart" if enabled else "disable")
-                self._terminate(c, now)
-            elif enabled:
-                c.state, c.next_start = CollectorState.WAITING, now
-                c.backoff_s, c.respawn = self.backoff_initial_s, False
-            else:
-                c.state = CollectorState.DISABLED
-        for name in [n for n in self._collectors if n not in seen]:
-            c = self._collectors[name]
-            if c.run is None:
-                del self._collectors[name]
-                log.info("collector removed name=%s", name)
-            elif c.after_run != "remove":
-                log.info("collector removed name=%s; stopping pid=%d", name, c.run.pid)
-                self._after(c, "remove")
-                self._terminate(c, now)
+        apply_scan(self._collectors, found, self._settings, now, backoff=self._backoff,
+                   terminate=self._terminate)
 
-    @staticmethod
-    def _after(c: _Collector, what: str) -> None:
-        if _AFTER_RANK[what] > _AFTER_RANK[c.after_run]:
-            c.after_run = what
-
-    def _terminate(self, c: _Collector, now: float, grace_s: float | None = None) -> bool:
+    def _terminate(self, c: Collector, now: float, grace_s: float | None = None) -> bool:
         grace_s = self.stop_grace_s if grace_s is None else grace_s
         if c.run is not None and c.run.terminate(now, grace_s):
-            c.state = CollectorState.STOPPING
+            change_state(c, CollectorState.STOPPING)
             return True
         return False
 
@@ -347,31 +254,29 @@ class Supervisor:
                 continue
             c.run = None
             rc = run.returncode if run.returncode is not None else -1
-            after, c.after_run = c.after_run, ""
-            if after == "remove":
+            after, c.after_run = c.after_run, After.NOTHING
+            if after is After.REMOVE:
                 del self._collectors[name]
             elif self._stop_requested.is_set():
-                c.state = CollectorState.STOPPED
-            elif after == "disable" or not c.enabled:
-                c.state = CollectorState.DISABLED
-            elif after == "restart":
-                c.state, c.next_start = CollectorState.WAITING, now
-                c.backoff_s, c.respawn = self.backoff_initial_s, False
+                change_state(c, CollectorState.STOPPED)
+            elif after is After.DISABLE or not c.enabled:
+                change_state(c, CollectorState.DISABLED)
+            elif after is After.RESTART:
+                change_state(c, CollectorState.WAITING, next_start=now)
+                self._backoff.reset(c)
             elif rc == EXIT_DO_NOT_RESTART:
-                c.state = CollectorState.EXITED
+                change_state(c, CollectorState.EXITED)
                 log.info("collector exited name=%s rc=13 (not restarted)", name)
             elif c.interval_s == 0:
                 up_s = (run.exited_mono or now) - run.started_mono
-                if up_s >= self.backoff_reset_s:
-                    c.backoff_s = self.backoff_initial_s
-                delay_s = c.backoff_s
-                c.backoff_s = min(c.backoff_s * 2, self.backoff_max_s)
-                c.state, c.next_start, c.respawn = CollectorState.BACKOFF, now + delay_s, True
+                delay_s = self._backoff.next_delay(c, up_s)
+                change_state(c, CollectorState.BACKOFF, next_start=now + delay_s)
+                c.respawn = True
                 (log.warning if rc != 0 else log.info)(
                     "collector exited name=%s rc=%d up_s=%.1f respawn_in_s=%.1f",
                     name, rc, up_s, delay_s)
             else:
-                c.state = CollectorState.WAITING
+                change_state(c, CollectorState.WAITING)
                 if rc != 0 and not run.term_sent:
                     log.warning("collector failed name=%s rc=%d", name, rc)
 
@@ -387,12 +292,12 @@ class Supervisor:
             self._counters.add("overruns_total")
             self._terminate(c, now)
 
-    def _due(self, now: float) -> list[_Collector]:
+    def _due(self, now: float) -> list[Collector]:
         due = [c for c in self._collectors.values()
                if c.run is None and c.enabled and c.next_start <= now
                and c.state in (CollectorState.WAITING, CollectorState.BACKOFF)]
         for c in due:
-            c.state = CollectorState.STARTING
+            change_state(c, CollectorState.STARTING)
         return due
 
     def _stop_all(self, now: float) -> bool:
@@ -402,10 +307,10 @@ class Supervisor:
             if c.run is None:
                 if c.state not in (CollectorState.EXITED, CollectorState.FAILED,
                                    CollectorState.DISABLED):
-                    c.state = CollectorState.STOPPED
+                    change_state(c, CollectorState.STOPPED)
                 continue
             left = True
-            c.state = CollectorState.STOPPING
+            change_state(c, CollectorState.STOPPING)
             if not self._terminate(c, now, max(self._stop_deadline - now, 0.0)):
                 # already terminating (an overrun, a change): the stop deadline still applies
                 if c.run.kill_at is not None and c.run.kill_at > self._stop_deadline:
@@ -432,12 +337,12 @@ class Supervisor:
                     t = min(t, run.kill_at - now)
         return max(t, 0.0)
 
-    def _start_run(self, c: _Collector) -> None:
+    def _start_run(self, c: Collector) -> None:
         """Spawn one run of ``c``; called on the supervisor thread without the lock held (the
         callbacks and the spawn may take a while), the only thread that changes ``c``."""
         if self._stop_requested.is_set():
             with self._lock:
-                c.state = CollectorState.STOPPED
+                change_state(c, CollectorState.STOPPED)
             return
         argv = [sys.executable, str(c.path)] if c.path.suffix == ".py" else [str(c.path)]
         try:
@@ -460,7 +365,7 @@ class Supervisor:
                   stderr_limiter=StderrLimiter(self.stderr_lines_per_s, self.stderr_burst))
         with self._lock:
             c.run = run
-            c.state = CollectorState.RUNNING
+            change_state(c, CollectorState.RUNNING)
             c.runs += 1
             c.last_start_s = time.time()
             if c.interval_s:
@@ -476,33 +381,22 @@ class Supervisor:
             "collector started name=%s pid=%d interval_s=%d run=%d", c.name, run.pid,
             c.interval_s, c.runs)
 
-    def _spawn_failed(self, c: _Collector, exc: Exception, now: float) -> None:
+    def _spawn_failed(self, c: Collector, exc: Exception, now: float) -> None:
         self._counters.add("spawn_failures_total")
         if isinstance(exc, CollectorNotExecutable):
-            c.state = CollectorState.FAILED
+            change_state(c, CollectorState.FAILED)
             log.error("collector cannot run name=%s err=%s (until the file changes)", c.name, exc)
             return
         if c.interval_s:
-            c.state, c.next_start = CollectorState.WAITING, now + c.interval_s
+            change_state(c, CollectorState.WAITING, next_start=now + c.interval_s)
         else:
-            c.state, c.next_start = CollectorState.BACKOFF, now + c.backoff_s
-            c.backoff_s = min(c.backoff_s * 2, self.backoff_max_s)
+            change_state(c, CollectorState.BACKOFF, next_start=now + self._backoff.next_delay(c))
         if isinstance(exc, CollectorFailed):
             log.warning("collector spawn failed name=%s err=%s retry_in_s=%.1f", c.name, exc,
                         c.next_start - now)
         else:
             log.error("collector spawn failed name=%s retry_in_s=%.1f", c.name,
                       c.next_start - now, exc_info=exc)
-
-    # -- helpers --------------------------------------------------------------------------------
-
-    @staticmethod
-    def _info(c: _Collector) -> CollectorInfo:
-        run = c.run
-        pid = run.pid if run is not None and not run.exited.is_set() else None
-        return CollectorInfo(c.name, c.path, c.interval_s, c.state, pid, c.restarts, c.last_exit,
-                             c.last_start_s, c.enabled, c.runs, c.overruns)
-
 
 def _copy_settings(settings: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     return {str(name): dict(table) for name, table in settings.items()}

@@ -3,7 +3,8 @@
 Sends ``PUT /v1/batches/{id}`` with pre-built, pre-compressed bodies (what the agent sends: one
 spooled batch of ``--batch-bytes`` of 200-byte lines, PROD DATE prefixed) over ``--in-flight``
 keep-alive connections (http.client, one per thread), every id new. Prints one JSON object:
-``{"lines", "batches", "start", "end"}`` (wall clock, so several clients can be summed).
+``{"lines", "batches", "start", "end", "latencies_ms"}`` (wall clock, so several clients can be
+summed; ``latencies_ms``: every request's time to its answer, sorted).
 Imports bench.data and the standard library plus zstandard.
 """
 
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     lock = threading.Lock()
     next_batch = 0
     errors: list[str] = []
+    latencies: list[float] = []
     tag = f"{os.getpid():x}{time.monotonic_ns() & 0xFFFFFF:x}"
 
     def worker() -> None:
@@ -71,10 +73,12 @@ def main(argv: list[str] | None = None) -> int:
                 next_batch += 1
             if b >= n_batches or errors:
                 break
+            sent = time.monotonic()
             conn.request("PUT", f"/v1/batches/bench-{tag}-{b}", body=bodies[b % len(bodies)],
                          headers=headers)
             resp = conn.getresponse()
             answer = resp.read()
+            latencies.append(1000.0 * (time.monotonic() - sent))  # list.append: atomic
             if resp.status != 201:
                 errors.append(f"{resp.status} {answer[:200]!r}")
         conn.close()
@@ -90,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"error": errors[0]}))
         return 1
     print(json.dumps({"lines": n_batches * batch_lines, "batches": n_batches, "start": start,
-                      "end": end}))
+                      "end": end, "latencies_ms": sorted(round(x, 2) for x in latencies)}))
     return 0
 
 

@@ -6,6 +6,7 @@ list their imports; this test is where the rules live).
   spool, sender and status never import each other.
 - ``spoolagent`` and ``receiver`` never import each other.
 - ``spoolcore`` imports neither, and nothing outside the standard library.
+- nats (nats-py) only in ``receiver/cluster/``: a standalone receiver never loads it.
 - one owner per foreign library: persistqueue only in ``spool/queue.py`` (``_pq`` names its
   internals as data), httpx and tenacity only in ``sender.py``.
 - the bundled collectors import the standard library, ``spoolagent.protocol``, their own helpers
@@ -78,6 +79,8 @@ def _violations() -> Iterator[str]:
                     yield f"{where}:{line}: spoolcore imports {target} (standard library only)"
                 if package == "receiver" and top == "spoolagent":
                     yield f"{where}:{line}: the receiver imports the agent ({target})"
+                if package == "receiver" and top == "nats" and not module.startswith("receiver.cluster."):
+                    yield f"{where}:{line}: only receiver/cluster/ may import nats ({target})"
                 if package == "collectors" and top not in sys.stdlib_module_names and not (
                         target.startswith("spoolagent.protocol") or top in COLLECTOR_EXTRAS
                         or target == "spoolagent"):

@@ -5,3 +5,16 @@ imports ``spoolagent``: what both must agree on (the wire format) is pinned by e
 """
 
 from __future__ import annotations
+
+from importlib import metadata
+
+
+def _version() -> str:
+    # the distribution's version (the receiver ships in the spoolagent distribution)
+    try:
+        return metadata.version("spoolagent")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+__version__ = _version()

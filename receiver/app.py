@@ -5,6 +5,9 @@
   (storage unavailable, or the same id being stored right now and not done within the claim wait).
 - ``POST /`` (any other path): the seed's protocol, lines stored without dedup, 200 JSON
   ``{stored, rejected}``.
+- ``PUT /v1/heartbeat``: an idle agent's heartbeat (identity headers, no body): 204; 400 without
+  ``Spoolagent-Id``; 401 bad token.
+- ``GET /v1/agents``: the agent table as JSON ``{"agents": [...]}`` (token required).
 - ``GET /healthz``, ``GET /metrics``: liveness; Prometheus text (no token).
 
 Bodies are streamed in and capped before they are decoded; decoding and checking run on the
@@ -28,7 +31,7 @@ from typing import Any
 import tornado.ioloop
 import tornado.web
 
-from receiver import body
+from receiver import agents, body
 from receiver.context import AppContext
 from receiver.errors import (
     BadRequest,
@@ -57,6 +60,8 @@ def make_app(ctx: AppContext) -> tornado.web.Application:
             (r"/healthz", HealthHandler, args),
             (r"/metrics", MetricsHandler, args),
             (r"/v1/batches/([^/]*)", BatchHandler, args),
+            (r"/v1/heartbeat", HeartbeatHandler, args),
+            (r"/v1/agents", AgentsHandler, args),
             (r"/.*", LinesHandler, args),
         ],
         log_function=_log_request,
@@ -120,9 +125,12 @@ class HealthHandler(_Handler):
 class MetricsHandler(_Handler):
     handler_name = "metrics"
 
-    def get(self) -> None:
+    async def get(self) -> None:
+        # off the loop: it reads the metrics files and the agent table
+        text = await tornado.ioloop.IOLoop.current().run_in_executor(self.ctx.executor,
+                                                                    self.ctx.metrics.render)
         self.set_header("Content-Type", CONTENT_TYPE)
-        self.write(self.ctx.metrics.render())
+        self.write(text)
 
 
 class _BodyHandler(_Handler):
@@ -270,9 +278,16 @@ class BatchHandler(_BodyHandler):
 
     async def put(self, batch_id: str) -> None:
         encoding = self.request.headers.get("Content-Encoding")
+        report = _seen(self)
         outcome = await self._run(batch_id, self.ctx.ingestor.put_batch, batch_id, encoding)
         if outcome is None:
             return
+        if report is not None and self.ctx.agents is not None:
+            if outcome.duplicate:  # stored before: nothing new to count but the resend
+                self.ctx.agents.count(report.agent_id, batches=1, duplicates=1)
+            else:
+                self.ctx.agents.count(report.agent_id, batches=1, lines=outcome.stored,
+                                      bytes_=outcome.bytes_stored, rejected=outcome.rejected)
         if outcome.duplicate:
             self.ctx.metrics.batches_duplicate.inc()
             log.debug("duplicate batch=%s", batch_id)
@@ -302,6 +317,78 @@ class LinesHandler(_BodyHandler):
             log.warning("post stored with rejected lines stored=%d rejected=%d",
                         outcome.stored, outcome.rejected)
         self.finish({"stored": outcome.stored, "rejected": outcome.rejected})
+
+
+def _seen(handler: _Handler) -> agents.Report | None:
+    """Note the agent of an authorized request in the agent table (memory only)."""
+    if handler.ctx.agents is None:
+        return None
+    report = agents.report_from_headers(handler.request.headers, handler.request.remote_ip)
+    if report is not None:
+        handler.ctx.agents.seen(report)
+    return report
+
+
+class HeartbeatHandler(_Handler):
+    """``PUT /v1/heartbeat``: an idle agent says it is alive and what its spool holds."""
+
+    handler_name = "heartbeat"
+
+    def put(self) -> None:
+        if not authorized(self.ctx.tokens, self.request.headers.get("Authorization")):
+            self.set_status(401)
+            self.finish({"error": "bad or missing token"})
+            return
+        report = _seen(self)
+        if report is None and self.ctx.agents is not None:
+            self.set_status(400)
+            self.finish({"error": "a heartbeat needs a valid Spoolagent-Id header"})
+            return
+        if report is not None and self.ctx.agents is not None:
+            self.ctx.agents.count(report.agent_id, heartbeats=1)
+        self.set_status(204)
+        self.finish()
+
+
+class AgentsHandler(_Handler):
+    """``GET /v1/agents``: the agent table, the JSON of ``spoolreceiver agents --json``."""
+
+    handler_name = "agents"
+
+    async def get(self) -> None:
+        if not authorized(self.ctx.tokens, self.request.headers.get("Authorization")):
+            self.set_status(401)
+            self.finish({"error": "bad or missing token"})
+            return
+        table = self.ctx.agents
+        if table is None:
+            self.finish({"agents": []})
+            return
+        silent_for = self.get_query_argument("silent_for_s", None)
+        sort = self.get_query_argument("sort", "id")
+        if sort not in agents.SORT_KEYS:
+            self.set_status(400)
+            self.finish({"error": f"sort: expected one of {', '.join(agents.SORT_KEYS)}"})
+            return
+        try:
+            silent_for_s = None if silent_for is None else float(silent_for)
+        except ValueError:
+            self.set_status(400)
+            self.finish({"error": "silent_for_s: expected seconds"})
+            return
+
+        def read() -> list[dict[str, object]]:
+            table.flush()  # this process's last second too
+            return agents.read_agents(table.path.parent)
+
+        try:
+            rows = await tornado.ioloop.IOLoop.current().run_in_executor(self.ctx.executor, read)
+        except StorageUnavailable as exc:
+            self.set_status(503)
+            self.finish({"error": str(exc)})
+            return
+        self.finish({"agents": agents.listing(rows, now=time.time(), silent_for_s=silent_for_s,
+                                              sort=sort)})
 
 
 def _log_request(handler: tornado.web.RequestHandler) -> None:

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from receiver import config, server
+from receiver import __version__, config, server, tools
 from receiver.errors import ConfigError, ReceiverError
 from spoolcore import logfmt
 
@@ -27,11 +27,15 @@ _EPILOG = """examples:
   spoolreceiver writer --nats nats://n1:4222,nats://n2:4222 --data-dir /var/lib/spool --partitions 0-7
   spoolreceiver stream init --nats nats://n1:4222 --partitions 16 --replicas 3
   spoolreceiver stream status --nats nats://n1:4222 --json
+  spoolreceiver --data-dir ./data --listen 127.0.0.1:8016 --retention 90d --compress-after 2d
+  spoolreceiver agents --data-dir ./data [--json] [--silent-for 10m] [--sort backlog]
+  spoolreceiver cat --data-dir ./data PROD DATE
 
 The config file is TOML with the flags' names as keys (data_dir, listen, tcp_listen, token_file,
 processes, threads, max_body, max_line, tls_cert, tls_key, fsync, dedup_retention, max_open_files,
 claim_wait, queue_max, queue_max_bytes, shutdown_grace, ready_file, log_level, log_format, nats,
-stream, max_inflight, max_connections, idle_timeout); flags override it.
+stream, max_inflight, max_connections, idle_timeout, agent_windows, retention, compress_after,
+lifecycle_rate, lifecycle_interval); flags override it.
 Cluster mode (docs/scaling.md): `spoolreceiver writer --help`, `spoolreceiver stream --help`.
 """
 
@@ -41,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="spoolreceiver", description="Receive spoolagent batches and store them exactly once "
         "in DATA_DIR/{PROD}_{DATE}.dat.", epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"spoolreceiver {__version__}")
     p.add_argument("--config", type=Path, help="TOML file with the same settings as the flags")
     p.add_argument("--data-dir", dest="data_dir", help="where the .dat files are written")
     p.add_argument("--listen", help="HTTP HOST:PORT (port 0 = any free port)")
@@ -76,10 +81,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nats", help="cluster mode: be an ingest node publishing to the JetStream "
                    "cluster at these URLs (nats://HOST:PORT,...) instead of writing a data dir")
     p.add_argument("--stream", help="cluster mode: the stream's name (default SPOOLAGENT)")
+    p.add_argument("--agent-windows", dest="agent_windows",
+                   help="metrics count agents active/silent per window, e.g. 10m,1h,24h (default)")
+    p.add_argument("--retention", help="delete day files whose DATE is older, e.g. 90d (default: keep)")
+    p.add_argument("--compress-after", dest="compress_after",
+                   help="compress day files whose DATE is older to .dat.zst, e.g. 2d (default: never)")
+    p.add_argument("--lifecycle-rate", dest="lifecycle_rate",
+                   help="bytes per second a retention/compression pass may read and write (default 32MiB)")
+    p.add_argument("--lifecycle-interval", dest="lifecycle_interval",
+                   help="time between retention/compression passes (default 10m; one runs at start)")
     p.add_argument("--log-level", dest="log_level", help="DEBUG, INFO (default), WARNING, ERROR")
     p.add_argument("--log-format", dest="log_format", choices=config.LOG_FORMATS,
                    help="kv (default): key=value lines; json: one JSON object per line")
     return p
+
+
+# subcommands: `spoolreceiver NAME ...` (the receiver itself runs without one)
+SUBCOMMANDS = {
+    "agents": tools.agents_main,
+    "cat": tools.cat_main,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from receiver.cluster import cli as cluster_cli
 
         return cluster_cli.main(argv, _setup_logging)
+    if argv and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
     flags = {k: v for k, v in vars(args).items() if k != "config"}
     try:

@@ -26,6 +26,8 @@ DEFAULT_DEDUP_RETENTION_S = 30 * 86400.0
 # admission control, per process: body requests admitted and not answered yet, and their bytes
 DEFAULT_QUEUE_MAX = 1024
 DEFAULT_QUEUE_MAX_BYTES = 256 * 1024 * 1024
+DEFAULT_AGENT_WINDOWS_S = (600.0, 3600.0, 86400.0)
+DEFAULT_LIFECYCLE_RATE = 32 * 1024 * 1024
 
 # every setting a TOML file may hold (the same names as the flags, with underscores)
 _KEYS = frozenset({
@@ -33,6 +35,7 @@ _KEYS = frozenset({
     "max_line", "tls_cert", "tls_key", "fsync", "dedup_retention", "max_open_files", "claim_wait",
     "shutdown_grace", "ready_file", "log_level", "log_format", "queue_max", "queue_max_bytes",
     "nats", "stream", "max_inflight", "max_connections", "idle_timeout",
+    "agent_windows", "retention", "compress_after", "lifecycle_rate", "lifecycle_interval",
 })
 _PATH_KEYS = frozenset({"data_dir", "token_file", "tls_cert", "tls_key", "ready_file"})
 
@@ -79,6 +82,13 @@ class ReceiverConfig:
     max_inflight_bytes: int = 4 * DEFAULT_MAX_BODY_BYTES  # bodies held at once, received + decoded
     max_connections: int | None = None  # None: from the fd limit (see server.connection_cap)
     idle_timeout_s: float = 300.0  # an HTTP keep-alive or TCP connection with nothing to read
+    # the metrics count agents seen within each window (and silent for longer)
+    agent_windows_s: tuple[float, ...] = DEFAULT_AGENT_WINDOWS_S
+    # data lifecycle (receiver/lifecycle.py): None = keep / never compress
+    retention_s: float | None = None
+    compress_after_s: float | None = None
+    lifecycle_rate_bytes: int = DEFAULT_LIFECYCLE_RATE  # bytes/s read+written by lifecycle passes
+    lifecycle_interval_s: float = 600.0  # a pass at start-up, then one every interval
     # test-only fault switches, from the environment
     crash_at: str | None = None
     fault_enospc_after_bytes: int | None = None
@@ -219,6 +229,11 @@ def _build(s: dict[str, Any], environ: Mapping[str, str]) -> ReceiverConfig:
         max_connections=_int(s["max_connections"], "max_connections", 1)
         if s.get("max_connections") is not None else None,
         idle_timeout_s=parse_duration(s.get("idle_timeout", 300.0), "idle_timeout"),
+        agent_windows_s=parse_windows(s.get("agent_windows", DEFAULT_AGENT_WINDOWS_S)),
+        retention_s=_opt_duration(s.get("retention"), "retention"),
+        compress_after_s=_opt_duration(s.get("compress_after"), "compress_after"),
+        lifecycle_rate_bytes=parse_size(s.get("lifecycle_rate", DEFAULT_LIFECYCLE_RATE), "lifecycle_rate"),
+        lifecycle_interval_s=parse_duration(s.get("lifecycle_interval", 600.0), "lifecycle_interval"),
         **_faults(environ),
     )
     if cfg.max_body_bytes < 1 or cfg.max_line_bytes < 1:
@@ -227,7 +242,32 @@ def _build(s: dict[str, Any], environ: Mapping[str, str]) -> ReceiverConfig:
         raise ConfigError("max_inflight/idle_timeout: must be more than 0")
     if cfg.dedup_retention_s <= 0:
         raise ConfigError("dedup_retention: must be more than 0")
+    if cfg.retention_s is not None and cfg.retention_s < 86400:
+        raise ConfigError("retention: must be at least 1d (day files are kept or deleted whole)")
+    if cfg.lifecycle_interval_s < 1:
+        raise ConfigError("lifecycle_interval: must be at least 1s")
+    if cfg.lifecycle_rate_bytes < 64 * 1024:
+        raise ConfigError("lifecycle_rate: must be at least 64KiB (per second)")
     return cfg
+
+
+def parse_windows(value: object, key: str = "agent_windows") -> tuple[float, ...]:
+    """``"10m,1h,24h"`` (or a TOML list) -> seconds, each more than 0. Raises ConfigError."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise ConfigError(f"{key}: expected durations such as \"10m,1h,24h\", got {value!r}")
+    windows = tuple(parse_duration(v.strip() if isinstance(v, str) else v, key) for v in items)
+    if any(w <= 0 for w in windows):
+        raise ConfigError(f"{key}: every window must be more than 0, got {value!r}")
+    return windows
+
+
+def _opt_duration(value: object, key: str) -> float | None:
+    """A duration, or None for unset ("" or absent, or "0": never)."""
+    if value in (None, ""):
+        return None
+    seconds = parse_duration(value, key)
+    return seconds or None
 
 
 def _faults(environ: Mapping[str, str]) -> dict[str, Any]:

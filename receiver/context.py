@@ -9,6 +9,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from receiver.admission import Admission
+from receiver.agents import AgentTable
 from receiver.ingest import BodyBudget, Ingestor
 from receiver.metrics import Metrics
 
@@ -42,3 +43,4 @@ class AppContext:
     inflight: Inflight = field(default_factory=Inflight)
     shed: Shed = field(default_factory=Shed)
     budget: BodyBudget = field(default_factory=lambda: BodyBudget(1 << 62))  # server: max_inflight
+    agents: AgentTable | None = None  # who ships (receiver/agents.py); None: not kept

@@ -5,18 +5,29 @@ prometheus-client's multiprocess mode is always on: every process (one, or each 
 instance (``/dev/shm/spoolreceiver-metrics-<parent pid>/``, never on the data disk: a
 new page of an mmap on a full filesystem is a SIGBUS), and ``/metrics`` in any worker reads and
 sums them all. So the counters are totals for the whole receiver and survive a worker being
-respawned. The only importer of ``prometheus_client``; imports ``receiver.store`` (RoundStats) only.
+respawned. The only importer of ``prometheus_client``; imports ``receiver.store`` (RoundStats) and
+``receiver.agents`` (FleetSummary) only.
+
+Read at scrape time rather than counted: ``spoolreceiver_build_info``, ``process_*`` (of the
+process that answers the scrape), ``spoolreceiver_data_dir_free_bytes`` and the fleet gauges from
+the agent table (``spoolreceiver_agents*``: counts over every agent, never a label per agent, so
+10,000 agents are a handful of series).
 """
 
 from __future__ import annotations
 
 import os
+import platform
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest, values
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from receiver import __version__
+from receiver.agents import FleetSummary
 from receiver.store import RoundStats
 
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
@@ -74,6 +85,7 @@ class Metrics:
             buckets=_LATENCY_BUCKETS, registry=None)
         self.fsyncs = Counter(
             "spoolreceiver_fsyncs", "Data-file fsyncs (one per file per round).", registry=None)
+        self._live: _LiveCollector | None = None
         # every source shows from the start (0, not absent), so alerts and rate() see it
         for source in _SOURCES:
             self.lines_stored.labels(source)
@@ -87,8 +99,77 @@ class Metrics:
         if stats.fsyncs:
             self.fsyncs.inc(stats.fsyncs)
 
+    def add_live(self, *, data_dir: Path | None, fleet: Callable[[], FleetSummary] | None,
+                 windows_s: Sequence[float]) -> None:
+        """Serve the values read at scrape time (build info, process, free disk, fleet)."""
+        self._live = _LiveCollector(data_dir, fleet, windows_s)
+
     def render(self) -> bytes:
-        """The Prometheus text of every process of this receiver. Reads a few small files."""
+        """The Prometheus text of every process of this receiver. Reads a few small files and the
+        agent table: blocks, call it off the event loop."""
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=str(self.directory))  # type: ignore[no-untyped-call]
+        if self._live is not None:
+            ProcessCollector(registry=registry)
+            registry.register(self._live)
         return generate_latest(registry)
+
+
+def window_label(seconds: float) -> str:
+    """``600`` -> ``"10m"``: the ``window`` label of the fleet gauges."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+class _LiveCollector:
+    def __init__(self, data_dir: Path | None, fleet: Callable[[], FleetSummary] | None,
+                 windows_s: Sequence[float]) -> None:
+        self._data_dir = data_dir
+        self._fleet = fleet
+        self._windows_s = tuple(windows_s)
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("spoolreceiver_build_info", "The receiver's version (value 1).",
+                                 labels=["version", "python"])
+        info.add_metric([__version__, platform.python_version()], 1.0)
+        yield info
+        try:
+            st = os.statvfs(self._data_dir) if self._data_dir is not None else None
+        except OSError:
+            st = None
+        if st is None:
+            pass
+        else:
+            yield GaugeMetricFamily("spoolreceiver_data_dir_free_bytes",
+                                    "Bytes free for the receiver on DATA_DIR's filesystem.",
+                                    value=float(st.f_bavail * st.f_frsize))
+            yield GaugeMetricFamily("spoolreceiver_data_dir_size_bytes",
+                                    "Size of DATA_DIR's filesystem.", value=float(st.f_blocks * st.f_frsize))
+        if self._fleet is None:
+            return
+        fleet = self._fleet()
+        yield GaugeMetricFamily("spoolreceiver_agents_known", "Agents in the agent table.",
+                                value=float(fleet.known))
+        active = GaugeMetricFamily("spoolreceiver_agents_active",
+                                   "Agents heard from within the window.", labels=["window"])
+        silent = GaugeMetricFamily("spoolreceiver_agents_silent",
+                                   "Agents known but not heard from within the window.", labels=["window"])
+        for w in self._windows_s:
+            active.add_metric([window_label(w)], float(fleet.active.get(w, 0)))
+            silent.add_metric([window_label(w)], float(fleet.known - fleet.active.get(w, 0)))
+        yield active
+        yield silent
+        yield GaugeMetricFamily("spoolreceiver_agents_backlog_max_lines",
+                                "The largest spool backlog (lines) an agent last reported.",
+                                value=float(fleet.backlog_max_lines))
+        yield GaugeMetricFamily("spoolreceiver_agents_backlog_max_bytes",
+                                "The largest spool backlog (bytes) an agent last reported.",
+                                value=float(fleet.backlog_max_bytes))
+        yield GaugeMetricFamily("spoolreceiver_agents_backlog_max_oldest_seconds",
+                                "The oldest waiting batch's age an agent last reported.",
+                                value=fleet.backlog_max_oldest_s)
+        yield GaugeMetricFamily("spoolreceiver_agents_with_dead_letters",
+                                "Agents whose last report had dead-letter batches.",
+                                value=float(fleet.with_dead_letters))

@@ -35,15 +35,18 @@ import tornado.netutil
 
 from receiver import conns
 from receiver.admission import Admission
+from receiver.agents import AgentTable
 from receiver.app import make_app
 from receiver.config import Endpoint, ReceiverConfig, read_tokens
 from receiver.context import AppContext
 from receiver.dedup import DedupIndex
 from receiver.errors import ConfigError
 from receiver.ingest import BodyBudget, Destination, Ingestor
+from receiver.lifecycle import Lifecycle
 from receiver.metrics import Metrics
 from receiver.store import PartitionedStore
 from receiver.tcp import LineServer
+from spoolcore import sdnotify
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ _PURGE_INTERVAL_MAX_S = 600.0
 _PURGE_INTERVAL_MIN_S = 0.2
 _RESPAWN_DELAY_S = 0.5
 _METRICS_PREFIX = "spoolreceiver-metrics-"
+_AGENTS_FLUSH_S = 1.0  # the agent table is written at most once a second per process
 
 
 def run(cfg: ReceiverConfig) -> int:
@@ -89,6 +93,9 @@ def _prepare_storage(cfg: ReceiverConfig, data_dir: Path) -> None:
     purged = dedup.purge(cfg.dedup_retention_s)
     store.close()
     dedup.close()  # no SQLite connection may cross a fork
+    table = AgentTable(data_dir / STATE_DIR)
+    table.create()
+    table.close()
     log.info("storage ready data_dir=%s rolled_back=%d purged_ids=%d", data_dir, rolled, purged)
 
 
@@ -181,6 +188,7 @@ def _supervise(cfg: ReceiverConfig, n: int, http_socks: list[socket.socket],
     for number in range(n):
         spawn(number)
     _write_ready(cfg.ready_file, ready)
+    sdnotify.notify(f"READY=1\nMAINPID={os.getpid()}")  # the sockets are bound: connections queue
     log.info("receiver listening http=%s tcp=%s processes=%d pid=%d", ready["http"],
              ready["tcp"], n, os.getpid())
     stopping = False
@@ -197,6 +205,7 @@ def _supervise(cfg: ReceiverConfig, n: int, http_socks: list[socket.socket],
                     os.kill(pid, signal.SIGHUP)
         if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT) and not stopping:
             stopping = True
+            sdnotify.notify("STOPPING=1")
             log.info("stopping workers=%d signal=%d", len(workers), info.si_signo)
             for pid in workers:
                 with contextlib.suppress(ProcessLookupError):
@@ -229,10 +238,15 @@ async def _serve(cfg: ReceiverConfig, http_socks: list[socket.socket],
     backend = await _open_backend(cfg, metrics, loop, executor)
     ingestor = Ingestor(backend.destination, max_body_bytes=cfg.max_body_bytes,
                         max_line_bytes=cfg.max_line_bytes)
+    # the agent table lives in the data dir; an ingest node (--nats) keeps none (docs/scaling.md)
+    agent_table = AgentTable(cfg.data_dir / STATE_DIR) if cfg.data_dir is not None else None
+    windows_s = cfg.agent_windows_s
+    metrics.add_live(data_dir=cfg.data_dir, windows_s=windows_s,
+                     fleet=None if agent_table is None else lambda: agent_table.summary(windows_s))
     ctx = AppContext(ingestor=ingestor, metrics=metrics, executor=executor, tokens=cfg.tokens,
                      max_body_bytes=cfg.max_body_bytes,
                      admission=Admission(cfg.queue_max, cfg.queue_max_bytes),
-                     budget=BodyBudget(cfg.max_inflight_bytes))
+                     budget=BodyBudget(cfg.max_inflight_bytes), agents=agent_table)
     ssl_ctx = _ssl_context(cfg)
     gate = conns.ConnectionGate(conns.connection_cap(cfg.max_connections, cfg.max_open_files))
     # the handlers refuse a body past the cap with a JSON 413 as it crosses it, chunked or not:
@@ -251,8 +265,14 @@ async def _serve(cfg: ReceiverConfig, http_socks: list[socket.socket],
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload_token, cfg, ctx)
+    agents_flusher = None
+    if agent_table is not None:
+        agents_flusher = tornado.ioloop.PeriodicCallback(
+            lambda: loop.run_in_executor(executor, agent_table.flush_quietly), _AGENTS_FLUSH_S * 1000)
+        agents_flusher.start()
     if ready is not None:
         _write_ready(cfg.ready_file, ready)
+        sdnotify.notify(f"READY=1\nMAINPID={os.getpid()}")  # Type=notify in the shipped unit
         log.info("receiver listening http=%s tcp=%s processes=1 pid=%d", ready["http"],
                  ready["tcp"], os.getpid())
     else:
@@ -260,6 +280,10 @@ async def _serve(cfg: ReceiverConfig, http_socks: list[socket.socket],
 
     await stop.wait()
     log.info("stopping inflight=%d pid=%d", ctx.inflight.count, os.getpid())
+    if ready is not None:
+        sdnotify.notify("STOPPING=1")
+    if agents_flusher is not None:
+        agents_flusher.stop()
     gate.stop()
     deadline = time.monotonic() + cfg.shutdown_grace_s
     while ctx.inflight.count > 0 and time.monotonic() < deadline:
@@ -271,6 +295,8 @@ async def _serve(cfg: ReceiverConfig, http_socks: list[socket.socket],
         await asyncio.wait_for(http.close_all_connections(), timeout=5)
     await loop.run_in_executor(None, executor.shutdown, True)
     await backend.close()
+    if agent_table is not None:
+        agent_table.close()
     log.info("stopped pid=%d", os.getpid())
     return 0
 
@@ -294,6 +320,13 @@ class _Files:
         self._purger = tornado.ioloop.PeriodicCallback(
             lambda: _purge(loop, executor, self._dedup, cfg.dedup_retention_s), purge_s * 1000)
         self._purger.start()
+        # retention and compression in the background (every process tries; one works at a time)
+        self._lifecycle = Lifecycle(
+            data_dir, intents=self._dedup, retention_s=cfg.retention_s,
+            compress_after_s=cfg.compress_after_s, rate_bytes=cfg.lifecycle_rate_bytes,
+            interval_s=cfg.lifecycle_interval_s, fsync=cfg.fsync)
+        if self._lifecycle.enabled:
+            self._lifecycle.start()
 
     @property
     def destination(self) -> Destination:
@@ -301,6 +334,7 @@ class _Files:
 
     async def close(self) -> None:
         self._purger.stop()
+        await asyncio.get_running_loop().run_in_executor(None, self._lifecycle.close)
         self._store.close()
         self._dedup.close()
 

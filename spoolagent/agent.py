@@ -25,11 +25,13 @@ from spoolagent.collect.rejected import RejectedLog
 from spoolagent.collect.supervisor import Supervisor
 from spoolagent.config import AgentConfig
 from spoolagent.errors import BatchRejected, ConfigError, ReceiverUnavailable, SpoolError
+from spoolagent.heartbeat import Heartbeat, Identity
 from spoolagent.sender import Sender
 from spoolagent.spool.queue import Spool, WhenFull
 from spoolagent.spool.salvage import corrupt_files
 from spoolagent.spool.writer import SpoolWriter
 from spoolagent.status import StatusServer
+from spoolcore import sdnotify
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,9 @@ class Agent:
                              timeout_s=cfg.sender.timeout_s, in_flight=cfg.sender.in_flight,
                              ca_file=str(cfg.sender.ca_file) if cfg.sender.ca_file else None,
                              max_backoff_s=cfg.sender.max_backoff_s, failover_after=cfg.sender.failover_after,
-                             balance=cfg.sender.balance)
+                             balance=cfg.sender.balance,
+
+                             identity=Identity(cfg.agent.id, __version__, self.spool.stats).headers)
         self.writer = SpoolWriter(self.spool, stopping=self.stopping, on_error=self._note_error)
         self._settings: dict[str, dict[str, Any]] = {k: dict(v) for k, v in cfg.collectors.items()}
         self.batchers = Batchers(
@@ -261,9 +265,14 @@ class Agent:
         for i in range(self.cfg.sender.in_flight):
             self._start_thread(self._send_loop, f"sender-{i}")
         self._start_thread(lambda: self.batchers.flush_loop(self.stopping), "flusher")
+        if self.cfg.sender.heartbeat_s > 0:
+            beat = Heartbeat(interval_s=self.cfg.sender.heartbeat_s, beat=self.sender.heartbeat,
+                             last_request_s=self.sender.last_request_s, stopping=self.stopping)
+            self._start_thread(beat.run, "heartbeat")
         self.writer.start()
         self.supervisor.start()
         log.info("agent running status=%s", self.status.url if self.status else "off")
+        sdnotify.notify(f"READY=1\nMAINPID={os.getpid()}")  # Type=notify in the shipped unit
         while not self._stop_requested.is_set():
             self._wake.wait(5.0)  # a signal handler sets it: no polling while idle
             self._wake.clear()
@@ -276,6 +285,7 @@ class Agent:
         """Stop order: collectors, readers drain into the spool, in-flight sends, the spool."""
         t0 = time.monotonic()
         log.info("agent stopping")
+        sdnotify.notify("STOPPING=1")
         self.stopping.set()
         self.batchers.wake()  # the flusher sees stopping at once
         grace = 0.0 if self._signals >= 2 else self.cfg.agent.stop_grace_s

@@ -26,6 +26,7 @@ from spoolcore.units import parse_duration, parse_size
 _COMPRESSIONS = ("gzip", "zstd", "none")
 _WHEN_FULL = ("block", "drop_oldest")
 _FORMATS = ("protocol", "raw")
+_AGENT_ID_RE = re.compile(r"[\x21-\x7e]{1,128}\Z")
 
 
 def bundled_collectors_dir() -> Path:
@@ -72,6 +73,7 @@ class SenderSection:
     max_backoff_s: float = 30.0
     failover_after: int = 3
     balance: str = "ordered"  # or "spread": prefer one of receivers at random
+    heartbeat_s: float = 30.0  # 0 = off
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,13 @@ def _positive_int(v: object) -> int:
     return v
 
 
+def _agent_id(v: object) -> str:
+    # it travels in an HTTP header and may name files through {agent} in a prod
+    if not isinstance(v, str) or not _AGENT_ID_RE.match(v):
+        raise ValueError(f"expected 1 to 128 visible ASCII characters (no spaces), got {v!r}")
+    return v
+
+
 def _choice(options: tuple[str, ...]) -> Any:
     def conv(v: object) -> str:
         if v not in options:
@@ -169,11 +178,37 @@ def _receivers(v: object) -> tuple[str, ...]:
     return tuple(u.rstrip("/") for u in v)
 
 
-def _collector_table(problems: list[str], name: str, table: object) -> dict[str, Any]:
+_NOT_PROD_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+_PROD_KEYS = ("prod", "prod_suffix")
+
+
+def expand_prod(value: str, agent_id: str, host: str) -> str:
+    """``{agent}`` and ``{host}`` in a prod -> the agent's id and host name (characters a PROD
+    cannot hold become ``_``). ``app.{host}`` on web-01 gives ``app.web-01``: per-host files."""
+    return (value.replace("{agent}", _NOT_PROD_CHARS.sub("_", agent_id))
+            .replace("{host}", _NOT_PROD_CHARS.sub("_", host)))
+
+
+def _expand_prods(table: dict[str, Any], agent_id: str, host: str) -> dict[str, Any]:
+    """The table with placeholders expanded in ``prod``/``prod_suffix`` and in ``paths``
+    entries' ``prod`` (the tail collector's per-glob prods)."""
+    out = dict(table)
+    for key in _PROD_KEYS:
+        if isinstance(out.get(key), str):
+            out[key] = expand_prod(out[key], agent_id, host)
+    paths = out.get("paths")
+    if isinstance(paths, list):
+        out["paths"] = [_expand_prods(e, agent_id, host) if isinstance(e, dict) else e for e in paths]
+    return out
+
+
+def _collector_table(problems: list[str], name: str, table: object, agent_id: str = "",
+                     host: str = "") -> dict[str, Any]:
     where = f"[collectors.{name}]"
     if not isinstance(table, dict):
         problems.append(f"{where}: expected a table, got {type(table).__name__}")
         return {}
+    table = _expand_prods(table, agent_id, host)
     if "enabled" in table and not isinstance(table["enabled"], bool):
         problems.append(f"{where} enabled: expected true or false, got {table['enabled']!r}")
     fmt = table.get("format", "protocol")
@@ -206,7 +241,7 @@ def from_dict(data: Mapping[str, Any], *, path: Path | None = None, check_paths:
             problems.append(f"[{key}]: unknown section (expected one of {', '.join(sorted(known))})")
 
     a = _Checker(problems, "agent", data.get("agent"))
-    agent_id = a.get("id", socket.gethostname(), _typed(str, "a string"))
+    agent_id = a.get("id", socket.gethostname(), _agent_id)
     cdir_raw = a.get("collectors_dir", None, _typed(str, "a path"))
     sdir_raw = a.get("state_dir", "/var/lib/spoolagent", _typed(str, "a path"))
     grace = a.get("stop_grace_s", 5.0, parse_duration)
@@ -251,6 +286,7 @@ def from_dict(data: Mapping[str, Any], *, path: Path | None = None, check_paths:
     max_backoff_s = se.get("max_backoff_s", 30.0, parse_duration)
     failover_after = se.get("failover_after", 3, _positive_int)
     balance = se.get("balance", "ordered", _choice(("ordered", "spread")))
+    heartbeat_s = se.get("heartbeat_s", 30.0, parse_duration)
     se.finish()
     token: str | None = None
     if token_file is not None:
@@ -268,7 +304,7 @@ def from_dict(data: Mapping[str, Any], *, path: Path | None = None, check_paths:
     sender = SenderSection(receivers=receivers, token_file=token_file, token=token, ca_file=ca_file,
                            compression=compression, timeout_s=timeout_s, in_flight=in_flight,
                            max_backoff_s=max_backoff_s, failover_after=failover_after,
-                           balance=balance)
+                           balance=balance, heartbeat_s=heartbeat_s)
 
     st = _Checker(problems, "status", data.get("status"))
     status = StatusSection(listen=st.get("listen", "127.0.0.1:9108", _listen))
@@ -280,7 +316,7 @@ def from_dict(data: Mapping[str, Any], *, path: Path | None = None, check_paths:
         problems.append("[collectors]: expected tables like [collectors.tail]")
     else:
         for name, table in raw_collectors.items():
-            collectors[name] = _collector_table(problems, name, table)
+            collectors[name] = _collector_table(problems, name, table, agent_id, socket.gethostname())
 
     if check_paths:
         if not collectors_dir.is_dir():

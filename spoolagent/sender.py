@@ -21,7 +21,7 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
@@ -155,7 +155,8 @@ class Sender:
                  token: str | None = None, timeout_s: float = 10.0, in_flight: int = 2,
                  ca_file: str | None = None, max_backoff_s: float = 30.0,
                  failover_after: int = 3, initial_backoff_s: float = 1.0,
-                 log_summary_every_s: float = 30.0, balance: str = "ordered") -> None:
+                 log_summary_every_s: float = 30.0, balance: str = "ordered",
+                 identity: Callable[[], Mapping[str, str]] | None = None) -> None:
         # "spread": this agent prefers one receiver at random (kept across reloads), so a fleet
         # spreads over several receivers without a load balancer; failover goes on in list order
         self._spread = random.randrange(1 << 30) if balance == "spread" else 0
@@ -182,6 +183,9 @@ class Sender:
             trust_env=False,
             follow_redirects=False,
         )
+        # the agent's id, version and spool summary (docs/protocol.md), read once per request
+        self._identity = identity or dict
+        self._last_request_s: float | None = None  # monotonic: when a request last started
         self._sleep_on_event = sleep_using_event(stopping)
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -258,6 +262,33 @@ class Sender:
             self._current = 0
             self._consecutive_failures = 0
             self._refused = None
+
+    def heartbeat(self) -> int:
+        """``PUT {url}/v1/heartbeat`` (no body; the identity headers) to the current receiver, once.
+
+        Returns the status (a receiver older than heartbeats answers 404 or 405). Blocks up to
+        ``timeout_s``; thread-safe. Raises ReceiverUnavailable (connection failed, or closed).
+        It never retries, fails over or touches the counters: the next heartbeat is the retry.
+        """
+        with self._lock:
+            if self._closed.is_set():
+                raise ReceiverUnavailable("sender is closed")
+            url = self._urls[self._current]
+            auth = self._auth
+            self._last_request_s = time.monotonic()
+        try:
+            resp = self._client.put(f"{url}/v1/heartbeat", content=b"", headers={**self._identity(), **auth})
+        except httpx.RequestError as exc:
+            raise ReceiverUnavailable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from exc
+        except RuntimeError as exc:  # the client was closed under us: shutdown
+            raise ReceiverUnavailable("sender is closed") from exc
+        return resp.status_code
+
+    def last_request_s(self) -> float | None:
+        """``time.monotonic()`` when the last request (batch or heartbeat) started; None before
+        the first. Thread-safe."""
+        with self._lock:
+            return self._last_request_s
 
     def state(self) -> dict[str, object]:
         """A JSON-ready snapshot for /status. Thread-safe, never blocks on the network."""
@@ -354,9 +385,11 @@ class Sender:
 
     def _request(self, target: str, body: bytes,
                  headers: dict[str, str]) -> tuple[int, str, float | None, bytes]:
+        headers = {**headers, **self._identity()}
         for tries in (1, 2):
             with self._lock:
                 self._stats["requests_total"] += 1
+                self._last_request_s = time.monotonic()
             try:
                 # stream + capped read: the answer is always read (or cut) and closed here
                 with self._client.stream("PUT", target, content=body, headers=headers) as resp:

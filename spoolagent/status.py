@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,6 +30,14 @@ _SENDER_STATES = ("idle", "sending", "backoff", "unauthorized", "misconfigured",
 # the values of collect.states.CollectorState, likewise
 _COLLECTOR_STATES = ("starting", "running", "backoff", "waiting", "stopping", "stopped", "disabled",
                      "exited", "failed")
+
+
+def _free_bytes(path: str) -> int | None:
+    try:
+        st = os.statvfs(path) if path else None
+    except OSError:
+        return None
+    return None if st is None else st.f_bavail * st.f_frsize
 
 
 def _num(v: object) -> float:
@@ -112,6 +121,9 @@ class _AgentCollector(Collector):
                     "what [spool] max_bytes bounds.", spool.get("bytes"))
         yield gauge("spool_max_bytes", "The spool's bound ([spool] max_bytes).", spool.get("max_bytes"))
         yield gauge("spool_file_bytes", "Size of spool.db and its WAL on disk.", spool.get("file_bytes"))
+        free = _free_bytes(str(agent.get("state_dir", "")))
+        if free is not None:
+            yield gauge("state_dir_free_bytes", "Bytes free for the agent on the state dir's filesystem.", free)
         oldest = spool.get("oldest_age_s")
         yield gauge("spool_oldest_age_seconds", "Age of the oldest ready batch (0 when none is ready).",
                     oldest or 0)

@@ -197,7 +197,7 @@ class AgentProc:
 
     def __init__(self, base: Path, receivers: list[str], *, extra_toml: str = "",
                  batch: str = "max_wait_ms = 50", sender: str = "max_backoff_s = 1",
-                 spool: str = "", agent: str = "stop_grace_s = 3") -> None:
+                 spool: str = "", agent: str = "stop_grace_s = 3", agent_id: str = "test") -> None:
         self.base = base
         self.state_dir = base / "state"
         self.collectors_dir = base / "collectors"
@@ -206,7 +206,7 @@ class AgentProc:
         self.log_path = base / "agent.log"
         recv = ", ".join(json.dumps(r) for r in receivers)
         self.config.write_text(
-            f"[agent]\nid = \"test\"\ncollectors_dir = \"collectors\"\nstate_dir = \"state\"\n{agent}\n\n"
+            f"[agent]\nid = {json.dumps(agent_id)}\ncollectors_dir = \"collectors\"\nstate_dir = \"state\"\n{agent}\n\n"
             f"[spool]\n{spool}\n\n[batch]\n{batch}\n\n[sender]\nreceivers = [{recv}]\n{sender}\n\n"
             f"[status]\nlisten = \"127.0.0.1:0\"\n\n{extra_toml}\n")
         self.proc: subprocess.Popen[bytes] | None = None

@@ -39,7 +39,7 @@ CP_BYTES = 512 * 1024  # checkpoint at least this often (output bytes) ...
 CP_INTERVAL_S = 0.2  # ... and this often while entries keep coming
 START_WINDOW_S = 3.0  # journalctl failing within this long "fails at start"
 _NOT_PROD = re.compile(rb"[^A-Za-z0-9._-]+")
-_KNOWN_KEYS = {"journalctl_cmd", "args", "prod_field", "prod_fallback_field", "prod", "since",
+_KNOWN_KEYS = {"journalctl_cmd", "args", "prod_field", "prod_fallback_field", "prod", "prod_suffix", "since",
                "max_line_bytes", "enabled", "format"}
 
 
@@ -75,6 +75,10 @@ class Settings:
         self.prod = str(raw.get("prod", "journald")).encode("utf-8", "replace")
         if not protocol.is_valid_prod(self.prod):
             raise Unavailable(f"prod {raw.get('prod')!r} must match [A-Za-z0-9][A-Za-z0-9._-]{{0,127}}")
+        # appended to prods taken from a field ({host} and {agent} are expanded by the agent)
+        self.prod_suffix = str(raw.get("prod_suffix", "")).encode("utf-8", "replace")
+        if self.prod_suffix and not protocol.is_valid_prod(b"x" + self.prod_suffix):
+            raise Unavailable(f"prod_suffix {raw.get('prod_suffix')!r} may hold only [A-Za-z0-9._-]")
         self.since = str(raw.get("since", ""))
         self.max_line_bytes = int(raw.get("max_line_bytes", protocol.DEFAULT_MAX_LINE_BYTES))
         if self.max_line_bytes < 1:
@@ -104,9 +108,10 @@ class Reader:
     def prod(self, entry: dict[str, Any]) -> bytes:
         for field in (self.cfg.prod_field, self.cfg.fallback_field):
             raw = _value(entry.get(field))
-            prod = _NOT_PROD.sub(b"_", raw).lstrip(b"._-")[:128]
+            prod = _NOT_PROD.sub(b"_", raw).lstrip(b"._-")
             if prod:
-                return prod
+                suffix = self.cfg.prod_suffix
+                return prod[:128 - len(suffix)] + suffix
         return self.cfg.prod
 
     def date(self, entry: dict[str, Any]) -> bytes:

@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--dedup-retention", default="30d", help="how long message ids are remembered")
     w.add_argument("--fsync", action=argparse.BooleanOptionalAction, default=True)
     w.add_argument("--listen", help="HOST:PORT for /metrics and /healthz")
+    w.add_argument("--retention", help="delete day files whose DATE is older, e.g. 90d (default: keep)")
+    w.add_argument("--compress-after", dest="compress_after",
+                   help="compress day files whose DATE is older to .dat.zst, e.g. 2d (default: never)")
     w.add_argument("--ready-file", help="once running, write JSON {pid, partitions, http} here")
     s = sub.add_parser("stream", help="create, update or inspect the stream",
                        epilog=_STREAM_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,7 +111,10 @@ def _writer_config(args: argparse.Namespace, urls: tuple[str, ...], name: str
         fsync=args.fsync,
         dedup_retention_s=config.parse_duration(args.dedup_retention, "dedup_retention"),
         listen=config.parse_endpoint(args.listen, "listen") if args.listen else None,
-        ready_file=Path(args.ready_file) if args.ready_file else None)
+        ready_file=Path(args.ready_file) if args.ready_file else None,
+        retention_s=config.parse_duration(args.retention, "retention") if args.retention else None,
+        compress_after_s=(config.parse_duration(args.compress_after, "compress_after")
+                          if args.compress_after else None))
 
 
 def _settings(args: argparse.Namespace, name: str) -> stream.StreamSettings:

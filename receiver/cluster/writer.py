@@ -44,6 +44,7 @@ from receiver.cluster.metrics import WriterMetrics
 from receiver.config import Endpoint
 from receiver.dedup import DedupIndex
 from receiver.errors import ConfigError, ReceiverError, RetryableError
+from receiver.lifecycle import Lifecycle
 from receiver.store import Batch, PartitionedStore
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,9 @@ class WriterConfig:
     listen: Endpoint | None = None
     ready_file: Path | None = None
     shutdown_grace_s: float = 30.0
+    # data lifecycle (receiver/lifecycle.py), as the standalone receiver's: None = off
+    retention_s: float | None = None
+    compress_after_s: float | None = None
 
 
 class Writer:
@@ -324,10 +328,15 @@ def run(cfg: WriterConfig) -> int:
     rolled = store.recover()
     log.info("storage ready data_dir=%s rolled_back=%d", cfg.data_dir, rolled)
     store.start()
+    lifecycle = Lifecycle(cfg.data_dir, intents=dedup, retention_s=cfg.retention_s,
+                          compress_after_s=cfg.compress_after_s, fsync=cfg.fsync)
+    if lifecycle.enabled:
+        lifecycle.start()
     started = time.monotonic()
     try:
         return asyncio.run(_serve(cfg, store, dedup))
     finally:
+        lifecycle.close()
         store.close()
         dedup.close()
         log.info("writer stopped after_s=%.1f", time.monotonic() - started)

@@ -1,0 +1,325 @@
+"""AgentTable: who ships to this receiver -- per agent id, what it sent and what it last reported.
+
+The agent identifies itself in headers on every PUT and heartbeat (docs/protocol.md):
+``Spoolagent-Id``, ``Spoolagent-Version``, ``Spoolagent-Host`` and ``Spoolagent-Spool``
+(``lines=N, bytes=N, oldest-s=S, dead=N``). A request without ``Spoolagent-Id`` (an older agent,
+``POST /``, TCP) is stored as before and counted nowhere here.
+
+On disk: ``DATA_DIR/.receiver/agents.db`` (SQLite, WAL), one row per agent id. Requests only touch
+memory (a dict under a lock); ``flush()`` writes what changed since the last flush in one
+transaction, adding counters and keeping the newest report, so several processes (``--processes
+N``, or the cluster's writers) can share the file. The table is soft state: it is written without
+fsync (``synchronous=NORMAL``); a power cut may lose its last second, never the data files.
+
+``read_agents`` and ``listing`` serve ``spoolreceiver agents`` and ``GET /v1/agents`` (the same
+JSON) whether or not a receiver runs; ``fleet_summary`` serves the metrics (no label per agent).
+Imports nothing from the package but ``receiver.errors``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from receiver.errors import StorageUnavailable
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "agents.db"
+SORT_KEYS = ("id", "last_seen", "backlog", "lines")
+_ID_RE = re.compile(r"[\x21-\x7e]{1,128}\Z")
+_TEXT_MAX = 128
+_SUMMARY_KEYS = {"lines": "backlog_lines", "bytes": "backlog_bytes", "oldest-s": "backlog_oldest_s",
+                 "dead": "dead_letters"}
+_COUNTERS = ("batches", "lines", "bytes", "duplicates", "rejected", "heartbeats")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS agents (
+    agent_id TEXT PRIMARY KEY, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
+    version TEXT, host TEXT, remote TEXT,
+    batches INTEGER NOT NULL DEFAULT 0, lines INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0, duplicates INTEGER NOT NULL DEFAULT 0,
+    rejected INTEGER NOT NULL DEFAULT 0, heartbeats INTEGER NOT NULL DEFAULT 0,
+    backlog_lines INTEGER, backlog_bytes INTEGER, backlog_oldest_s REAL, dead_letters INTEGER,
+    reported_at REAL)
+"""
+# counters add up; the descriptive fields and the backlog come from the newest report
+_UPSERT = f"""
+INSERT INTO agents (agent_id, first_seen, last_seen, version, host, remote, {", ".join(_COUNTERS)},
+                    backlog_lines, backlog_bytes, backlog_oldest_s, dead_letters, reported_at)
+VALUES (?, ?, ?, ?, ?, ?, {", ".join("?" for _ in _COUNTERS)}, ?, ?, ?, ?, ?)
+ON CONFLICT(agent_id) DO UPDATE SET
+    first_seen = min(first_seen, excluded.first_seen),
+    version = CASE WHEN excluded.last_seen >= last_seen THEN coalesce(excluded.version, version) ELSE version END,
+    host = CASE WHEN excluded.last_seen >= last_seen THEN coalesce(excluded.host, host) ELSE host END,
+    remote = CASE WHEN excluded.last_seen >= last_seen THEN coalesce(excluded.remote, remote) ELSE remote END,
+    {", ".join(f"{c} = {c} + excluded.{c}" for c in _COUNTERS)},
+    backlog_lines = CASE WHEN excluded.reported_at >= coalesce(reported_at, 0)
+                    THEN excluded.backlog_lines ELSE backlog_lines END,
+    backlog_bytes = CASE WHEN excluded.reported_at >= coalesce(reported_at, 0)
+                    THEN excluded.backlog_bytes ELSE backlog_bytes END,
+    backlog_oldest_s = CASE WHEN excluded.reported_at >= coalesce(reported_at, 0)
+                       THEN excluded.backlog_oldest_s ELSE backlog_oldest_s END,
+    dead_letters = CASE WHEN excluded.reported_at >= coalesce(reported_at, 0)
+                   THEN excluded.dead_letters ELSE dead_letters END,
+    reported_at = max(coalesce(reported_at, 0), coalesce(excluded.reported_at, 0)),
+    last_seen = max(last_seen, excluded.last_seen)
+"""
+
+
+@dataclass(frozen=True)
+class Report:
+    """What one request said about its agent."""
+
+    agent_id: str
+    version: str | None
+    host: str | None
+    remote: str | None
+    backlog: Mapping[str, float] = field(default_factory=dict)  # _SUMMARY_KEYS' values
+
+
+def report_from_headers(headers: Mapping[str, str], remote: str | None) -> Report | None:
+    """The Report in a request's headers; None without a (valid) ``Spoolagent-Id``. Never raises:
+    a malformed summary is ignored (the counts still go to the agent)."""
+    agent_id = (headers.get("Spoolagent-Id") or "").strip()
+    if not _ID_RE.match(agent_id):
+        return None
+    backlog: dict[str, float] = {}
+    for item in (headers.get("Spoolagent-Spool") or "").split(","):
+        key, _, value = item.strip().partition("=")
+        column = _SUMMARY_KEYS.get(key.strip())
+        if column is None:
+            continue
+        with contextlib.suppress(ValueError):
+            number = float(value.strip())
+            if number >= 0 and number == number and number != float("inf"):
+                backlog[column] = number
+    return Report(agent_id, _text(headers.get("Spoolagent-Version")),
+                  _text(headers.get("Spoolagent-Host")), remote, backlog)
+
+
+def _text(value: str | None) -> str | None:
+    return value.strip()[:_TEXT_MAX] if value and value.strip() else None
+
+
+@dataclass
+class _Pending:
+    first_seen: float
+    last_seen: float
+    version: str | None = None
+    host: str | None = None
+    remote: str | None = None
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTERS, 0))
+    backlog: Mapping[str, float] | None = None
+    reported_at: float | None = None
+
+
+class AgentTable:
+    """The agent table of one process. ``seen``/``count`` touch memory only (thread-safe, never
+    block on disk); ``flush`` writes (blocks; call it off the event loop, e.g. once a second or
+    once per commit round). Raises StorageUnavailable from ``create`` and ``flush``."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / DB_NAME
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._pending: dict[str, _Pending] = {}
+        self._db: sqlite3.Connection | None = None
+
+    def create(self) -> None:
+        """Create the file and its table if missing. Blocks; call once before serving."""
+        with self._connection():
+            pass
+
+    def seen(self, report: Report, *, now: float | None = None) -> None:
+        """Note a request from ``report.agent_id``: last seen, version, host, address, backlog."""
+        now = time.time() if now is None else now
+        with self._lock:
+            p = self._entry(report.agent_id, now)
+            p.last_seen = max(p.last_seen, now)
+            p.version = report.version or p.version
+            p.host = report.host or p.host
+            p.remote = report.remote or p.remote
+            if report.backlog:
+                p.backlog = report.backlog
+                p.reported_at = now
+
+    def count(self, agent_id: str, *, batches: int = 0, lines: int = 0, bytes_: int = 0,
+              duplicates: int = 0, rejected: int = 0, heartbeats: int = 0) -> None:
+        """Add to an agent's counters (call ``seen`` for it first, or the row has no address)."""
+        now = time.time()
+        with self._lock:
+            c = self._entry(agent_id, now).counts
+            c["batches"] += batches
+            c["lines"] += lines
+            c["bytes"] += bytes_
+            c["duplicates"] += duplicates
+            c["rejected"] += rejected
+            c["heartbeats"] += heartbeats
+
+    def _entry(self, agent_id: str, now: float) -> _Pending:
+        p = self._pending.get(agent_id)
+        if p is None:
+            p = self._pending[agent_id] = _Pending(first_seen=now, last_seen=now)
+        return p
+
+    def flush(self) -> int:
+        """Write what changed since the last flush in one transaction; the number of agents.
+        Blocks. On failure the changes are kept for the next flush and StorageUnavailable raised."""
+        with self._flush_lock:
+            with self._lock:
+                pending, self._pending = self._pending, {}
+            if not pending:
+                return 0
+            rows = [(agent_id, p.first_seen, p.last_seen, p.version, p.host, p.remote,
+                     *(p.counts[c] for c in _COUNTERS),
+                     *((p.backlog or {}).get(k) for k in _SUMMARY_KEYS.values()), p.reported_at)
+                    for agent_id, p in pending.items()]
+            try:
+                with self._connection() as db, db:
+                    db.executemany(_UPSERT, rows)
+            except StorageUnavailable:
+                with self._lock:  # nothing is lost: merge back under what came in since
+                    for agent_id, p in pending.items():
+                        self._merge_back(agent_id, p)
+                raise
+            return len(rows)
+
+    def _merge_back(self, agent_id: str, old: _Pending) -> None:
+        new = self._pending.get(agent_id)
+        if new is None:
+            self._pending[agent_id] = old
+            return
+        new.first_seen = min(new.first_seen, old.first_seen)
+        for c in _COUNTERS:
+            new.counts[c] += old.counts[c]
+        if new.backlog is None:
+            new.backlog, new.reported_at = old.backlog, old.reported_at
+        new.version, new.host, new.remote = (new.version or old.version, new.host or old.host,
+                                             new.remote or old.remote)
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        try:
+            if self._db is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                db = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False,
+                                     isolation_level="DEFERRED")
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")  # soft state: see the module docstring
+                db.execute(_SCHEMA)
+                self._db = db
+            yield self._db
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(f"agent table {self.path}: {exc}", retry_after_s=5) from exc
+
+    def flush_quietly(self) -> None:
+        """``flush``, logging instead of raising (the changes wait for the next one). For a timer."""
+        try:
+            self.flush()
+        except Exception as exc:  # the top of a periodic job
+            log.warning("agent table flush failed err=%s", exc)
+
+    def summary(self, windows_s: Sequence[float]) -> FleetSummary:
+        """The fleet gauges at scrape time: this process's changes, then the whole table."""
+        try:
+            self.flush()
+            rows = read_agents(self.path.parent)
+        except StorageUnavailable as exc:
+            log.warning("agent table unreadable for metrics err=%s", exc)
+            rows = []
+        return fleet_summary(rows, now=time.time(), windows_s=windows_s)
+
+    def close(self) -> None:
+        """Flush (best effort) and close. Idempotent."""
+        try:
+            self.flush()
+        except StorageUnavailable as exc:
+            log.warning("agent table not flushed at close err=%s", exc)
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+def read_agents(state_dir: Path) -> list[dict[str, object]]:
+    """Every row of the table at ``state_dir`` (empty if there is none). Never writes. Blocks;
+    raises StorageUnavailable."""
+    path = state_dir / DB_NAME
+    if not path.exists():
+        return []
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
+        try:
+            db.row_factory = sqlite3.Row
+            return [dict(r) for r in db.execute("SELECT * FROM agents")]
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise StorageUnavailable(f"agent table {path}: {exc}", retry_after_s=5) from exc
+
+
+def listing(rows: Sequence[Mapping[str, object]], *, now: float, silent_for_s: float | None = None,
+            sort: str = "id") -> list[dict[str, object]]:
+    """The JSON of ``spoolreceiver agents`` and ``GET /v1/agents``: one object per agent, only
+    those silent for at least ``silent_for_s`` when given, sorted by ``sort`` (SORT_KEYS;
+    backlog, last_seen and lines: largest first)."""
+    out = []
+    for r in rows:
+        silent_s = max(0.0, now - _num(r["last_seen"]))
+        if silent_for_s is not None and silent_s < silent_for_s:
+            continue
+        out.append({
+            "id": r["agent_id"], "version": r["version"], "host": r["host"], "remote": r["remote"],
+            "first_seen": r["first_seen"], "last_seen": r["last_seen"], "silent_s": round(silent_s, 3),
+            **{c: r[c] for c in _COUNTERS},
+            "backlog": {"lines": r["backlog_lines"], "bytes": r["backlog_bytes"],
+                        "oldest_s": r["backlog_oldest_s"], "dead_letters": r["dead_letters"],
+                        "reported_at": r["reported_at"]},
+        })
+    keys = {"id": lambda a: (str(a["id"]),),
+            "last_seen": lambda a: (-_num(a["last_seen"]), str(a["id"])),
+            "lines": lambda a: (-_num(a["lines"]), str(a["id"])),
+            "backlog": lambda a: (-_num(_backlog(a, "lines")), -_num(_backlog(a, "bytes")), str(a["id"]))}
+    out.sort(key=keys[sort])
+    return out
+
+
+def _backlog(agent: Mapping[str, object], key: str) -> object:
+    backlog = agent["backlog"]
+    return backlog.get(key) if isinstance(backlog, dict) else None
+
+
+def _num(value: object) -> float:
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
+@dataclass(frozen=True)
+class FleetSummary:
+    """The metrics' view of the table: no label per agent."""
+
+    known: int
+    active: Mapping[float, int]  # window in seconds -> agents seen within it
+    backlog_max_lines: int
+    backlog_max_bytes: int
+    backlog_max_oldest_s: float
+    with_dead_letters: int
+
+
+def fleet_summary(rows: Sequence[Mapping[str, object]], *, now: float,
+                  windows_s: Sequence[float]) -> FleetSummary:
+    """Counts over ``rows`` (``read_agents``) for the metrics."""
+    return FleetSummary(
+        known=len(rows),
+        active={w: sum(1 for r in rows if now - _num(r["last_seen"]) <= w) for w in windows_s},
+        backlog_max_lines=int(max((_num(r["backlog_lines"]) for r in rows), default=0)),
+        backlog_max_bytes=int(max((_num(r["backlog_bytes"]) for r in rows), default=0)),
+        backlog_max_oldest_s=max((_num(r["backlog_oldest_s"]) for r in rows), default=0.0),
+        with_dead_letters=sum(1 for r in rows if _num(r["dead_letters"]) > 0),
+    )

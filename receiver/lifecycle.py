@@ -1,0 +1,420 @@
+"""Lifecycle: retention and compression of the day files, and ``cat`` of a day, plain or compressed.
+
+Files of one day (``P`` = ``{PROD}_{DATE}``)::
+
+    P.dat                      the plain file the store appends to
+    P.dat.zst                  the compressed day: zstd frames, each followed by a trailer
+    .P.dat.sealed.<NS>         a plain piece taken out of the store's way, waiting to be compressed
+    .P.dat.zst.tmp             the next P.dat.zst being written
+
+Trailer: a zstd skippable frame (decoders skip it) ``5E 2A 4D 18 | u32 LE 38 |
+"spoolagent-sealed:" | NS`` (20 digits), naming the last piece the file holds. NS is the
+``time_ns()`` of sealing, so pieces are merged in the order they were cut.
+
+A compression pass on ``P.dat`` (its DATE older than ``compress_after_s``), all-or-nothing:
+
+1. seal: under the file's ``flock`` (the store's lock), with no append intent left on it, rename
+   ``P.dat`` to a sealed piece. A late line then makes the store open a new ``P.dat``;
+2. merge: write ``P.dat.zst.tmp`` = the old ``P.dat.zst`` (copied, not recompressed) + one frame of
+   the piece + a trailer naming it; fsync it; rename it over ``P.dat.zst``; fsync the directory;
+3. only then unlink the piece. A crash before 3 leaves the piece: the next pass sees the trailer
+   name it (already merged: unlink) or not (merge again, from the old ``P.dat.zst``). Nothing is
+   lost or doubled.
+
+Retention deletes every file of a day older than ``retention_s`` (the plain one under its lock),
+and ``_rejected/rejected_{DATE}.jsonl`` too. Passes read and write at most ``rate_bytes`` a second
+and hold ``.receiver/lifecycle.lock`` so one runner works on a data dir at a time. ``cat`` takes no
+lock: it opens the day's files and retries if a pass moved one meanwhile.
+
+Days: a file is older than N days when ``DATE + ceil(N) days < today`` (local date, as the store
+files lines). Imports files and errors only (the store's lock and fsync helpers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import logging
+import math
+import os
+import re
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import zstandard
+
+from receiver.errors import StorageUnavailable
+from receiver.files import fsync_dir
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".receiver/lifecycle.lock"
+_DAY_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]{0,127})_(\d{4}-\d{2}-\d{2})\.dat(\.zst)?\Z")
+_REJECTED_RE = re.compile(r"rejected_(\d{4}-\d{2}-\d{2})\.jsonl\Z")
+_SEALED = ".dat.sealed."
+_TRAILER_MAGIC = 0x184D2A5E
+_TRAILER_PREFIX = b"spoolagent-sealed:"
+_TOKEN_DIGITS = 20
+_TRAILER_LEN = 8 + len(_TRAILER_PREFIX) + _TOKEN_DIGITS
+_CHUNK = 1024 * 1024
+_CAT_TRIES = 20
+
+
+class _Intents(Protocol):
+    def intents(self, files: Iterable[str] | None = None) -> Sequence[object]: ...
+
+
+@dataclass
+class PassStats:
+    deleted: int = 0
+    compressed: int = 0
+    merged_bytes: int = 0
+    skipped: int = 0
+
+
+def _trailer(token: int) -> bytes:
+    payload = _TRAILER_PREFIX + b"%020d" % token
+    return struct.pack("<II", _TRAILER_MAGIC, len(payload)) + payload
+
+
+def _last_token(path: Path) -> int:
+    """The token of the last piece merged into ``path`` (0 if none, or no such file)."""
+    try:
+        with open(path, "rb") as f:
+            return _token_of(f)
+    except FileNotFoundError:
+        return 0
+
+
+def _token_of(f: BinaryIO) -> int:
+    """The token in the trailer of compressed file ``f`` (0 if none); leaves ``f`` at its start."""
+    f.seek(0, os.SEEK_END)
+    if f.tell() < _TRAILER_LEN:
+        f.seek(0)
+        return 0
+    f.seek(-_TRAILER_LEN, os.SEEK_END)
+    tail = f.read(_TRAILER_LEN)
+    f.seek(0)
+    magic, size = struct.unpack("<II", tail[:8])
+    if magic != _TRAILER_MAGIC or size != _TRAILER_LEN - 8 or not tail[8:].startswith(_TRAILER_PREFIX):
+        return 0
+    return int(tail[8 + len(_TRAILER_PREFIX):])
+
+
+def _pieces(data_dir: Path, stem: str) -> list[tuple[int, Path]]:
+    """The sealed pieces of day ``stem`` (``PROD_DATE``), oldest first."""
+    out = []
+    for p in data_dir.glob(f".{stem}{_SEALED}*"):
+        token = p.name[len(stem) + 1 + len(_SEALED):]
+        if token.isdigit() and len(token) == _TOKEN_DIGITS:
+            out.append((int(token), p))
+    return sorted(out)
+
+
+class _Stopped(Exception):
+    """The runner is stopping: a merge gives up (its temp file goes; the piece stays)."""
+
+
+class _Throttle:
+    """Sleeps (on ``stop``) so that the bytes passed through stay under ``rate`` a second."""
+
+    def __init__(self, rate_bytes: int, stop: threading.Event) -> None:
+        self._rate = rate_bytes
+        self._stop = stop
+        self._start = time.monotonic()
+        self._bytes = 0
+
+    def __call__(self, n: int) -> None:
+        if self._stop.is_set():
+            raise _Stopped
+        self._bytes += n
+        ahead_s = self._bytes / self._rate - (time.monotonic() - self._start)
+        if ahead_s > 0:
+            self._stop.wait(ahead_s)
+
+
+class Lifecycle:
+    """Retention and compression of one data dir. ``run_pass`` blocks for a whole pass (bounded
+    I/O); ``run`` repeats it every ``interval_s`` until ``stop`` is set (a thread's target). Not
+    thread-safe itself; several runners on one dir (processes, hosts) take turns by a lock file.
+    ``intents`` is the store's journal (``DedupIndex``): a file with an append intent left on it
+    is skipped until the store has rolled it back."""
+
+    def __init__(self, data_dir: Path, *, intents: _Intents, retention_s: float | None = None,
+                 compress_after_s: float | None = None, rate_bytes: int = 32 * 1024 * 1024,
+                 interval_s: float = 600.0, fsync: bool = True,
+                 today: Callable[[], datetime.date] = datetime.date.today) -> None:
+        self.data_dir = data_dir
+        self._intents = intents
+        self._retention_days = None if retention_s is None else math.ceil(retention_s / 86400)
+        self._compress_days = None if compress_after_s is None else math.ceil(compress_after_s / 86400)
+        self._rate = rate_bytes
+        self._interval_s = interval_s
+        self._fsync = fsync
+        self._today = today
+        self.stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self._retention_days is not None or self._compress_days is not None
+
+    def start(self) -> None:
+        """Run ``run`` on a daemon thread of its own (``close`` stops and joins it)."""
+        self._thread = threading.Thread(target=self.run, name="lifecycle", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the thread (a merge under way gives up; its piece stays for the next pass) and
+        wait for it. Blocks for at most one chunk of I/O."""
+        self.stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def run(self) -> None:
+        """Pass, wait ``interval_s``, pass ... until ``stop``. Never raises."""
+        while not self.stop.is_set():
+            try:
+                stats = self.run_pass()
+                if stats and (stats.deleted or stats.compressed or stats.skipped):
+                    log.info("lifecycle pass deleted=%d compressed=%d merged_bytes=%d skipped=%d",
+                             stats.deleted, stats.compressed, stats.merged_bytes, stats.skipped)
+            except _Stopped:
+                return
+            except Exception as exc:  # the top of a thread: try again next time
+                log.warning("lifecycle pass failed err=%s", exc)
+            self.stop.wait(self._interval_s)
+
+    def run_pass(self) -> PassStats | None:
+        """One pass; None if another runner holds the data dir. Raises StorageUnavailable/OSError."""
+        with self._runner_lock() as held:
+            if not held:
+                return None
+            stats = PassStats()
+            throttle = _Throttle(self._rate, self.stop)
+            today = self._today()
+            for stem, date in sorted(self._days()):
+                if self.stop.is_set():
+                    break
+                age = (today - date).days
+                if self._retention_days is not None and age > self._retention_days:
+                    stats.deleted += self._delete_day(stem)
+                    continue
+                for token, piece in _pieces(self.data_dir, stem):  # left by a crash: finish them
+                    stats.merged_bytes += self._merge(stem, token, piece, throttle)
+                if self._compress_days is not None and age > self._compress_days:
+                    piece_token = self._seal(stem)
+                    if piece_token is None:
+                        stats.skipped += 1 if (self.data_dir / f"{stem}.dat").exists() else 0
+                        continue
+                    stats.merged_bytes += self._merge(stem, piece_token[0], piece_token[1], throttle)
+                    stats.compressed += 1
+            if self._retention_days is not None:
+                stats.deleted += self._expire_rejected(today)
+            return stats
+
+    @contextlib.contextmanager
+    def _runner_lock(self) -> Iterator[bool]:
+        path = self.data_dir / LOCK_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    def _days(self) -> set[tuple[str, datetime.date]]:
+        days = set()
+        for p in self.data_dir.iterdir():
+            name = p.name
+            if name.startswith(".") and _SEALED in name:
+                name = name[1:name.index(_SEALED)] + ".dat"
+            m = _DAY_RE.match(name)
+            if m is None:
+                continue
+            with contextlib.suppress(ValueError):
+                days.add((f"{m.group(1)}_{m.group(2)}", datetime.date.fromisoformat(m.group(2))))
+        return days
+
+    # -- sealing and merging -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self, name: str) -> Iterator[int | None]:
+        """The store's lock on data file ``name``: the fd, or None if there is no such file or an
+        append intent is left on it (the store rolls it back first)."""
+        path = self.data_dir / name
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            yield None
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                yield None
+                return
+            fst = os.fstat(fd)
+            if (current.st_ino, current.st_dev) != (fst.st_ino, fst.st_dev) or self._intents.intents([name]):
+                yield None
+                return
+            yield fd
+        finally:
+            os.close(fd)  # releases the flock
+
+    def _seal(self, stem: str) -> tuple[int, Path] | None:
+        """Move ``stem.dat`` out of the store's way; the piece's (token, path), or None."""
+        with self._locked(f"{stem}.dat") as fd:
+            if fd is None:
+                return None
+            token = time.time_ns()
+            piece = self.data_dir / f".{stem}{_SEALED}{token:0{_TOKEN_DIGITS}d}"
+            os.rename(self.data_dir / f"{stem}.dat", piece)
+            if self._fsync:
+                fsync_dir(self.data_dir)
+            return token, piece
+
+    def _merge(self, stem: str, token: int, piece: Path, throttle: _Throttle) -> int:
+        """Make ``stem.dat.zst`` hold ``piece`` (once), then unlink the piece. Bytes written."""
+        target = self.data_dir / f"{stem}.dat.zst"
+        if _last_token(target) >= token:  # merged before a crash: only the unlink was left
+            piece.unlink()
+            return 0
+        tmp = self.data_dir / f".{stem}.dat.zst.tmp"
+        written = 0
+        try:
+            with open(tmp, "wb") as out:
+                if target.exists():
+                    with open(target, "rb") as old:
+                        written += _copy(old, out.write, throttle)
+                with open(piece, "rb") as src:
+                    writer = zstandard.ZstdCompressor(level=3).stream_writer(out, closefd=False)
+                    _copy(src, writer.write, throttle)
+                    writer.flush(zstandard.FLUSH_FRAME)
+                out.write(_trailer(token))
+                out.flush()
+                written = out.tell()
+                if self._fsync:
+                    os.fsync(out.fileno())
+            # the compressed day is durable before the plain piece may go
+            os.replace(tmp, target)
+            if self._fsync:
+                fsync_dir(self.data_dir)
+        except _Stopped:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise StorageUnavailable(f"cannot compress {piece.name}: {exc}", retry_after_s=5) from exc
+        piece.unlink()
+        if self._fsync:
+            fsync_dir(self.data_dir)
+        return written
+
+    # -- retention -----------------------------------------------------------------------------
+
+    def _delete_day(self, stem: str) -> int:
+        deleted = 0
+        with self._locked(f"{stem}.dat") as fd:
+            if fd is not None:
+                os.unlink(self.data_dir / f"{stem}.dat")
+                deleted += 1
+        for p in [self.data_dir / f"{stem}.dat.zst", self.data_dir / f".{stem}.dat.zst.tmp",
+                  *(p for _, p in _pieces(self.data_dir, stem))]:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                deleted += 1
+        if deleted and self._fsync:
+            fsync_dir(self.data_dir)
+        return deleted
+
+    def _expire_rejected(self, today: datetime.date) -> int:
+        assert self._retention_days is not None
+        rejected = self.data_dir / "_rejected"
+        deleted = 0
+        for p in rejected.glob("rejected_*.jsonl") if rejected.is_dir() else ():
+            m = _REJECTED_RE.match(p.name)
+            if m is None:
+                continue
+            with contextlib.suppress(ValueError):
+                if (today - datetime.date.fromisoformat(m.group(1))).days <= self._retention_days:
+                    continue
+                with self._locked(f"_rejected/{p.name}") as fd:
+                    if fd is not None:
+                        p.unlink()
+                        deleted += 1
+        return deleted
+
+
+def _copy(src: BinaryIO, write: Callable[[bytes], object], throttle: _Throttle) -> int:
+    total = 0
+    while chunk := src.read(_CHUNK):
+        write(chunk)
+        total += len(chunk)
+        throttle(2 * len(chunk))  # read and written
+    return total
+
+
+def cat(data_dir: Path, prod: str, date: str, write: Callable[[bytes], object]) -> bool:
+    """Write the lines of ``prod`` on ``date`` to ``write``: the compressed day, the pieces it does
+    not hold yet, then the plain file. False if the day has no file. Takes no lock and never
+    writes; retries when a pass moves a file while it opens them. Raises StorageUnavailable."""
+    stem = f"{prod}_{date}"
+    target = data_dir / f"{stem}.dat.zst"
+    for _ in range(_CAT_TRIES):
+        with contextlib.ExitStack() as files:
+            before = _pieces(data_dir, stem)
+            z = _open_or_none(target, files)
+            plain = _open_or_none(data_dir / f"{stem}.dat", files)
+            # a pass sealed (plain -> piece) or merged (tmp -> zst, then unlink the piece) while we
+            # opened: what we hold could miss or repeat lines, so open again
+            if _pieces(data_dir, stem) != before or not _same_file(z, target):
+                continue
+            last = _token_of(z) if z is not None else 0
+            todo = [p for t, p in before if t > last]
+            pieces = [f for f in (_open_or_none(p, files) for p in todo) if f is not None]
+            if len(pieces) != len(todo):
+                continue
+            if z is None and not pieces and plain is None:
+                return False
+            if z is not None:
+                reader = zstandard.ZstdDecompressor().stream_reader(z, read_across_frames=True)
+                while chunk := reader.read(_CHUNK):
+                    write(chunk)
+            for f in [*pieces, *([plain] if plain is not None else [])]:
+                while chunk := f.read(_CHUNK):
+                    write(chunk)
+            return True
+    raise StorageUnavailable(f"{stem}: files keep moving (a lifecycle pass is busy)", retry_after_s=1)
+
+
+def _open_or_none(path: Path, stack: contextlib.ExitStack) -> BinaryIO | None:
+    try:
+        return stack.enter_context(open(path, "rb"))
+    except FileNotFoundError:
+        return None
+
+
+def _same_file(f: BinaryIO | None, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return f is None
+    if f is None:
+        return False
+    fst = os.fstat(f.fileno())
+    return (st.st_ino, st.st_dev) == (fst.st_ino, fst.st_dev)

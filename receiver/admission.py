@@ -3,11 +3,11 @@ fleet does (a thousand agents coming back after an outage with a backlog each).
 
 A body request is admitted when its headers arrive, before its body is read, and holds its slot
 until it is answered: the bodies being read, decoded, waiting for the store's round and in the
-round. Past ``max_requests`` of them, or ``max_bytes`` of their declared sizes (Content-Length,
-compressed), a new one is refused with 503 and a ``Retry-After`` drawn at random between 1 s and
+round. Past ``max_requests`` of them a new one is refused with 503 and a ``Retry-After`` drawn at
+random between 1 s and
 about twice the time the admitted work takes to drain at the recent pace (at most 10 s): a fleet
 that was refused together does not come back together. Touched only on the event loop. Imports nothing
-from the package.
+from the package. (The bytes those requests hold are bounded apart, by ``max_inflight``.)
 """
 
 from __future__ import annotations
@@ -22,32 +22,25 @@ _MAX_RETRY_AFTER_S = 10
 
 
 class Admission:
-    """Counts the admitted body requests of one process and their declared bytes."""
+    """Counts the admitted body requests of one process."""
 
-    def __init__(self, max_requests: int, max_bytes: int) -> None:
+    def __init__(self, max_requests: int) -> None:
         self.max_requests = max_requests
-        self.max_bytes = max_bytes
         self.requests = 0
-        self.bytes = 0
         self._rate = _PRIOR_RATE  # answered requests per second, decaying average
         self._rate_at = time.monotonic()
         self._random = random.Random()
 
-    def admit(self, declared_bytes: int) -> bool:
-        """Take a slot for a request of ``declared_bytes`` (0 if unknown); False = refuse it.
-        A request alone is always admitted, whatever its size (the body cap bounds it)."""
-        busy = self.requests > 0 and (self.requests >= self.max_requests
-                                      or self.bytes + declared_bytes > self.max_bytes)
-        if busy:
+    def admit(self) -> bool:
+        """Take a slot for a request; False = refuse it."""
+        if self.requests >= self.max_requests:
             return False
         self.requests += 1
-        self.bytes += declared_bytes
         return True
 
-    def release(self, declared_bytes: int) -> None:
+    def release(self) -> None:
         """Give back the slot of an answered (or dropped) request."""
         self.requests -= 1
-        self.bytes -= declared_bytes
         now = time.monotonic()
         decay = 0.5 ** ((now - self._rate_at) / _RATE_HALF_LIFE_S)
         # one event spread over the half-life: the average converges on events per second

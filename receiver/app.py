@@ -87,7 +87,7 @@ class _Handler(tornado.web.RequestHandler):
         self.ctx = ctx
         self._started = time.monotonic()
         self._counted = True
-        self._admitted: int | None = None  # declared bytes of an admitted body request
+        self._admitted = False  # a body request holding a slot of ctx.admission
         ctx.inflight.count += 1
 
     def on_finish(self) -> None:
@@ -103,10 +103,10 @@ class _Handler(tornado.web.RequestHandler):
         if self._counted:
             self._counted = False
             self.ctx.inflight.count -= 1
-            if self._admitted is not None:
-                self.ctx.admission.release(self._admitted)
+            if self._admitted:
+                self.ctx.admission.release()
                 self.ctx.metrics.queue_requests.dec()
-                self._admitted = None
+                self._admitted = False
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         self.finish({"error": self._reason})
@@ -153,11 +153,10 @@ class _BodyHandler(_Handler):
         if length.isdigit() and int(length) > self._raw_cap:
             self._refuse(413, f"body of {length} bytes is over the cap")
             return
-        declared = int(length) if length.isdigit() else 0
-        if not self.ctx.admission.admit(declared):
+        if not self.ctx.admission.admit():
             self._shed()
             return
-        self._admitted = declared
+        self._admitted = True
         self.ctx.metrics.queue_requests.inc()
 
     def _shed(self) -> None:
@@ -168,8 +167,8 @@ class _BodyHandler(_Handler):
         ctx.shed.count += 1
         now = time.monotonic()
         if now - ctx.shed.logged_at >= _SHED_LOG_EVERY_S:
-            log.warning("shedding load: queue full requests=%d bytes=%d shed_since_last=%d",
-                        ctx.admission.requests, ctx.admission.bytes, ctx.shed.count)
+            log.warning("shedding load: queue full requests=%d shed_since_last=%d",
+                        ctx.admission.requests, ctx.shed.count)
             ctx.shed.count, ctx.shed.logged_at = 0, now
         log.debug("request shed path=%s", self.request.path)
         self.set_status(503)

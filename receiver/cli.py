@@ -33,7 +33,7 @@ _EPILOG = """examples:
 
 The config file is TOML with the flags' names as keys (data_dir, listen, tcp_listen, token_file,
 processes, threads, max_body, max_line, tls_cert, tls_key, fsync, dedup_retention, max_open_files,
-claim_wait, queue_max, queue_max_bytes, shutdown_grace, ready_file, log_level, log_format, nats,
+claim_wait, queue_max, shutdown_grace, ready_file, log_level, log_format, nats,
 stream, max_inflight, max_connections, idle_timeout, agent_windows, retention, compress_after,
 lifecycle_rate, lifecycle_interval); flags override it.
 Cluster mode (docs/scaling.md): `spoolreceiver writer --help`, `spoolreceiver stream --help`.
@@ -67,8 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data files kept open per process (default 128)")
     p.add_argument("--queue-max", dest="queue_max",
                    help="body requests a process holds before it answers 503 (default 1024)")
-    p.add_argument("--queue-max-bytes", dest="queue_max_bytes",
-                   help="their declared bytes before it answers 503 (default 256MiB)")
     p.add_argument("--max-inflight", dest="max_inflight",
                    help="body bytes held at once per process, received and decoded, past which new "
                    "requests get 503 + Retry-After (default 4 x max-body)")

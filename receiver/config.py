@@ -23,9 +23,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_LINE_BYTES = 1024 * 1024
 DEFAULT_DEDUP_RETENTION_S = 30 * 86400.0
-# admission control, per process: body requests admitted and not answered yet, and their bytes
+# admission control, per process: body requests admitted and not answered yet
 DEFAULT_QUEUE_MAX = 1024
-DEFAULT_QUEUE_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_AGENT_WINDOWS_S = (600.0, 3600.0, 86400.0)
 DEFAULT_LIFECYCLE_RATE = 32 * 1024 * 1024
 
@@ -33,7 +32,7 @@ DEFAULT_LIFECYCLE_RATE = 32 * 1024 * 1024
 _KEYS = frozenset({
     "data_dir", "listen", "tcp_listen", "token_file", "processes", "threads", "max_body",
     "max_line", "tls_cert", "tls_key", "fsync", "dedup_retention", "max_open_files", "claim_wait",
-    "shutdown_grace", "ready_file", "log_level", "log_format", "queue_max", "queue_max_bytes",
+    "shutdown_grace", "ready_file", "log_level", "log_format", "queue_max",
     "nats", "stream", "max_inflight", "max_connections", "idle_timeout",
     "agent_windows", "retention", "compress_after", "lifecycle_rate", "lifecycle_interval",
 })
@@ -71,7 +70,6 @@ class ReceiverConfig:
     max_open_files: int = 128
     claim_wait_s: float = 30.0
     queue_max: int = DEFAULT_QUEUE_MAX
-    queue_max_bytes: int = DEFAULT_QUEUE_MAX_BYTES
     shutdown_grace_s: float = 30.0
     ready_file: Path | None = None
     log_level: str = "INFO"
@@ -216,8 +214,6 @@ def _build(s: dict[str, Any], environ: Mapping[str, str]) -> ReceiverConfig:
         max_open_files=_int(s.get("max_open_files", 128), "max_open_files", 1),
         claim_wait_s=parse_duration(s.get("claim_wait", 30.0), "claim_wait"),
         queue_max=_int(s.get("queue_max", DEFAULT_QUEUE_MAX), "queue_max", 1),
-        queue_max_bytes=parse_size(s.get("queue_max_bytes", DEFAULT_QUEUE_MAX_BYTES),
-                                   "queue_max_bytes"),
         shutdown_grace_s=parse_duration(s.get("shutdown_grace", 30.0), "shutdown_grace"),
         ready_file=_opt_path(s.get("ready_file")),
         log_level=log_level,

@@ -245,7 +245,7 @@ async def _serve(cfg: ReceiverConfig, http_socks: list[socket.socket],
                      fleet=None if agent_table is None else lambda: agent_table.summary(windows_s))
     ctx = AppContext(ingestor=ingestor, metrics=metrics, executor=executor, tokens=cfg.tokens,
                      max_body_bytes=cfg.max_body_bytes,
-                     admission=Admission(cfg.queue_max, cfg.queue_max_bytes),
+                     admission=Admission(cfg.queue_max),
                      budget=BodyBudget(cfg.max_inflight_bytes), agents=agent_table)
     ssl_ctx = _ssl_context(cfg)
     gate = conns.ConnectionGate(conns.connection_cap(cfg.max_connections, cfg.max_open_files))

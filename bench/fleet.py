@@ -62,10 +62,10 @@ class _Conn:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def send(self, batch_id: str, body: bytes) -> None:
+    async def send(self, batch_id: str, body: bytes, extra: str = "") -> None:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        head = (f"PUT /v1/batches/{batch_id} HTTP/1.1\r\nHost: {self.host}\r\n"
+        head = (f"PUT /v1/batches/{batch_id} HTTP/1.1\r\nHost: {self.host}\r\n{extra}"
                 f"Content-Encoding: zstd\r\nContent-Length: {len(body)}\r\n\r\n").encode()
         self.writer.write(head + body)
         await self.writer.drain()
@@ -116,9 +116,14 @@ async def _agent(i: int, a: argparse.Namespace, host: str, port: int, texts: lis
             batch_id = f"{run_id}-{i}-{batches}"
             tally.sent_seqs.update((i, s) for s in range(seq0, seq0 + a.lines))
             restart = rnd.random() < a.restart
+            extra = ""
+            if a.identity:  # the real agent's identity headers (docs/protocol.md): the agent table's input
+                extra = (f"Spoolagent-Id: sim-{i:05d}\r\nSpoolagent-Version: 0.1.0\r\n"
+                         f"Spoolagent-Host: sim-{i:05d}.bench\r\nSpoolagent-Spool: lines={a.lines}, "
+                         f"bytes={len(body)}, oldest-s=0.050, dead=0\r\n")
             while True:
                 try:
-                    await conn.send(batch_id, body)
+                    await conn.send(batch_id, body, extra)
                     if restart:  # the agent "restarts": its in-flight batch is sent again
                         restart = False
                         conn.close()
@@ -253,10 +258,10 @@ def _rounds(url: str) -> dict[str, Any]:
 
 def run(work: Path, agents: int, interval: float, seconds: float, *, lines: int = 10,
         processes: int = 1, backlog: int = 0, restart: float = 0.01, prods: int = 8,
-        clients: int = 1, receiver_args: tuple[str, ...] = ()) -> dict[str, Any]:
+        clients: int = 1, receiver_args: tuple[str, ...] = (), identity: bool = False) -> dict[str, Any]:
     """One fleet run against a fresh receiver in ``work``; the report as a dict."""
     a = argparse.Namespace(agents=agents, interval=interval, seconds=seconds, lines=lines,
-                           backlog=backlog, restart=restart, prods=prods, clients=clients)
+                           backlog=backlog, restart=restart, prods=prods, clients=clients, identity=identity)
     _raise_fd_limit()
     data_dir = work / f"fleet-{time.monotonic_ns()}"
     receiver = Receiver(data_dir, "--processes", str(processes), *receiver_args).start()
@@ -287,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prods", type=int, default=8)
     ap.add_argument("--processes", type=int, default=1, help="receiver processes")
     ap.add_argument("--clients", type=int, default=1, help="simulator processes sharing the agents")
+    ap.add_argument("--identity", action="store_true",
+                    help="send the agents' identity headers (the receiver's agent table is then kept)")
     ap.add_argument("--url", help="an already running receiver (no CPU/RSS, no file check)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "spoolagent-bench")
     ap.add_argument("receiver_args", nargs="*", help="extra receiver flags, after --")
@@ -298,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         args.work.mkdir(parents=True, exist_ok=True)
         out = run(args.work, args.agents, args.interval, args.seconds, lines=args.lines,
                   processes=args.processes, backlog=args.backlog, restart=args.restart,
-                  prods=args.prods, clients=args.clients, receiver_args=tuple(args.receiver_args))
+                  prods=args.prods, clients=args.clients, receiver_args=tuple(args.receiver_args),
+                  identity=args.identity)
     print(json.dumps(out))
     return 0
 

@@ -38,6 +38,8 @@ _ID_RE = re.compile(r"[\x21-\x7e]{1,128}\Z")
 _TEXT_MAX = 128
 _SUMMARY_KEYS = {"lines": "backlog_lines", "bytes": "backlog_bytes", "oldest-s": "backlog_oldest_s",
                  "dead": "dead_letters"}
+_PARSED_MAX = 4096
+_parsed: dict[tuple[str | None, ...], Report | bool] = {}
 _COUNTERS = ("batches", "lines", "bytes", "duplicates", "rejected", "heartbeats")
 
 _SCHEMA = """
@@ -87,12 +89,27 @@ class Report:
 
 def report_from_headers(headers: Mapping[str, str], remote: str | None) -> Report | None:
     """The Report in a request's headers; None without a (valid) ``Spoolagent-Id``. Never raises:
-    a malformed summary is ignored (the counts still go to the agent)."""
-    agent_id = (headers.get("Spoolagent-Id") or "").strip()
-    if not _ID_RE.match(agent_id):
+    a malformed summary is ignored (the counts still go to the agent). Thread-safe."""
+    key = (headers.get("Spoolagent-Id"), headers.get("Spoolagent-Version"),
+           headers.get("Spoolagent-Host"), headers.get("Spoolagent-Spool"), remote)
+    if key[0] is None:
         return None
+    # an agent repeats its headers until its spool changes: parse each distinct set once
+    report = _parsed.get(key)
+    if report is None:
+        if len(_parsed) >= _PARSED_MAX:
+            _parsed.clear()
+        report = _parsed[key] = _parse(*key)
+    return report if isinstance(report, Report) else None
+
+
+def _parse(raw_id: str | None, version: str | None, host: str | None, spool: str | None,
+           remote: str | None) -> Report | bool:
+    agent_id = (raw_id or "").strip()
+    if not _ID_RE.match(agent_id):
+        return False
     backlog: dict[str, float] = {}
-    for item in (headers.get("Spoolagent-Spool") or "").split(","):
+    for item in (spool or "").split(","):
         key, _, value = item.strip().partition("=")
         column = _SUMMARY_KEYS.get(key.strip())
         if column is None:
@@ -101,8 +118,7 @@ def report_from_headers(headers: Mapping[str, str], remote: str | None) -> Repor
             number = float(value.strip())
             if number >= 0 and number == number and number != float("inf"):
                 backlog[column] = number
-    return Report(agent_id, _text(headers.get("Spoolagent-Version")),
-                  _text(headers.get("Spoolagent-Host")), remote, backlog)
+    return Report(agent_id, _text(version), _text(host), remote, backlog)
 
 
 def _text(value: str | None) -> str | None:
@@ -138,11 +154,14 @@ class AgentTable:
         with self._connection():
             pass
 
-    def seen(self, report: Report, *, now: float | None = None) -> None:
-        """Note a request from ``report.agent_id``: last seen, version, host, address, backlog."""
+    def seen(self, report: Report, *, now: float | None = None, **counts: int) -> None:
+        """Note a request from ``report.agent_id``: last seen, version, host, address, backlog;
+        and add ``counts`` (``count``'s keywords) to its counters."""
         now = time.time() if now is None else now
         with self._lock:
             p = self._entry(report.agent_id, now)
+            for key, n in counts.items():
+                p.counts[key.rstrip("_")] += n
             p.last_seen = max(p.last_seen, now)
             p.version = report.version or p.version
             p.host = report.host or p.host

@@ -277,16 +277,15 @@ class BatchHandler(_BodyHandler):
 
     async def put(self, batch_id: str) -> None:
         encoding = self.request.headers.get("Content-Encoding")
-        report = _seen(self)
         outcome = await self._run(batch_id, self.ctx.ingestor.put_batch, batch_id, encoding)
         if outcome is None:
+            _seen(self)  # refused (503 above all): the agent and its growing backlog still show
             return
-        if report is not None and self.ctx.agents is not None:
-            if outcome.duplicate:  # stored before: nothing new to count but the resend
-                self.ctx.agents.count(report.agent_id, batches=1, duplicates=1)
-            else:
-                self.ctx.agents.count(report.agent_id, batches=1, lines=outcome.stored,
-                                      bytes_=outcome.bytes_stored, rejected=outcome.rejected)
+        if outcome.duplicate:  # stored before: nothing new to count but the resend
+            _seen(self, batches=1, duplicates=1)
+        else:
+            _seen(self, batches=1, lines=outcome.stored, bytes_=outcome.bytes_stored,
+                  rejected=outcome.rejected)
         if outcome.duplicate:
             self.ctx.metrics.batches_duplicate.inc()
             log.debug("duplicate batch=%s", batch_id)
@@ -318,13 +317,14 @@ class LinesHandler(_BodyHandler):
         self.finish({"stored": outcome.stored, "rejected": outcome.rejected})
 
 
-def _seen(handler: _Handler) -> agents.Report | None:
-    """Note the agent of an authorized request in the agent table (memory only)."""
+def _seen(handler: _Handler, **counts: int) -> agents.Report | None:
+    """Note the agent of an authorized request, and add ``counts``, in the agent table (memory
+    only: a few microseconds)."""
     if handler.ctx.agents is None:
         return None
     report = agents.report_from_headers(handler.request.headers, handler.request.remote_ip)
     if report is not None:
-        handler.ctx.agents.seen(report)
+        handler.ctx.agents.seen(report, **counts)
     return report
 
 
@@ -338,13 +338,11 @@ class HeartbeatHandler(_Handler):
             self.set_status(401)
             self.finish({"error": "bad or missing token"})
             return
-        report = _seen(self)
+        report = _seen(self, heartbeats=1)
         if report is None and self.ctx.agents is not None:
             self.set_status(400)
             self.finish({"error": "a heartbeat needs a valid Spoolagent-Id header"})
             return
-        if report is not None and self.ctx.agents is not None:
-            self.ctx.agents.count(report.agent_id, heartbeats=1)
         self.set_status(204)
         self.finish()
 

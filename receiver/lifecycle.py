@@ -1,17 +1,7 @@
-"""Lifecycle: retention and compression of the day files, and ``cat`` of a day, plain or compressed.
+"""Lifecycle: retention and compression of the day files, in the background with bounded I/O.
 
-Files of one day (``P`` = ``{PROD}_{DATE}``)::
-
-    P.dat                      the plain file the store appends to
-    P.dat.zst                  the compressed day: zstd frames, each followed by a trailer
-    .P.dat.sealed.<NS>         a plain piece taken out of the store's way, waiting to be compressed
-    .P.dat.zst.tmp             the next P.dat.zst being written
-
-Trailer: a zstd skippable frame (decoders skip it) ``5E 2A 4D 18 | u32 LE 38 |
-"spoolagent-sealed:" | NS`` (20 digits), naming the last piece the file holds. NS is the
-``time_ns()`` of sealing, so pieces are merged in the order they were cut.
-
-A compression pass on ``P.dat`` (its DATE older than ``compress_after_s``), all-or-nothing:
+The day files and their trailer are described in ``receiver.dayfiles``. A compression pass on
+``P.dat`` (``P`` = ``{PROD}_{DATE}``, its DATE older than ``compress_after_s``), all-or-nothing:
 
 1. seal: under the file's ``flock`` (the store's lock), with no append intent left on it, rename
    ``P.dat`` to a sealed piece. A late line then makes the store open a new ``P.dat``;
@@ -23,11 +13,10 @@ A compression pass on ``P.dat`` (its DATE older than ``compress_after_s``), all-
 
 Retention deletes every file of a day older than ``retention_s`` (the plain one under its lock),
 and ``_rejected/rejected_{DATE}.jsonl`` too. Passes read and write at most ``rate_bytes`` a second
-and hold ``.receiver/lifecycle.lock`` so one runner works on a data dir at a time. ``cat`` takes no
-lock: it opens the day's files and retries if a pass moved one meanwhile.
+and hold ``.receiver/lifecycle.lock`` so one runner works on a data dir at a time.
 
 Days: a file is older than N days when ``DATE + ceil(N) days < today`` (local date, as the store
-files lines). Imports files and errors only (the store's lock and fsync helpers).
+files lines). Imports dayfiles, files and errors only (the store's lock and fsync helpers).
 """
 
 from __future__ import annotations
@@ -39,7 +28,6 @@ import logging
 import math
 import os
 import re
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -49,6 +37,7 @@ from typing import BinaryIO, Protocol
 
 import zstandard
 
+from receiver import dayfiles
 from receiver.errors import StorageUnavailable
 from receiver.files import fsync_dir
 
@@ -57,13 +46,6 @@ log = logging.getLogger(__name__)
 LOCK_FILE = ".receiver/lifecycle.lock"
 _DAY_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]{0,127})_(\d{4}-\d{2}-\d{2})\.dat(\.zst)?\Z")
 _REJECTED_RE = re.compile(r"rejected_(\d{4}-\d{2}-\d{2})\.jsonl\Z")
-_SEALED = ".dat.sealed."
-_TRAILER_MAGIC = 0x184D2A5E
-_TRAILER_PREFIX = b"spoolagent-sealed:"
-_TOKEN_DIGITS = 20
-_TRAILER_LEN = 8 + len(_TRAILER_PREFIX) + _TOKEN_DIGITS
-_CHUNK = 1024 * 1024
-_CAT_TRIES = 20
 
 
 class _Intents(Protocol):
@@ -76,45 +58,6 @@ class PassStats:
     compressed: int = 0
     merged_bytes: int = 0
     skipped: int = 0
-
-
-def _trailer(token: int) -> bytes:
-    payload = _TRAILER_PREFIX + b"%020d" % token
-    return struct.pack("<II", _TRAILER_MAGIC, len(payload)) + payload
-
-
-def _last_token(path: Path) -> int:
-    """The token of the last piece merged into ``path`` (0 if none, or no such file)."""
-    try:
-        with open(path, "rb") as f:
-            return _token_of(f)
-    except FileNotFoundError:
-        return 0
-
-
-def _token_of(f: BinaryIO) -> int:
-    """The token in the trailer of compressed file ``f`` (0 if none); leaves ``f`` at its start."""
-    f.seek(0, os.SEEK_END)
-    if f.tell() < _TRAILER_LEN:
-        f.seek(0)
-        return 0
-    f.seek(-_TRAILER_LEN, os.SEEK_END)
-    tail = f.read(_TRAILER_LEN)
-    f.seek(0)
-    magic, size = struct.unpack("<II", tail[:8])
-    if magic != _TRAILER_MAGIC or size != _TRAILER_LEN - 8 or not tail[8:].startswith(_TRAILER_PREFIX):
-        return 0
-    return int(tail[8 + len(_TRAILER_PREFIX):])
-
-
-def _pieces(data_dir: Path, stem: str) -> list[tuple[int, Path]]:
-    """The sealed pieces of day ``stem`` (``PROD_DATE``), oldest first."""
-    out = []
-    for p in data_dir.glob(f".{stem}{_SEALED}*"):
-        token = p.name[len(stem) + 1 + len(_SEALED):]
-        if token.isdigit() and len(token) == _TOKEN_DIGITS:
-            out.append((int(token), p))
-    return sorted(out)
 
 
 class _Stopped(Exception):
@@ -206,7 +149,7 @@ class Lifecycle:
                 if self._retention_days is not None and age > self._retention_days:
                     stats.deleted += self._delete_day(stem)
                     continue
-                for token, piece in _pieces(self.data_dir, stem):  # left by a crash: finish them
+                for token, piece in dayfiles.pieces(self.data_dir, stem):  # left by a crash: finish them
                     stats.merged_bytes += self._merge(stem, token, piece, throttle)
                 if self._compress_days is not None and age > self._compress_days:
                     piece_token = self._seal(stem)
@@ -238,8 +181,8 @@ class Lifecycle:
         days = set()
         for p in self.data_dir.iterdir():
             name = p.name
-            if name.startswith(".") and _SEALED in name:
-                name = name[1:name.index(_SEALED)] + ".dat"
+            if name.startswith(".") and dayfiles.SEALED in name:
+                name = name[1:name.index(dayfiles.SEALED)] + ".dat"
             m = _DAY_RE.match(name)
             if m is None:
                 continue
@@ -280,7 +223,7 @@ class Lifecycle:
             if fd is None:
                 return None
             token = time.time_ns()
-            piece = self.data_dir / f".{stem}{_SEALED}{token:0{_TOKEN_DIGITS}d}"
+            piece = self.data_dir / f".{stem}{dayfiles.SEALED}{token:0{dayfiles.TOKEN_DIGITS}d}"
             os.rename(self.data_dir / f"{stem}.dat", piece)
             if self._fsync:
                 fsync_dir(self.data_dir)
@@ -289,7 +232,7 @@ class Lifecycle:
     def _merge(self, stem: str, token: int, piece: Path, throttle: _Throttle) -> int:
         """Make ``stem.dat.zst`` hold ``piece`` (once), then unlink the piece. Bytes written."""
         target = self.data_dir / f"{stem}.dat.zst"
-        if _last_token(target) >= token:  # merged before a crash: only the unlink was left
+        if dayfiles.last_token(target) >= token:  # merged before a crash: only the unlink was left
             piece.unlink()
             return 0
         tmp = self.data_dir / f".{stem}.dat.zst.tmp"
@@ -303,7 +246,7 @@ class Lifecycle:
                     writer = zstandard.ZstdCompressor(level=3).stream_writer(out, closefd=False)
                     _copy(src, writer.write, throttle)
                     writer.flush(zstandard.FLUSH_FRAME)
-                out.write(_trailer(token))
+                out.write(dayfiles.trailer(token))
                 out.flush()
                 written = out.tell()
                 if self._fsync:
@@ -334,7 +277,7 @@ class Lifecycle:
                 os.unlink(self.data_dir / f"{stem}.dat")
                 deleted += 1
         for p in [self.data_dir / f"{stem}.dat.zst", self.data_dir / f".{stem}.dat.zst.tmp",
-                  *(p for _, p in _pieces(self.data_dir, stem))]:
+                  *(p for _, p in dayfiles.pieces(self.data_dir, stem))]:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
                 deleted += 1
@@ -362,59 +305,8 @@ class Lifecycle:
 
 def _copy(src: BinaryIO, write: Callable[[bytes], object], throttle: _Throttle) -> int:
     total = 0
-    while chunk := src.read(_CHUNK):
+    while chunk := src.read(dayfiles.CHUNK):
         write(chunk)
         total += len(chunk)
         throttle(2 * len(chunk))  # read and written
     return total
-
-
-def cat(data_dir: Path, prod: str, date: str, write: Callable[[bytes], object]) -> bool:
-    """Write the lines of ``prod`` on ``date`` to ``write``: the compressed day, the pieces it does
-    not hold yet, then the plain file. False if the day has no file. Takes no lock and never
-    writes; retries when a pass moves a file while it opens them. Raises StorageUnavailable."""
-    stem = f"{prod}_{date}"
-    target = data_dir / f"{stem}.dat.zst"
-    for _ in range(_CAT_TRIES):
-        with contextlib.ExitStack() as files:
-            before = _pieces(data_dir, stem)
-            z = _open_or_none(target, files)
-            plain = _open_or_none(data_dir / f"{stem}.dat", files)
-            # a pass sealed (plain -> piece) or merged (tmp -> zst, then unlink the piece) while we
-            # opened: what we hold could miss or repeat lines, so open again
-            if _pieces(data_dir, stem) != before or not _same_file(z, target):
-                continue
-            last = _token_of(z) if z is not None else 0
-            todo = [p for t, p in before if t > last]
-            pieces = [f for f in (_open_or_none(p, files) for p in todo) if f is not None]
-            if len(pieces) != len(todo):
-                continue
-            if z is None and not pieces and plain is None:
-                return False
-            if z is not None:
-                reader = zstandard.ZstdDecompressor().stream_reader(z, read_across_frames=True)
-                while chunk := reader.read(_CHUNK):
-                    write(chunk)
-            for f in [*pieces, *([plain] if plain is not None else [])]:
-                while chunk := f.read(_CHUNK):
-                    write(chunk)
-            return True
-    raise StorageUnavailable(f"{stem}: files keep moving (a lifecycle pass is busy)", retry_after_s=1)
-
-
-def _open_or_none(path: Path, stack: contextlib.ExitStack) -> BinaryIO | None:
-    try:
-        return stack.enter_context(open(path, "rb"))
-    except FileNotFoundError:
-        return None
-
-
-def _same_file(f: BinaryIO | None, path: Path) -> bool:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return f is None
-    if f is None:
-        return False
-    fst = os.fstat(f.fileno())
-    return (st.st_ino, st.st_dev) == (fst.st_ino, fst.st_dev)

@@ -2,7 +2,7 @@
 
 Both work whether or not a receiver runs on DATA_DIR and never change it. Each ``*_main(argv)``
 parses its own arguments, prints, and returns the exit code (0 ok, 1 runtime error, 2 usage);
-``receiver.cli`` dispatches to them. Imports agents, lifecycle, config and errors.
+``receiver.cli`` dispatches to them. Imports agents, dayfiles, config and errors.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from receiver import agents, lifecycle
+from receiver import agents, dayfiles
 from receiver.config import parse_duration
 from receiver.errors import ConfigError, ReceiverError
 
@@ -102,7 +102,7 @@ def cat_main(argv: Sequence[str]) -> int:
         return 2
     out = sys.stdout.buffer
     try:
-        found = lifecycle.cat(args.data_dir, args.prod, args.date, out.write)
+        found = dayfiles.cat(args.data_dir, args.prod, args.date, out.write)
         out.flush()
     except BrokenPipeError:  # `| head`: not an error
         return 0

@@ -4,7 +4,8 @@ and each throughput as a ratio to the peers measured in the same run.
 
 Scenarios: e2e (tail -> agent -> receiver -> file), drain (a spooled backlog), receiver1 and
 receiver2 (the receiver alone, 1 and 2 processes), cpu (agent at a steady rate, and idle), latency
-(p99 file -> receiver file), stats (``spool stats`` on the backlog), peers (rsyslog, syslog-ng).
+(p99 file -> receiver file), stats (``spool stats`` on the backlog), peers (rsyslog, syslog-ng),
+fleet (bench/fleet.py: 1,000 and 10,000 simulated agents, small-batch capacity, a thundering herd).
 Work files go under ``--work`` (default: $TMPDIR/spoolagent-bench); the input is generated there
 from the loghub samples, read in place. Imports the bench modules only.
 """
@@ -25,9 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import load, peers, pipeline
+from bench import fleet, load, peers, pipeline
 
-SCENARIOS = ("peers", "e2e", "drain", "receiver1", "receiver2", "cpu", "latency", "stats")
+SCENARIOS = ("peers", "e2e", "drain", "receiver1", "receiver2", "cpu", "latency", "stats", "fleet")
 
 
 def _machine() -> dict[str, str]:
@@ -100,6 +101,15 @@ def main(argv: list[str] | None = None) -> int:
         plan.append(("latency", lambda: pipeline.latency(work, 10_000, secs, compression)))
     if "stats" in only:
         plan.append(("stats", lambda: pipeline.spool_stats(work, lines, compression)))
+    if "fleet" in only:  # issue 13: 10-line zstd batches, fsync on; bench/fleet.py
+        plan += [
+            ("fleet1000", lambda: fleet.run(work, 1000, 1.0, secs)),
+            ("fleet1000p2", lambda: fleet.run(work, 1000, 1.0, secs, processes=2)),
+            ("fleet10k", lambda: fleet.run(work, 10_000, 10.0, max(secs, 30.0), processes=2,
+                                           clients=2)),
+            ("fleetcap", lambda: fleet.run(work, 3000, 0.5, secs, processes=2, clients=2)),
+            ("herd", lambda: fleet.run(work, 5000, 1.0, 0.0, backlog=4, processes=2, clients=2)),
+        ]
     print(f"bench: {rounds} round(s), {lines:,} lines, agent compression={compression}, work={work}",
           flush=True)
     # rounds interleave scenarios, so a slow minute of the machine does not land on one of them

@@ -165,7 +165,8 @@ def _check(data_dir: Path, tally: Tally) -> dict[str, int]:
     twice = sum(1 for n in seen.values() if n > 1)
     lost = len(tally.acked_seqs - seen.keys())
     unknown = len(seen.keys() - tally.sent_seqs)
-    return {"lost": lost, "twice": twice, "unknown": unknown, "lines_on_disk": sum(seen.values())}
+    return {"lost": lost, "twice": twice, "unknown": unknown, "lost_or_twice": lost + twice + unknown,
+            "lines_on_disk": sum(seen.values())}
 
 
 async def _simulate(a: argparse.Namespace, url: str, ids: range, run_id: str,

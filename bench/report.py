@@ -32,11 +32,26 @@ ROWS: list[Row] = [
      lambda v: v < 500, False),
     ("`spool stats --json` (whole command)", "stats", "seconds", "s", "< 0.5 s",
      lambda v: v < 0.5, False),
+    ("fleet 1,000 agents x 1 batch/s, acked", "fleet1000", "acked_batches_s", "batches/s",
+     "~1,000", None, False),
+    ("fleet 1,000 agents x 1 batch/s, p99 ack", "fleet1000", "p99_ms", "ms", "< 250 ms",
+     lambda v: v < 250, False),
+    ("fleet 1,000 agents, --processes 2, p99 ack", "fleet1000p2", "p99_ms", "ms", "< 250 ms",
+     lambda v: v < 250, False),
+    ("fleet 10,000 agents x 1 batch/10 s, p99 ack", "fleet10k", "p99_ms", "ms", "< 250 ms",
+     lambda v: v < 250, False),
+    ("fleet 10,000 agents, receiver RSS", "fleet10k", "receiver_rss_mib", "MiB", "< 500 MiB",
+     lambda v: v < 500, False),
+    ("small-batch capacity, --processes 2", "fleetcap", "acked_batches_s", "batches/s",
+     ">= 5,000", lambda v: v >= 5000, False),
+    ("herd: 5,000 agents x 4 batches at once, drain", "herd", "acked_batches_s", "batches/s",
+     "", None, False),
+    ("herd: lost + doubled lines", "herd", "lost_or_twice", "lines", "0", lambda v: v == 0, False),
 ]
 
 
 def _fmt(v: float, unit: str) -> str:
-    if unit == "lines/s":
+    if unit in ("lines/s", "batches/s"):
         return f"{v:,.0f}"
     if unit == "s":
         return f"{v:.3f}"

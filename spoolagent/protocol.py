@@ -6,6 +6,9 @@ empty, and ``PROD DATE`` without the second space is read as an empty DATA). A N
 makes a line invalid (it marks a torn or zero-filled file, never a log line).
 A collector may also print ``!checkpoint TOKEN``.
 
+Also the rest of the collector contract (docs/collectors.md): the environment a collector gets
+(``ENV_CONFIG``, ``ENV_CHECKPOINT``), exit code 13 (``EXIT_DO_NOT_RESTART``) and ``write_all``.
+
 Bundled collectors import this module, so it stays cheap to import: the standard library only,
 and nothing from the package but ``errors``.
 Thread-safe: pure functions plus a small cache of dates already checked.
@@ -14,12 +17,19 @@ Thread-safe: pure functions plus a small cache of dates already checked.
 from __future__ import annotations
 
 import datetime
+import json
+import os
 import re
+from collections.abc import Mapping
+from typing import Any
 
 from spoolagent.errors import InvalidLine
 
 CHECKPOINT_PREFIX = b"!checkpoint "
 DEFAULT_MAX_LINE_BYTES = 1024 * 1024
+ENV_CONFIG = "SPOOLAGENT_COLLECTOR_CONFIG"  # the collector's [collectors.NAME] table as JSON
+ENV_CHECKPOINT = "SPOOLAGENT_CHECKPOINT"  # its last committed token ("" if none)
+EXIT_DO_NOT_RESTART = 13  # a collector's "do not run me again" (until its file or settings change)
 
 _PROD_RE = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 _DATE_RE = re.compile(rb"[0-9]{4}-[0-9]{2}-[0-9]{2}\Z")
@@ -106,3 +116,31 @@ def format_checkpoint(token: str | bytes) -> bytes:
 def today() -> bytes:
     """The agent's local date as DATE bytes (the wall clock decides only this)."""
     return datetime.date.today().isoformat().encode("ascii")
+
+
+# -- the collector side of the contract ----------------------------------------------------------
+
+def collector_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """A collector's settings from ``ENV_CONFIG`` (``{}`` when unset). Raises ValueError when it
+    is not a JSON object (the collector should then exit ``EXIT_DO_NOT_RESTART``)."""
+    try:
+        data = json.loads(environ.get(ENV_CONFIG, "") or "{}")
+    except ValueError as exc:
+        raise ValueError(f"{ENV_CONFIG} is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{ENV_CONFIG} must be a JSON object")
+    return data
+
+
+def collector_checkpoint(environ: Mapping[str, str] = os.environ) -> str:
+    """The token a collector resumes from (``ENV_CHECKPOINT``), or "" for a first run."""
+    return environ.get(ENV_CHECKPOINT, "").strip()
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd``, one syscall per pipe-full. Blocks while the pipe is full.
+    Not ``sys.stdout.buffer``: a signal that interrupts its write part way has been seen to drop
+    the rest of the chunk. Raises BrokenPipeError once the agent is gone."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

@@ -7,9 +7,8 @@ committed checkpoint left off (``--after-cursor``), turning each JSON entry into
 printing ``!checkpoint CURSOR`` after each read burst. On a host without a usable journal it says so
 once on stderr and exits 13, so the agent does not restart it. Reference: docs/collectors.md.
 
-Must not import: anything from the spoolagent package but ``spoolagent.protocol``; no third-party
-modules (the systemd bindings are not needed: journalctl is on every systemd host).
-Single-threaded; signal handlers only set a flag.
+No third-party modules (the systemd bindings are not needed: journalctl is on every systemd
+host). Single-threaded; signal handlers only set a flag.
 """
 
 from __future__ import annotations
@@ -20,20 +19,15 @@ import re
 import select
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-try:
-    from spoolagent import protocol
-except ImportError:  # run from a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from spoolagent import protocol
+from spoolagent_collectors.lib.common import err, stop_on_signals
 
-EXIT_DONT_RESTART = 13
+from spoolagent import protocol
+
 READ_BYTES = 256 * 1024
 CP_BYTES = 512 * 1024  # checkpoint at least this often (output bytes) ...
 CP_INTERVAL_S = 0.2  # ... and this often while entries keep coming
@@ -48,14 +42,7 @@ class Unavailable(Exception):
 
 
 def _err(msg: str) -> None:
-    sys.stderr.write(f"journald: {msg}\n")
-    sys.stderr.flush()
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    err("journald", msg)
 
 
 class Settings:
@@ -187,7 +174,7 @@ class Follower:
 
     def checkpoint(self) -> None:
         if self.reader.cursor and (self.out_bytes or self.reader.cursor != self.last_token):
-            _write_all(1, protocol.format_checkpoint(self.reader.cursor))
+            protocol.write_all(1, protocol.format_checkpoint(self.reader.cursor))
             self.last_token = self.reader.cursor
         self.out_bytes = 0
 
@@ -220,7 +207,7 @@ class Follower:
                     recs = self.reader.records(lines)
                     if recs:
                         got_any = True
-                        _write_all(1, recs)
+                        protocol.write_all(1, recs)
                         self.out_bytes += len(recs)
                 now = time.monotonic()
                 burst_over = out_fd not in ready or not select.select([out_fd], [], [], 0)[0]
@@ -244,26 +231,19 @@ class Follower:
 
 def main() -> int:
     try:
-        raw = json.loads(os.environ.get("SPOOLAGENT_COLLECTOR_CONFIG", "") or "{}")
-        if not isinstance(raw, dict):
-            raise Unavailable("SPOOLAGENT_COLLECTOR_CONFIG must be a JSON object")
-        cfg = Settings(raw)
+        cfg = Settings(protocol.collector_settings())
         _preflight(cfg)
     except (Unavailable, ValueError) as exc:
         _err(f"not starting: {exc}")
-        return EXIT_DONT_RESTART
+        return protocol.EXIT_DO_NOT_RESTART
     reader = Reader(cfg)
-    reader.cursor = os.environ.get("SPOOLAGENT_CHECKPOINT", "").strip()
+    reader.cursor = protocol.collector_checkpoint()
     follower = Follower(cfg, reader)
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_w, False)
-    signal.set_wakeup_fd(wake_w)
 
-    def _stop(_signum: int, _frame: object) -> None:
+    def _stop() -> None:
         follower.stopping = True
 
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    wake_r = stop_on_signals(_stop)
     for attempt in (1, 2):
         started, cursor = time.monotonic(), reader.cursor
         try:
@@ -279,7 +259,7 @@ def main() -> int:
                 reader.cursor = follower.last_token = ""
                 continue
             _err(f"not starting: journalctl failed at start (exit {rc})")
-            return EXIT_DONT_RESTART
+            return protocol.EXIT_DO_NOT_RESTART
         _err(f"journalctl exited {rc}; exiting so the agent restarts us")
         return 1
     return 1

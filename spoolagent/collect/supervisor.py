@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from spoolagent import protocol
 from spoolagent.collect.discovery import check_dir, discover, is_ignored_name, scan
 from spoolagent.collect.pipes import Counters, StderrLimiter
 from spoolagent.collect.process import CollectorNotExecutable, Run, spawn
@@ -52,9 +53,6 @@ __all__ = ["CollectorInfo", "CollectorState", "Supervisor", "check_dir", "discov
 
 log = logging.getLogger(__name__)
 
-EXIT_DO_NOT_RESTART = 13
-ENV_CONFIG = "SPOOLAGENT_COLLECTOR_CONFIG"
-ENV_CHECKPOINT = "SPOOLAGENT_CHECKPOINT"
 _POLL_S = 0.25  # exit detection for a process that exits while something else holds its stdout
 
 
@@ -264,7 +262,7 @@ class Supervisor:
             elif after is After.RESTART:
                 change_state(c, CollectorState.WAITING, next_start=now)
                 self._backoff.reset(c)
-            elif rc == EXIT_DO_NOT_RESTART:
+            elif rc == protocol.EXIT_DO_NOT_RESTART:
                 change_state(c, CollectorState.EXITED)
                 log.info("collector exited name=%s rc=13 (not restarted)", name)
             elif c.interval_s == 0:
@@ -349,8 +347,8 @@ class Supervisor:
             # a checkpoint_for that fails must not take the supervisor down: retry later
             token = self._checkpoint_for(c.name)
             env = dict(os.environ)
-            env[ENV_CONFIG] = c.config_json
-            env[ENV_CHECKPOINT] = token or ""
+            env[protocol.ENV_CONFIG] = c.config_json
+            env[protocol.ENV_CHECKPOINT] = token or ""
             proc = spawn(argv, env)
         except Exception as exc:
             with self._lock:

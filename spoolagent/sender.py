@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import email.utils
 import enum
+import ipaddress
 import json
 import logging
 import math
@@ -142,6 +143,23 @@ def _excerpt(data: bytes) -> str:
     return " ".join(text.split())[:_EXCERPT_CHARS]
 
 
+def _warn_cleartext(urls: Sequence[str]) -> None:
+    """Warn for each plain-http receiver off loopback: the token would cross the network in clear."""
+    for url in urls:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+        if parts.scheme == "http" and host != "localhost" and not _is_loopback(host):
+            log.warning("the token is sent in clear text to a receiver off this host receiver=%s; "
+                        "use https:// (tls_cert/tls_key on the receiver, ca_file here)", url)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Sender:
     """Sends batches with ``PUT {url}/v1/batches/{id}`` and retries until success or shutdown.
 
@@ -246,6 +264,8 @@ class Sender:
         auth = {"Authorization": f"Bearer {token}"} if token else {}
         with self._lock:
             self._auth = auth
+        if token:
+            _warn_cleartext(self._urls)
 
     def set_receivers(self, urls: Sequence[str]) -> None:
         """Send to ``urls`` from the next attempt on (a reload changed ``[sender] receivers``).
@@ -258,6 +278,8 @@ class Sender:
             if new == self._urls:
                 return
             self._urls = new
+            if self._auth:
+                _warn_cleartext(new)
             self._generation += 1
             self._current = 0
             self._consecutive_failures = 0

@@ -582,3 +582,16 @@ def test_against_the_real_receiver(receiver_factory: Callable[..., ReceiverProc]
     with pytest.raises(BatchRejected) as info:
         sender.send("real-4", b"app 2024-01-04 x\n", "gzip")  # not gzip: a bad body
     assert info.value.status == 400
+
+
+def test_token_over_plain_http_off_loopback_is_warned_about(senders: MakeSender,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="spoolagent.sender"):
+        senders("http://127.0.0.1:1", "http://[::1]:1", "http://localhost:1", "https://10.0.0.5:1",
+                token="secret")
+        senders("http://10.0.0.5:8016", token=None)
+        assert "clear text" not in caplog.text
+        s = senders("http://10.0.0.5:8016", "http://127.0.0.1:1", token="secret")
+        assert caplog.text.count("clear text") == 1 and "receiver=http://10.0.0.5:8016" in caplog.text
+        s.set_receivers(["http://logs.example:8016"])
+    assert "receiver=http://logs.example:8016" in caplog.text and "secret" not in caplog.text

@@ -159,6 +159,10 @@ class LineChecker:
         if not body.strip(b"\n"):  # nothing but empty lines: one C call, not a loop
             sample.add_empty(first + 1, n_lines)
             return 0
+        if sample.full and b" " not in body:  # no line can be valid, none more is kept: count them
+            sample.omitted += n_lines
+            sample.omitted_bytes += len(body) - body.count(b"\n")
+            return 0
         has_nul = b"\x00" in body
         maybe_long = len(body) > self.max_line_bytes
         if not (has_nul or maybe_long):

@@ -27,6 +27,8 @@ from typing import Any
 
 import pytest
 
+from receiver import config as receiver_config
+from receiver.cluster.cli import build_parser as cluster_parser
 from spoolagent import config
 from spoolagent.errors import ConfigError
 from tests.conftest import ROOT, child_env, wait_until
@@ -554,3 +556,53 @@ def test_examples_run_with_write_execute_memory_refused(tmp_path: Path) -> None:
         if agent is not None:
             _stop(agent, group=False)
         _stop(receiver, group=True)
+
+
+# --- cluster mode (docs/scaling.md) ------------------------------------------------------------
+
+
+def test_cluster_compose_has_three_nats_nodes_two_ingest_nodes_and_a_writer() -> None:
+    doc = _yaml().safe_load((DEPLOY / "docker" / "compose.cluster.yaml").read_text())
+    services = doc["services"]
+    nats = [s for s in services if s.startswith("nats")]
+    assert len(nats) == 3
+    routes = {services[n]["command"][services[n]["command"].index("--routes") + 1] for n in nats}
+    assert routes == {",".join(f"nats://{n}:6222" for n in nats)}  # the same list on every node
+    urls = ",".join(f"nats://{n}:4222" for n in nats)
+    for name in ("ingest1", "ingest2"):
+        cfg = receiver_config.load(dict(_flags(services[name]["command"])))
+        assert cfg.nats == tuple(urls.split(",")) and cfg.data_dir is None
+    writer = cluster_parser().parse_args(services["writer"]["command"])
+    assert writer.command == "writer" and writer.nats == urls
+    assert any(v.endswith(":" + writer.data_dir) for v in services["writer"]["volumes"])
+    init = cluster_parser().parse_args(services["stream-init"]["command"])
+    assert init.action == "init" and init.replicas == 3
+
+
+def test_cluster_compose_matches_the_compose_spec_schema() -> None:
+    exe = shutil.which("check-jsonschema") or str(Path(sys.executable).parent / "check-jsonschema")
+    if not os.access(exe, os.X_OK):
+        pytest.skip("check-jsonschema is not installed (pip install check-jsonschema)")
+    done = subprocess.run([exe, "--builtin-schema", "vendor.compose-spec",
+                           str(DEPLOY / "docker" / "compose.cluster.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_cluster_manifests_have_an_ingest_deployment_and_a_writer_statefulset() -> None:
+    m = _manifests("cluster.yaml")
+    ingest, writer = m["Deployment"], m["StatefulSet"]
+    (ic,) = ingest["spec"]["template"]["spec"]["containers"]
+    cfg = receiver_config.load(dict(_flags(ic["args"])))
+    assert cfg.nats and cfg.data_dir is None
+    (wc,) = writer["spec"]["template"]["spec"]["containers"]
+    args = cluster_parser().parse_args(wc["args"])
+    assert args.command == "writer"
+    (claim,) = writer["spec"]["volumeClaimTemplates"]
+    assert {"name": claim["metadata"]["name"], "mountPath": args.data_dir} in wc["volumeMounts"]
+    assert cluster_parser().parse_args(m["Job"]["spec"]["template"]["spec"]["containers"][0]["args"]).action == "init"
+
+
+def _flags(argv: list[str]) -> list[tuple[str, str]]:
+    """``["--listen", "X", "--nats", "Y"]`` -> the receiver's flag names and values."""
+    return [(argv[i][2:].replace("-", "_"), argv[i + 1]) for i in range(0, len(argv), 2)]

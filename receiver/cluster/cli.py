@@ -36,7 +36,7 @@ _STREAM_EPILOG = """examples:
 """
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spoolreceiver", description="Cluster mode on NATS JetStream "
                                 "(docs/scaling.md).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -81,7 +81,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str], setup_logging: Callable[[str, str], None]) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         setup_logging(str(args.log_level).upper(), args.log_format)
         urls = config.parse_urls(args.nats, "nats")

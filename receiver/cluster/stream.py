@@ -164,6 +164,14 @@ async def _ensure_once(js: JetStreamContext, s: StreamSettings, update: bool) ->
     except nats.js.errors.BucketNotFoundError:
         await js.create_key_value(bucket=s.lease_bucket, ttl=s.lease_ttl_s, history=1,
                                   replicas=s.replicas, storage=api.StorageType.FILE)
+    else:
+        if update:  # the bucket is a stream: its TTL is the stream's max_age
+            bucket = (await js.stream_info(f"KV_{s.lease_bucket}")).config
+            if bucket.max_age != s.lease_ttl_s or bucket.num_replicas != s.replicas:
+                bucket.max_age = s.lease_ttl_s
+                bucket.duplicate_window = min(bucket.duplicate_window, s.lease_ttl_s)
+                bucket.num_replicas = s.replicas
+                await js.update_stream(bucket)
     return info
 
 

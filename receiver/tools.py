@@ -18,6 +18,7 @@ from pathlib import Path
 from receiver import agents, dayfiles
 from receiver.config import parse_duration
 from receiver.errors import ConfigError, ReceiverError
+from spoolcore.units import format_age
 
 STATE_DIR = ".receiver"  # the same as receiver.server.STATE_DIR (server imports the world)
 
@@ -68,23 +69,13 @@ def agents_main(argv: Sequence[str]) -> int:
         backlog = a["backlog"]
         assert isinstance(backlog, dict)
         table.append((str(a["id"]), str(a["version"] or "-"), str(a["remote"] or "-"),
-                      _ago(float(str(a["silent_s"]))), str(a["batches"]), str(a["lines"]),
+                      format_age(a["silent_s"]) + " ago", str(a["batches"]), str(a["lines"]),
                       "-" if backlog["lines"] is None else str(backlog["lines"]),
                       "-" if backlog["dead_letters"] is None else str(backlog["dead_letters"])))
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return 0
-
-
-def _ago(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.0f}s ago"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m ago"
-    if seconds < 172800:
-        return f"{seconds / 3600:.0f}h ago"
-    return f"{seconds / 86400:.0f}d ago"
 
 
 def cat_main(argv: Sequence[str]) -> int:

@@ -45,3 +45,18 @@ def parse_duration(value: object) -> float:
     if m is None:
         raise ValueError(f"expected {DURATION_HINT}, got {value!r}")
     return float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
+
+
+def format_age(seconds: object) -> str:
+    """``42`` -> ``"42s"``, ``600`` -> ``"10m"``, ``9000`` -> ``"2.5h"``, days past 48 h; ``"-"``
+    for anything but a number. For people (status lines, listings), never parsed back."""
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        return "-"
+    s = float(seconds)
+    if s < 120:
+        return f"{s:.0f}s"
+    if s < 7200:
+        return f"{s / 60:.0f}m"
+    if s < 172800:
+        return f"{s / 3600:.1f}h"
+    return f"{s / 86400:.1f}d"

@@ -19,6 +19,7 @@ from typing import Any
 from spoolagent import __version__, config, runtime
 from spoolagent.errors import ConfigError, SpoolBusy, SpoolError
 from spoolcore import logfmt
+from spoolcore.units import format_age
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 DEFAULT_CONFIG = os.environ.get("SPOOLAGENT_CONFIG", "/etc/spoolagent/agent.toml")
@@ -110,19 +111,6 @@ def _size(n: object) -> str:
     return f"{value:.1f} GiB"
 
 
-def _age(seconds: object) -> str:
-    if not isinstance(seconds, int | float):
-        return "-"
-    s = float(seconds)
-    if s < 120:
-        return f"{s:.0f}s"
-    if s < 7200:
-        return f"{s / 60:.0f}m"
-    if s < 172800:
-        return f"{s / 3600:.1f}h"
-    return f"{s / 86400:.1f}d"
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = _load(args, check_paths=False)
     status, why = _agent_status(cfg.agent.state_dir)
@@ -143,7 +131,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"spool (from {cfg.agent.state_dir / 'spool.db'}): ready {spool.get('ready_batches')} "
                       f"batches / {spool.get('ready_lines')} lines, in flight {spool.get('inflight_batches')}, "
                       f"failed {spool.get('failed_batches')}, {spool.get('bytes')} bytes, "
-                      f"oldest {_age(spool.get('oldest_age_s'))}")
+                      f"oldest {format_age(spool.get('oldest_age_s'))}")
             elif spool_err:
                 print(f"spool: {spool_err}")
         return EXIT_RUNTIME
@@ -166,14 +154,15 @@ def _print_status(s: dict[str, Any]) -> None:
     if not con.is_terminal:  # piped or logged: one line per fact, not cut at 80 columns
         con = Console(highlight=False, width=200)
     a, sp, se, ln = s["agent"], s["spool"], s["sender"], s["lines"]
-    con.print(f"[bold]spoolagent[/] {a['id']} pid {a['pid']} v{a['version']} up {_age(a['uptime_s'])} ({a['state']})")
+    con.print(f"[bold]spoolagent[/] {a['id']} pid {a['pid']} v{a['version']} up {format_age(a['uptime_s'])} "
+              f"({a['state']})")
     con.print(f"spool   ready {sp.get('ready_batches')} batches / {sp.get('ready_lines')} lines, in flight "
               f"{sp.get('inflight_batches')}, failed {sp.get('failed_batches')}, {_size(sp.get('bytes'))}"
-              f" of {_size(sp.get('max_bytes'))}, oldest {_age(sp.get('oldest_age_s'))}, "
+              f" of {_size(sp.get('max_bytes'))}, oldest {format_age(sp.get('oldest_age_s'))}, "
               f"dropped {sp.get('dropped_lines', 0)} lines")
     last_ok = se.get("last_success_s")
     con.print(f"sender  {se.get('state')} -> {se.get('receiver')}; last success "
-              f"{_age(time.time() - last_ok) + ' ago' if isinstance(last_ok, int | float) else 'never'}; "
+              f"{format_age(time.time() - last_ok) + ' ago' if isinstance(last_ok, int | float) else 'never'}; "
               f"retry delay {se.get('retry_delay_s') or 0:.1f}s; failures in a row {se.get('consecutive_failures', 0)}")
     con.print(f"lines   read {ln['read']}, spooled {ln['spooled']}, sent {se.get('lines_sent', 0)}, "
               f"rejected {ln['rejected']}, dropped {sp.get('dropped_lines', 0)}")
@@ -185,7 +174,7 @@ def _print_status(s: dict[str, Any]) -> None:
               (se.get("last_error_s") or 0.0, se.get("last_error") and f"sender: {se['last_error']}")]
     when, last = max((e for e in errors if e[1]), default=(0.0, None), key=lambda e: e[0])
     if last:
-        con.print(f"[red]last error[/] {last} ({_age(time.time() - (when or time.time()))} ago)")
+        con.print(f"[red]last error[/] {last} ({format_age(time.time() - (when or time.time()))} ago)")
     if s.get("restart_needed"):
         con.print(f"[yellow]restart needed[/] a reload read changed {', '.join(s['restart_needed'])}: "
                   "only a restart applies them")

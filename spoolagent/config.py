@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spoolagent.collect import schema
 from spoolagent.errors import ConfigError
 from spoolagent.protocol import DEFAULT_MAX_LINE_BYTES, is_valid_prod
 from spoolcore.tokens import read_tokens
@@ -224,6 +225,25 @@ def _collector_table(problems: list[str], name: str, table: object, agent_id: st
     return dict(table)
 
 
+def _collector_settings(cdir: Path, name: str, table: Mapping[str, Any],
+                        check_paths: bool) -> list[str]:
+    """The collector's own keys against what its program declares (collect/schema.py), and
+    ``use``: the program of another collector, run as this instance."""
+    where = f"[collectors.{name}]"
+    use = table.get("use")
+    if use is not None:
+        if not isinstance(use, str) or not use:
+            return [f"{where} use: expected the name of a collector, got {use!r}"]
+        if schema.find_program(cdir, name) is not None:
+            return [f"{where} use: {name} is a collector of its own in {cdir}; "
+                    "give the instance another name"]
+    program = schema.find_program(cdir, use or name)
+    if program is None:
+        return [f"{where} use: no collector {use!r} in {cdir}"] if use and check_paths else []
+    declared = schema.declared(program)
+    return [] if declared is None else schema.check(where, table, declared)
+
+
 def _resolve(base: Path, value: str | None) -> Path | None:
     if value is None or value == "":
         return None
@@ -317,6 +337,7 @@ def from_dict(data: Mapping[str, Any], *, path: Path | None = None, check_paths:
     else:
         for name, table in raw_collectors.items():
             collectors[name] = _collector_table(problems, name, table, agent_id, socket.gethostname())
+            problems += _collector_settings(collectors_dir, name, collectors[name], check_paths)
 
     if check_paths:
         if not collectors_dir.is_dir():
@@ -356,3 +377,18 @@ def load(path: str | Path, *, check_paths: bool = True) -> AgentConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: invalid TOML: {exc}") from exc
     return from_dict(data, path=p.resolve(), check_paths=check_paths)
+
+
+def state_dir_of(path: str | Path) -> Path:
+    """Only ``[agent] state_dir`` of the file at ``path`` (its default when absent): where a
+    running agent is found even while the rest of its config file has problems (the agent keeps
+    the settings it loaded). Raises ConfigError if the file cannot be read as TOML at all."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read [agent] state_dir: {exc}") from exc
+    agent = data.get("agent")
+    raw = agent.get("state_dir") if isinstance(agent, dict) else None
+    resolved = _resolve(p.resolve().parent, raw) if isinstance(raw, str) else None
+    return resolved or Path("/var/lib/spoolagent")

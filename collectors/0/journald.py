@@ -33,8 +33,19 @@ CP_BYTES = 512 * 1024  # checkpoint at least this often (output bytes) ...
 CP_INTERVAL_S = 0.2  # ... and this often while entries keep coming
 START_WINDOW_S = 3.0  # journalctl failing within this long "fails at start"
 _NOT_PROD = re.compile(rb"[^A-Za-z0-9._-]+")
-_KNOWN_KEYS = {"journalctl_cmd", "args", "prod_field", "prod_fallback_field", "prod", "prod_suffix", "since",
-               "max_line_bytes", "enabled", "format"}
+# The settings this collector takes, and their kinds (checked by `spoolagent check` and at every
+# agent start or reload; see spoolagent/collect/schema.py, which reads this without importing).
+SETTINGS = {
+    "journalctl_cmd": "strs",
+    "args": "strs",
+    "prod_field": "str",
+    "prod_fallback_field": "str",
+    "prod": "prod",
+    "prod_suffix": "str",
+    "since": "str",
+    "max_line_bytes": "int",
+}
+_KNOWN_KEYS = set(SETTINGS) | {"enabled", "format", "use"}
 
 
 class Unavailable(Exception):

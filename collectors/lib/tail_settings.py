@@ -10,9 +10,21 @@ from spoolagent_collectors.lib.common import err
 
 from spoolagent import protocol
 
-_KNOWN_KEYS = {"paths", "prod", "start_at", "rotate_wait_s", "partial_flush_s", "max_line_bytes",
-               "date_regex", "multiline_start", "multiline_flush_s", "glob_interval_s", "inotify",
-               "enabled", "format"}
+# The keys and their kinds (spoolagent/collect/schema.py): a literal, read without importing
+SETTINGS = {
+    "paths": "globs",
+    "prod": "prod",
+    "start_at": ("beginning", "end"),
+    "rotate_wait_s": "number",
+    "partial_flush_s": "number",
+    "max_line_bytes": "int",
+    "date_regex": "regex",
+    "multiline_start": "regex",
+    "multiline_flush_s": "number",
+    "glob_interval_s": "number",
+    "inotify": "bool",
+}
+_KNOWN_KEYS = set(SETTINGS) | {"enabled", "format", "use"}
 
 
 class ConfigProblem(Exception):

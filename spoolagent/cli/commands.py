@@ -112,15 +112,22 @@ def _size(n: object) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    cfg = _load(args, check_paths=False)
-    status, why = _agent_status(cfg.agent.state_dir)
+    try:
+        state_dir = _load(args, check_paths=False).agent.state_dir
+    except ConfigError as exc:
+        # the running agent keeps the settings it loaded: show it, and say what is wrong with
+        # the file (the next reload or start would fail)
+        state_dir = config.state_dir_of(args.config)
+        print(f"warning: the config file has problems; a reload or restart would fail:\n{exc}",
+              file=sys.stderr)
+    status, why = _agent_status(state_dir)
     if status is None:
         spool: dict[str, Any] | None = None
         spool_err = ""
         try:
             from spoolagent.cli import spool as cli_spool
 
-            spool = cli_spool.file_stats(cfg.agent.state_dir)
+            spool = cli_spool.file_stats(state_dir)
         except (SpoolError, ImportError, OSError) as exc:
             spool_err = str(exc)
         if args.json:
@@ -128,7 +135,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         else:
             print(why)
             if spool is not None:
-                print(f"spool (from {cfg.agent.state_dir / 'spool.db'}): ready {spool.get('ready_batches')} "
+                print(f"spool (from {state_dir / 'spool.db'}): ready {spool.get('ready_batches')} "
                       f"batches / {spool.get('ready_lines')} lines, in flight {spool.get('inflight_batches')}, "
                       f"failed {spool.get('failed_batches')}, {spool.get('bytes')} bytes, "
                       f"oldest {format_age(spool.get('oldest_age_s'))}")
@@ -144,6 +151,22 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 _PAUSED = {"unauthorized": "the receiver refuses the token (401/403): fix [sender] token_file, then reload",
            "misconfigured": "the receiver has no such endpoint (404/405): fix [sender] receivers, then reload"}
+
+
+_NOT_COLLECTING = {"exited": "exited 13, not restarted until its file or settings change",
+                   "failed": "cannot be executed", "backoff": "exited, waiting to be restarted"}
+
+
+def _collectors_line(collectors: list[dict[str, Any]]) -> str:
+    """``collectors 3 running, 1 exited; not collecting: tail (exited 13, ...)``: a collector that
+    stopped shows in the top lines, not only in the table below."""
+    counts: dict[str, int] = {}
+    for c in collectors:
+        counts[c["state"]] = counts.get(c["state"], 0) + 1
+    line = "collectors " + (", ".join(f"{n} {st}" for st, n in sorted(counts.items())) or "none")
+    down = [f"{c['name']} ({_NOT_COLLECTING[c['state']]}; last exit {c.get('last_exit')}, "
+            f"restarts {c.get('restarts', 0)})" for c in collectors if c["state"] in _NOT_COLLECTING]
+    return line + (f"; [red]not collecting[/]: {', '.join(down)}" if down else "")
 
 
 def _print_status(s: dict[str, Any]) -> None:
@@ -166,6 +189,7 @@ def _print_status(s: dict[str, Any]) -> None:
               f"retry delay {se.get('retry_delay_s') or 0:.1f}s; failures in a row {se.get('consecutive_failures', 0)}")
     con.print(f"lines   read {ln['read']}, spooled {ln['spooled']}, sent {se.get('lines_sent', 0)}, "
               f"rejected {ln['rejected']}, dropped {sp.get('dropped_lines', 0)}")
+    con.print(_collectors_line(s["collectors"]))
     if se.get("state") in _PAUSED:
         con.print(f"[red]sender paused[/] {_PAUSED[se['state']]}; batches stay in the spool")
     # the newer of the agent's last error and the sender's: a receiver that has been failing for

@@ -172,8 +172,9 @@ def test_dead_letter_runbook_purges_only_what_was_exported(proxied: Any, receive
                                                           tmp_path: Path) -> None:
     proxy, make = proxied
     proxy.mode = "status:400"
-    a = make(delay=0.05).start()
+    a = make(delay=0.2).start()  # ~12 s of lines: some fail before the export, some after
     wait_until(lambda: stats(a)["failed_batches"] >= 3, 30, what="dead letters")
+    proxy.mode = "down"  # the lines spooled meanwhile wait as ready, and fail after the export
     book = Runbook(a, receiver.url, tmp_path / "else")
     section = "Dead letters"
     listed = book.run(section, "ls --state failed -c")
@@ -184,6 +185,7 @@ def test_dead_letter_runbook_purges_only_what_was_exported(proxied: Any, receive
     book.run(section, "--ids-file failed.ids")
     exported = (a.base / "failed.txt").read_bytes().splitlines()
     ids = (a.base / "failed.ids").read_text().split()
+    proxy.mode = "status:400"
     wait_until(lambda: stats(a)["failed_batches"] > len(ids), 30, what="a batch failing after the export")
     proxy.mode = "down"
     book.run(section, "purge --ids-from")

@@ -29,6 +29,7 @@ from typing import Any
 from spoolagent_collectors.lib import tail_token
 from spoolagent_collectors.lib.common import err, stop_on_signals
 from spoolagent_collectors.lib.tail_records import Pending, RecordCutter
+
 # SETTINGS: the keys this collector takes and their kinds; `spoolagent check` and every agent start
 # or reload check [collectors.tail] against it (spoolagent/collect/schema.py follows this import
 # and reads the literal without running anything), so a typo or a bad regex is a config error

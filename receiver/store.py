@@ -19,44 +19,36 @@ Group commit: one committer thread per store takes every batch queued while the 
 1. claims each id (a byte-range lock, without waiting: a claim another process holds puts the
    batch off to the next round) and answers the ids already stored, or seen earlier in the round,
    as duplicates (stored once);
-2. locks the round's files in name order (a thread mutex, then ``flock`` on the file, which holds
-   across ``--processes`` and dies with its holder) and rolls back whatever a crashed holder left:
-   an intent still recorded for a file means its append was never recorded as done, so the file is
-   truncated to the size the intent recorded;
-3. records the intents (file, size before) in the journal, durably, *before* appending;
-4. appends the round's parts per file in one write, then fsyncs every file once (concurrently);
-5. commits: every id recorded as stored and the intents cleared in one SQLite transaction; then
-   every request of the round is answered.
+2. hands the round's parts, joined per file (one write each), and its ids to ``Appender``
+   (``receiver/append.py``): files locked in name order, what a crashed holder left rolled back,
+   intents recorded durably, appended, every file fsynced once, then every id recorded and the
+   intents cleared in one SQLite transaction -- all or nothing, in groups within the open-file
+   budget when a round touches more files;
+3. answers every request of the round.
 
-A failure in 4 or 5 (disk full, read-only, I/O error) truncates the files back and fails every
-batch of the round with StorageUnavailable; a crash anywhere is rolled back by the next holder of
-each file's lock, or at start-up by ``recover``. Names are checked against a strict pattern, so
-nothing can be written outside the data dir. Imports dedup, files and errors only.
-
-Test-only fault switches (set through the environment by ``config.py``; never in production):
-``crash_at`` = ``after_intent`` | ``mid_append`` | ``before_mark`` makes the process SIGKILL itself
-at that point; ``fault_enospc_after_bytes`` fails writes with ENOSPC once this process has appended
-that many bytes (the write that crosses the limit is left torn, as a real full disk may leave it).
+A failure (disk full, read-only, I/O error) leaves nothing of the round behind and fails every
+batch in it with StorageUnavailable; a crash anywhere is rolled back by the next holder of each
+file's lock, or at start-up by ``recover``. Names are checked against a strict pattern, so nothing
+can be written outside the data dir. The test-only fault switches (``crash_at``,
+``fault_enospc_after_bytes``) are passed on to the Appender. Imports append, dedup, files, errors.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import re
-import signal
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from receiver.append import Appender
 from receiver.dedup import Claims, DedupIndex, StoredBatch
 from receiver.errors import BatchInProgress, StorageUnavailable
-from receiver.files import RETRY_AFTER_S, FileTable, OpenFile, fsync_dir, write_all
+from receiver.files import RETRY_AFTER_S, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -123,18 +115,15 @@ class PartitionedStore:
         self._journal = journal
         self._fsync = fsync
         self._max_open = max_open_files
-        self._files = FileTable(data_dir, max_open_files, fsync)
+        self._appender = Appender(data_dir, journal, fsync=fsync, max_open_files=max_open_files,
+                                  crash_at=crash_at, fault_enospc_after_bytes=fault_enospc_after_bytes)
         self._claim_wait_s = claim_wait_s
         self._max_round_bytes = max_round_bytes
         self._on_round = on_round
-        self._crash_at = crash_at
-        self._enospc_after = fault_enospc_after_bytes
-        self._written = 0
         self._cond = threading.Condition()
         self._queue: deque[_Request] = deque()
         self._queued_bytes = 0
         self._thread: threading.Thread | None = None
-        self._fsync_pool: ThreadPoolExecutor | None = None
         self._closing = False
 
     def create(self) -> None:
@@ -154,20 +143,14 @@ class PartitionedStore:
             if _NAME_RE.match(intent.file) is None or not (self.data_dir / intent.file).exists():
                 self._journal.drop_intents([intent.file])
                 continue
-            entries = self._lock_files([intent.file])
-            try:
-                rolled += self._roll_back_left_intents(entries)
-                self._journal.drop_intents([intent.file])
-            finally:
-                self._unlock_files(entries)
+            rolled += self._appender.recover([intent.file])
         return rolled
 
     def start(self) -> None:
         """Start the committer thread (idempotent). Call it after any fork."""
         with self._cond:
             if self._thread is None and not self._closing:
-                if self._fsync:
-                    self._fsync_pool = ThreadPoolExecutor(_FSYNC_THREADS, thread_name_prefix="fsync")
+                self._appender.start()
                 self._thread = threading.Thread(target=self._run, name="store-commit", daemon=True)
                 self._thread.start()
 
@@ -220,9 +203,7 @@ class PartitionedStore:
                                               retry_after_s=RETRY_AFTER_S))
         if thread is not None:
             thread.join()
-        if self._fsync_pool is not None:
-            self._fsync_pool.shutdown()
-        self._files.close()
+        self._appender.close()
 
     # -- the committer ------------------------------------------------------------------------
 
@@ -271,7 +252,7 @@ class PartitionedStore:
                 return put_off
             names = sorted({n for r in todo for n, d in r.batch.parts.items() if d})
             try:
-                self._store_round(todo, names)
+                fsyncs = self._store_round(todo, names)
             except BaseException as exc:
                 stats = RoundStats(len(todo), len(names), 0, time.monotonic() - started, True)
                 self._report(stats)
@@ -284,7 +265,7 @@ class PartitionedStore:
                 if not isinstance(exc, Exception):
                     raise
                 return put_off
-            self._report(RoundStats(len(todo), len(names), len(names) if self._fsync else 0,
+            self._report(RoundStats(len(todo), len(names), fsyncs,
                                     time.monotonic() - started, False))
             for request in todo:
                 b = request.batch
@@ -330,56 +311,16 @@ class PartitionedStore:
             request.future.set_result(Stored(counts.stored, counts.rejected, duplicate=True))
         return todo, followers, put_off
 
-    def _store_round(self, todo: list[_Request], names: list[str]) -> None:
-        """Steps 2-5 for the round's batches; raises StorageUnavailable with nothing left behind."""
+    def _store_round(self, todo: list[_Request], names: list[str]) -> int:
+        """Append the round's batches (steps 2-6); returns the fsyncs done. Raises
+        StorageUnavailable with nothing left behind."""
         joined = {name: b"".join(r.batch.parts.get(name, b"") for r in todo) for name in names}
         ids: list[tuple[str, int, int]] = []
         for request in todo:
             b = request.batch
             if b.batch_id is not None:
                 ids.append((b.batch_id, b.stored, b.rejected))
-        label = ids[0][0] if ids else None
-        entries = self._lock_files(names)
-        try:
-            try:
-                self._roll_back_left_intents(entries)
-                sizes = {e.name: os.fstat(e.fd).st_size for e in entries}
-            except OSError as exc:
-                raise StorageUnavailable(f"cannot roll back: {exc}",
-                                         retry_after_s=RETRY_AFTER_S) from exc
-            if entries:
-                # the intent is durable before the first byte is appended: a crash from here on is
-                # rolled back by the next holder of each file's lock
-                self._journal.record_intents(label, sizes)
-                self._crash_point("after_intent")
-            try:
-                for entry in entries:
-                    self._write(entry, joined[entry.name])
-                if self._fsync:
-                    self._fsync_all(entries)
-            except OSError as exc:
-                self._undo(label, entries, sizes)
-                raise StorageUnavailable(f"cannot append: {exc}",
-                                         retry_after_s=RETRY_AFTER_S) from exc
-            # mark stored only after fsync: a crash in between is rolled back, never half-kept
-            self._crash_point("before_mark")
-            try:
-                self._journal.commit(ids, names)
-            except StorageUnavailable:
-                self._undo(label, entries, sizes)
-                raise
-        finally:
-            self._unlock_files(entries)
-
-    def _fsync_all(self, entries: list[OpenFile]) -> None:
-        """fsync every file, concurrently: the filesystem joins concurrent fsyncs into one journal
-        commit (8 files of a round: 9-11 ms one after the other, 0.7-1.1 ms at once, ext4)."""
-        if len(entries) == 1 or self._fsync_pool is None:
-            for entry in entries:
-                os.fsync(entry.fd)
-            return
-        for _ in self._fsync_pool.map(os.fsync, [e.fd for e in entries]):
-            pass  # map re-raises the first OSError here
+        return self._appender.append(ids, joined)
 
     def _report(self, stats: RoundStats) -> None:
         if self._on_round is not None:
@@ -387,76 +328,6 @@ class PartitionedStore:
                 self._on_round(stats)
             except Exception:  # metrics must never fail a round
                 log.exception("round callback failed")
-
-    # -- files --------------------------------------------------------------------------------
-
-    def _lock_files(self, names: list[str]) -> list[OpenFile]:
-        entries: list[OpenFile] = []
-        try:
-            for name in names:  # sorted: every holder locks in the same order, so no deadlock
-                entries.append(self._files.lock(name))
-        except OSError as exc:
-            self._unlock_files(entries)
-            raise StorageUnavailable(f"cannot open {name}: {exc}",
-                                     retry_after_s=RETRY_AFTER_S) from exc
-        except BaseException:
-            self._unlock_files(entries)
-            raise
-        return entries
-
-    def _unlock_files(self, entries: list[OpenFile]) -> None:
-        for entry in reversed(entries):
-            self._files.unlock(entry)
-
-    def _roll_back_left_intents(self, entries: list[OpenFile]) -> int:
-        """Truncate files whose intent is still recorded (the caller holds their locks). The
-        intents stay until replaced or dropped: a truncation lost to a power cut is redone."""
-        if not entries:
-            return 0
-        by_name = {e.name: e for e in entries}
-        rolled = 0
-        for intent in self._journal.intents(by_name):
-            entry = by_name[intent.file]
-            size = os.fstat(entry.fd).st_size
-            if size > intent.size_before:
-                os.ftruncate(entry.fd, intent.size_before)
-                if self._fsync:
-                    os.fsync(entry.fd)
-                rolled += 1
-                log.warning("rolled back unrecorded append file=%s batch=%s bytes=%d",
-                            intent.file, intent.batch_id, size - intent.size_before)
-        return rolled
-
-    def _undo(self, label: str | None, entries: list[OpenFile], sizes: Mapping[str, int]) -> None:
-        """Truncate this round's appends away; whatever cannot be undone now is undone by the next
-        holder of the lock, since the intents stay recorded until they are dropped here."""
-        try:
-            for entry in entries:
-                os.ftruncate(entry.fd, sizes[entry.name])
-            self._journal.drop_intents(sizes)
-        except (OSError, StorageUnavailable) as exc:
-            log.warning("rollback deferred to the next writer batch=%s err=%s", label, exc)
-
-    def _write(self, entry: OpenFile, data: bytes) -> None:
-        view = memoryview(data)
-        if self._enospc_after is not None:
-            allowed = max(0, min(len(view), self._enospc_after - self._written))
-            self._written += allowed  # only the committer thread writes
-            view = view[:allowed]
-        if self._crash_at == "mid_append":
-            half = len(view) // 2
-            if half > 1 and view[half - 1] == 0x0A:  # make sure the cut tears a line
-                half -= 1
-            write_all(entry.fd, view[:half])
-            self._crash_point("mid_append")
-        write_all(entry.fd, view)
-        if len(view) < len(data):
-            raise OSError(errno.ENOSPC, "No space left on device (injected, test-only)")
-
-    def _crash_point(self, point: str) -> None:
-        if self._crash_at == point:
-            log.warning("test-only crash switch: SIGKILL at %s", point)
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fail(request: _Request, error: BaseException) -> None:

@@ -100,8 +100,7 @@ def test_a_failed_round_fails_every_batch_in_it_and_stores_none(tmp_path: Path) 
             with pytest.raises(StorageUnavailable):
                 f.result(timeout=60)
         assert [(s.batches, s.files, s.failed) for s in rounds] == [(5, 3, True)]
-        assert {p.name: p.read_bytes() for p in tmp_path.glob("*.dat")} == {
-            f"{f}_{DATE}.dat": b"" for f in "abc"}
+        assert list(tmp_path.glob("*.dat")) == []  # the files the round created are gone too
         assert dedup.intents() == [] and dedup.lookup_many([f"r{n}" for n in range(5)]) == {}
     finally:
         store.close()
@@ -176,3 +175,58 @@ def test_a_flood_past_the_queue_bound_gets_503_then_everything_is_stored_once(
         pool.shutdown()
     lines = r.read_lines()[held.name]
     assert len(lines) == 8 * 10 and len(set(lines)) == 8 * 10
+
+
+_WIDE = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from tests.receiver.test_fleet import _store, _wide_batch
+    store, _ = _store(Path(sys.argv[1]), max_open_files=3, crash_at="before_mark")
+    store.commit(_wide_batch("crashed"))
+""")
+
+
+def _wide_batch(batch_id: str) -> Batch:
+    return Batch(batch_id, {f"w{n:02d}_{DATE}.dat": b"%s %d\n" % (batch_id.encode(), n)
+                            for n in range(10)}, 10, 0)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_batch_over_the_open_file_budget_is_written_in_groups_all_or_nothing(
+        tmp_path: Path) -> None:
+    # 10 files, 3 open at most: four groups; a crash after the last group is rolled back whole
+    child = subprocess.Popen([sys.executable, "-c", _WIDE, str(tmp_path)], env=child_env(),
+                             cwd=Path(__file__).resolve().parents[2])
+    assert child.wait(60) == -9
+    rounds: list[RoundStats] = []
+    store, dedup = _store(tmp_path, max_open_files=3, on_round=rounds.append)
+    try:
+        assert len(dedup.intents()) == 10
+        assert store.recover() == 10
+        assert all(p.read_bytes() == b"" for p in tmp_path.glob("w*.dat"))
+        base = _open_fds()
+        assert store.commit(_wide_batch("wide")) == Stored(10, 0, duplicate=False)
+        assert _open_fds() <= base + 3 + 1 + 8  # the budget, wide.lock, the fsync threads' none
+        assert sorted(p.read_bytes() for p in tmp_path.glob("w*.dat")) == [
+            b"wide %d\n" % n for n in range(10)]
+        assert store.commit(_wide_batch("wide")).duplicate
+        assert [(r.batches, r.files, r.failed) for r in rounds] == [(1, 10, False)]
+        assert dedup.intents() == []
+    finally:
+        store.close()
+        dedup.close()
+
+
+def test_a_refused_batch_over_the_budget_leaves_no_file_behind(tmp_path: Path) -> None:
+    store, dedup = _store(tmp_path, max_open_files=3, fault_enospc_after_bytes=40)
+    try:
+        with pytest.raises(StorageUnavailable):
+            store.commit(_wide_batch("full"))
+        assert list(tmp_path.glob("*.dat")) == [] and dedup.intents() == []
+        assert dedup.lookup("full") is None
+    finally:
+        store.close()
+        dedup.close()

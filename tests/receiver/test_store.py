@@ -114,8 +114,9 @@ def test_failure_on_the_second_file_rolls_back_the_first(data_dir: Path) -> None
         with pytest.raises(StorageUnavailable):
             store.append("multi", {"a_2026-01-01.dat": b"12345\n", "b_2026-01-01.dat": b"67890\n"},
                          2, 0)
-        assert (data_dir / "a_2026-01-01.dat").read_bytes() == b""
-        assert (data_dir / "b_2026-01-01.dat").read_bytes() == b""
+        # created by the refused batch: removed, not left empty
+        assert not (data_dir / "a_2026-01-01.dat").exists()
+        assert not (data_dir / "b_2026-01-01.dat").exists()
         assert dedup.lookup("multi") is None and dedup.intents() == []
     finally:
         store.close()

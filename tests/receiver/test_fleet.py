@@ -230,3 +230,41 @@ def test_a_refused_batch_over_the_budget_leaves_no_file_behind(tmp_path: Path) -
     finally:
         store.close()
         dedup.close()
+
+
+@pytest.mark.parametrize("point", ["mid_append", "before_mark"])
+def test_two_processes_crashing_in_rounds_ack_nothing_lost_and_resends_store_once(
+        receiver_factory: Callable[..., ReceiverProc], tmp_path: Path, point: str) -> None:
+    data_dir = tmp_path / "data"
+    r0 = receiver_factory("--processes", "2", data_dir=data_dir)
+    kept = {f"k{i}": _body(f"p{i % 3}", f"k{i}", 50) for i in range(6)}
+    with httpx.Client(base_url=r0.url, timeout=60) as c:
+        assert [_put(c, bid, body).status_code for bid, body in kept.items()] == [201] * 6
+    assert r0.stop() == 0
+    before = {p.name: p.read_bytes() for p in data_dir.glob("*.dat")}
+
+    # every round crashes its worker (the supervisor starts another): nothing may be answered
+    # 2xx, since a round is answered only after its fsync and its commit
+    crashing = receiver_factory("--processes", "2", data_dir=data_dir,
+                                env={"SPOOLRECEIVER_CRASH_AT": point})
+    sent = {f"c{i}": _body(f"p{i % 3}", f"c{i}", 50) for i in range(12)}
+
+    def put_once(item: tuple[str, bytes]) -> int:
+        try:
+            with httpx.Client(base_url=crashing.url, timeout=30) as c:
+                return _put(c, *item).status_code
+        except httpx.TransportError:
+            return 0
+
+    with ThreadPoolExecutor(12) as pool:
+        codes = list(pool.map(put_once, sent.items()))
+    crashing.kill()
+    assert all(code in (0, 503) for code in codes), codes
+
+    r2 = receiver_factory("--processes", "2", data_dir=data_dir)
+    assert {p.name: p.read_bytes() for p in data_dir.glob("*.dat") if p.read_bytes()} == before
+    with httpx.Client(base_url=r2.url, timeout=60) as c:
+        assert [_put(c, bid, body).status_code for bid, body in sent.items()] == [201] * 12
+        assert [_put(c, bid, body).status_code for bid, body in kept.items()] == [200] * 6
+    lines = [ln for ls in r2.read_lines().values() for ln in ls]
+    assert len(lines) == 18 * 50 and len(set(lines)) == 18 * 50

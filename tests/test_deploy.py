@@ -130,22 +130,17 @@ def test_agent_configs_pass_spoolagent_check(tmp_path: Path, source: Path) -> No
     assert "max_linez" in done.stdout + done.stderr
 
 
-def _load_tail_module() -> Any:
-    path = ROOT / "collectors" / "0" / "tail.py"
-    if not path.exists():
-        pytest.skip("collectors/0/tail.py is not there yet")
-    spec = importlib.util.spec_from_file_location("_deploy_tail_under_test", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _tail_settings(table: dict[str, Any]) -> Any:
+    """collectors/0/tail.py's own settings class (spoolagent_collectors.lib.tail_settings)."""
+    from spoolagent_collectors.lib.tail_settings import Settings
+
+    return Settings(table, inotify_available=True)
 
 
 def test_example_tail_settings_are_the_collectors_own_defaults(capfd: pytest.CaptureFixture[str]) -> None:
-    tail = _load_tail_module()
     table = dict(config.load(AGENT_EXAMPLE, check_paths=False).collectors["tail"])
-    example = tail.Settings(table)
-    defaults = tail.Settings({"paths": table["paths"]})
+    example = _tail_settings(table)
+    defaults = _tail_settings({"paths": table["paths"]})
     assert "unknown setting" not in capfd.readouterr().err
     differ = {k for k in vars(defaults) if vars(defaults)[k] != vars(example)[k]}
     assert not differ, f"[collectors.tail] in the example differs from tail.py's defaults: {sorted(differ)}"
@@ -170,9 +165,8 @@ def test_container_agent_configs_listen_on_all_interfaces_and_skip_journald() ->
     date_rx = re.compile(k8s.collectors["tail"]["date_regex"])
     m = date_rx.search("2024-05-01T23:59:59.123456789Z stdout F hello")
     assert m is not None and m.group(1) == "2024-05-01"
-    tail = _load_tail_module()
     for cfg in (docker, k8s):
-        tail.Settings(dict(cfg.collectors["tail"]))  # raises on a setting it cannot use
+        _tail_settings(dict(cfg.collectors["tail"]))  # raises on a setting it cannot use
 
 
 # --- the receiver's example config ----------------------------------------------------------

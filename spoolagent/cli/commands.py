@@ -1,6 +1,8 @@
-"""The ``spoolagent`` command: argv, logging setup, printing and exit codes (the only module that does these).
+"""The ``spoolagent`` command: argv, logging setup, and the one place (``main``) that maps the
+agent's errors to exit codes. Every command prints through ``cli.output`` (the exit codes, the
+console, sizes, ages, JSON).
 
-Exit codes: 0 ok, 1 runtime error, 2 usage or config error, 3 spool busy or locked.
+Exit codes: 0 ok, 1 runtime error, 2 usage or config error, 3 spool busy or locked, 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -17,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from spoolagent import __version__, config, runtime
+from spoolagent.cli.output import EXIT_BUSY, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, age, console, size
 from spoolagent.errors import ConfigError, SpoolBusy, SpoolError
 from spoolcore import logfmt
-from spoolcore.units import format_age
 
-EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 DEFAULT_CONFIG = os.environ.get("SPOOLAGENT_CONFIG", "/etc/spoolagent/agent.toml")
 
 log = logging.getLogger("spoolagent")
@@ -100,17 +101,6 @@ def _agent_status(state_dir: Path, timeout_s: float = 3.0) -> tuple[dict[str, An
         return None, f"the agent (pid {pid}) does not answer at {url}/status: {exc}"
 
 
-def _size(n: object) -> str:
-    if not isinstance(n, int | float):
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     try:
         state_dir = _load(args, check_paths=False).agent.state_dir
@@ -138,7 +128,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"spool (from {state_dir / 'spool.db'}): ready {spool.get('ready_batches')} "
                       f"batches / {spool.get('ready_lines')} lines, in flight {spool.get('inflight_batches')}, "
                       f"failed {spool.get('failed_batches')}, {spool.get('bytes')} bytes, "
-                      f"oldest {format_age(spool.get('oldest_age_s'))}")
+                      f"oldest {age(spool.get('oldest_age_s'))}")
             elif spool_err:
                 print(f"spool: {spool_err}")
         return EXIT_RUNTIME
@@ -170,22 +160,19 @@ def _collectors_line(collectors: list[dict[str, Any]]) -> str:
 
 
 def _print_status(s: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    con = Console(highlight=False)
-    if not con.is_terminal:  # piped or logged: one line per fact, not cut at 80 columns
-        con = Console(highlight=False, width=200)
+    con = console()  # piped or logged: one line per fact, not cut at 80 columns
     a, sp, se, ln = s["agent"], s["spool"], s["sender"], s["lines"]
-    con.print(f"[bold]spoolagent[/] {a['id']} pid {a['pid']} v{a['version']} up {format_age(a['uptime_s'])} "
+    con.print(f"[bold]spoolagent[/] {a['id']} pid {a['pid']} v{a['version']} up {age(a['uptime_s'])} "
               f"({a['state']})")
     con.print(f"spool   ready {sp.get('ready_batches')} batches / {sp.get('ready_lines')} lines, in flight "
-              f"{sp.get('inflight_batches')}, failed {sp.get('failed_batches')}, {_size(sp.get('bytes'))}"
-              f" of {_size(sp.get('max_bytes'))}, oldest {format_age(sp.get('oldest_age_s'))}, "
+              f"{sp.get('inflight_batches')}, failed {sp.get('failed_batches')}, {size(sp.get('bytes'))}"
+              f" of {size(sp.get('max_bytes'))}, oldest {age(sp.get('oldest_age_s'))}, "
               f"dropped {sp.get('dropped_lines', 0)} lines")
     last_ok = se.get("last_success_s")
     con.print(f"sender  {se.get('state')} -> {se.get('receiver')}; last success "
-              f"{format_age(time.time() - last_ok) + ' ago' if isinstance(last_ok, int | float) else 'never'}; "
+              f"{age(time.time() - last_ok) + ' ago' if isinstance(last_ok, int | float) else 'never'}; "
               f"retry delay {se.get('retry_delay_s') or 0:.1f}s; failures in a row {se.get('consecutive_failures', 0)}")
     con.print(f"lines   read {ln['read']}, spooled {ln['spooled']}, sent {se.get('lines_sent', 0)}, "
               f"rejected {ln['rejected']}, dropped {sp.get('dropped_lines', 0)}")
@@ -198,7 +185,7 @@ def _print_status(s: dict[str, Any]) -> None:
               (se.get("last_error_s") or 0.0, se.get("last_error") and f"sender: {se['last_error']}")]
     when, last = max((e for e in errors if e[1]), default=(0.0, None), key=lambda e: e[0])
     if last:
-        con.print(f"[red]last error[/] {last} ({format_age(time.time() - (when or time.time()))} ago)")
+        con.print(f"[red]last error[/] {last} ({age(time.time() - (when or time.time()))} ago)")
     if s.get("restart_needed"):
         con.print(f"[yellow]restart needed[/] a reload read changed {', '.join(s['restart_needed'])}: "
                   "only a restart applies them")
@@ -225,7 +212,6 @@ def cmd_collectors(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"agent_running": status is not None, "collectors": rows}))
         return EXIT_OK
-    from rich.console import Console
     from rich.table import Table
 
     t = Table("name", "interval", "enabled", "state", "pid", "path", "config",
@@ -233,7 +219,7 @@ def cmd_collectors(args: argparse.Namespace) -> int:
     for r in rows:
         t.add_row(r["name"], f"{r['interval_s']}s", "yes" if r["enabled"] else "no", r["state"] or "-",
                   str(r["pid"] or "-"), r["path"], json.dumps(r["config"]) if r["config"] else "")
-    Console().print(t)
+    console().print(t)
     return EXIT_OK
 
 
@@ -319,6 +305,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spoolagent: spool error: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_OK

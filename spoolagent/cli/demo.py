@@ -30,6 +30,7 @@ from types import FrameType
 from typing import Any
 
 from spoolagent import runtime
+from spoolagent.cli.output import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, console, print_json
 from spoolagent.config import bundled_collectors_dir
 
 _SAMPLE = [
@@ -181,13 +182,12 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.live import Live
     from rich.table import Table
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
-    con = Console(highlight=False, soft_wrap=True)  # long paths: let the terminal wrap, never cut
+    con = console(soft_wrap=True)  # long paths: let the terminal wrap, never cut
     base = Path(args.dir).resolve()
     for d in ("logs", "data", "state"):
         (base / d).mkdir(parents=True, exist_ok=True)
@@ -276,15 +276,15 @@ def run_demo(args: argparse.Namespace) -> int:
         code = _deliver(con, counts, agent, receiver)
     except RuntimeError as exc:
         con.print(f"[red]demo failed:[/] {exc}")
-        code = 1
+        code = EXIT_RUNTIME
     except KeyboardInterrupt:
-        code = 130
+        code = EXIT_INTERRUPTED
     finally:
         writer.stop.set()
         # the agent first: it sends what it can to a receiver that is still up
         for p in (agent, receiver):
             if p is not None and not _stop(p):
-                code = code or 1
+                code = code or EXIT_RUNTIME
     written, total = before + writer.written, stored.count(_DEMO_FILES)
     files = stored.files()
     summary = {"dir": str(base), "written": written, "written_this_run": writer.written,
@@ -297,31 +297,32 @@ def run_demo(args: argparse.Namespace) -> int:
         con.print(f"  {written - total} lines wait in the spool (or the log): run the demo again to deliver them")
     con.print(f"logs: {base / 'agent.log'}, {base / 'receiver.log'}")
     if args.json:
-        print(json.dumps(summary))
+        print_json(summary)
     return code
 
 
 def _deliver(con: Any, counts: Any, agent: subprocess.Popen[bytes], receiver: subprocess.Popen[bytes]) -> int:
-    """Wait (bounded; Ctrl-C skips) until everything written is stored. 0, or 1 if it was not."""
+    """Wait (bounded; Ctrl-C skips) until everything written is stored. EXIT_OK, or EXIT_RUNTIME
+    if it was not."""
     c = counts()
     if c["stored_demo"] >= c["written"]:
-        return 0
+        return EXIT_OK
     if not c["receiver"] or agent.poll() is not None:
         con.print("not waiting for delivery: the receiver or the agent is down; the spool keeps the lines")
-        return 0
+        return EXIT_OK
     con.print(f"delivering the last {c['written'] - c['stored_demo']:.0f} lines (Ctrl-C to stop now) ...")
     deadline = time.monotonic() + _DELIVER_TIMEOUT_S
     try:
         while time.monotonic() < deadline:
             c = counts()
             if c["stored_demo"] >= c["written"]:
-                return 0
+                return EXIT_OK
             time.sleep(0.1)
     except KeyboardInterrupt:
-        return 0
+        return EXIT_OK
     con.print(f"[yellow]not delivered within {_DELIVER_TIMEOUT_S:.0f}s:[/] stored {c['stored_demo']} of "
               f"{c['written']}")
-    return 1
+    return EXIT_RUNTIME
 
 
 def add_demo_parser(sub: Any) -> None:

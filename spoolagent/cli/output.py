@@ -1,4 +1,5 @@
-"""Printing for the spool commands: rich console and progress bar, ages, sizes, JSON, exit codes.
+"""The CLI's output, for every command (run, status, spool, demo): exit codes, the rich console
+and progress bar, ages, sizes, JSON. ``commands.main`` maps the agent's errors to exit codes.
 
 Imports rich lazily (``spoolagent status`` and the inspection commands must start fast); nothing
 from the package.
@@ -11,16 +12,23 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from spoolcore.units import format_age as age  # the receiver prints ages the same way
+
+__all__ = ["EXIT_BUSY", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_RUNTIME", "EXIT_USAGE", "STATES", "age",
+           "console", "print_json", "progress", "size"]
+
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as a shell reports it
 STATES = ("ready", "inflight", "failed")
 
 
-def console(stderr: bool = False) -> Any:
+def console(stderr: bool = False, *, soft_wrap: bool = False) -> Any:
+    """A rich console; ``soft_wrap``: long lines wrap on the terminal instead of being cut."""
     from rich.console import Console
 
-    con = Console(stderr=stderr, highlight=False)
+    con = Console(stderr=stderr, highlight=False, soft_wrap=soft_wrap)
     if not con.is_terminal:  # piped into a file or grep: do not cut ids and errors at 80 columns
-        con = Console(stderr=stderr, highlight=False, width=200)
+        con = Console(stderr=stderr, highlight=False, soft_wrap=soft_wrap, width=200)
     return con
 
 
@@ -41,21 +49,16 @@ def progress(what: str, total: float) -> Iterator[Callable[[float, float | None]
         yield update
 
 
-def age(seconds: float | None) -> str:
-    if seconds is None:
+def size(n: object) -> str:
+    """``512 B``, ``1.5 KiB`` ... ``3.0 GiB`` (GiB at most); ``-`` for anything not a number."""
+    if not isinstance(n, int | float) or isinstance(n, bool):
         return "-"
-    for limit, div, unit in ((120, 1, "s"), (7200, 60, "m"), (172800, 3600, "h")):
-        if seconds < limit:
-            return f"{seconds / div:.0f}{unit}"
-    return f"{seconds / 86400:.1f}d"
-
-
-def size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+    value = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
 
 
 def print_json(obj: object) -> None:

@@ -69,8 +69,8 @@ def test_agents_listed_with_counts_and_a_stopped_one_goes_silent(
 
     fleet["web-02"].stop(signal.SIGTERM)
     # web-02 stopped and quiet-01 never beats: both go silent; the idle ones that beat do not
-    silent = wait_until(lambda: (s := _agents(receiver, "--silent-for", "4s")) and
-                        {"web-02", "quiet-01"} <= set(s) and s, 30, what="web-02 and quiet-01 silent")
+    silent = wait_until(lambda: (s := _agents(receiver, "--silent-for", "8s")) and
+                        {"web-02", "quiet-01"} <= set(s) and s, 40, what="web-02 and quiet-01 silent")
     assert "web-01" not in silent and "db-01" not in silent, silent
     beating = _agents(receiver)
     assert beating["web-01"]["heartbeats"] > 0 and beating["db-01"]["heartbeats"] > 0

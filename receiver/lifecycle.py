@@ -58,6 +58,7 @@ class PassStats:
     compressed: int = 0
     merged_bytes: int = 0
     skipped: int = 0
+    ran: bool = True  # False: another runner held the data dir
 
 
 class _Stopped(Exception):
@@ -92,7 +93,8 @@ class Lifecycle:
     def __init__(self, data_dir: Path, *, intents: _Intents, retention_s: float | None = None,
                  compress_after_s: float | None = None, rate_bytes: int = 32 * 1024 * 1024,
                  interval_s: float = 600.0, fsync: bool = True,
-                 today: Callable[[], datetime.date] = datetime.date.today) -> None:
+                 today: Callable[[], datetime.date] = datetime.date.today,
+                 on_pass: Callable[[PassStats | None], None] | None = None) -> None:
         self.data_dir = data_dir
         self._intents = intents
         self._retention_days = None if retention_s is None else math.ceil(retention_s / 86400)
@@ -101,6 +103,7 @@ class Lifecycle:
         self._interval_s = interval_s
         self._fsync = fsync
         self._today = today
+        self._on_pass = on_pass  # metrics: each pass's counts; None for a failed pass
         self.stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -123,15 +126,18 @@ class Lifecycle:
     def run(self) -> None:
         """Pass, wait ``interval_s``, pass ... until ``stop``. Never raises."""
         while not self.stop.is_set():
+            stats: PassStats | None = None
             try:
-                stats = self.run_pass()
-                if stats and (stats.deleted or stats.compressed or stats.skipped):
+                stats = self.run_pass() or PassStats(ran=False)
+                if stats.deleted or stats.compressed or stats.skipped:
                     log.info("lifecycle pass deleted=%d compressed=%d merged_bytes=%d skipped=%d",
                              stats.deleted, stats.compressed, stats.merged_bytes, stats.skipped)
             except _Stopped:
                 return
             except Exception as exc:  # the top of a thread: try again next time
                 log.warning("lifecycle pass failed err=%s", exc)
+            if self._on_pass is not None:
+                self._on_pass(stats)
             self.stop.wait(self._interval_s)
 
     def run_pass(self) -> PassStats | None:

@@ -5,8 +5,8 @@ prometheus-client's multiprocess mode is always on: every process (one, or each 
 instance (``/dev/shm/spoolreceiver-metrics-<parent pid>/``, never on the data disk: a
 new page of an mmap on a full filesystem is a SIGBUS), and ``/metrics`` in any worker reads and
 sums them all. So the counters are totals for the whole receiver and survive a worker being
-respawned. The only importer of ``prometheus_client``; imports ``receiver.store`` (RoundStats) and
-``receiver.agents`` (FleetSummary) only.
+respawned. The only importer of ``prometheus_client``; imports ``receiver.store`` (RoundStats),
+``receiver.agents`` (FleetSummary) and ``receiver.lifecycle`` (PassStats) for their types only.
 
 Read at scrape time rather than counted: ``spoolreceiver_build_info``, ``process_*`` (of the
 process that answers the scrape), ``spoolreceiver_data_dir_free_bytes`` and the fleet gauges from
@@ -28,6 +28,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from receiver import __version__
 from receiver.agents import FleetSummary
+from receiver.lifecycle import PassStats
 from receiver.store import RoundStats
 
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
@@ -85,11 +86,30 @@ class Metrics:
             buckets=_LATENCY_BUCKETS, registry=None)
         self.fsyncs = Counter(
             "spoolreceiver_fsyncs", "Data-file fsyncs (one per file per round).", registry=None)
+        self.lifecycle_files = Counter(
+            "spoolreceiver_lifecycle_files", "Day files deleted (retention) or compressed by lifecycle passes.",
+            ["action"], registry=None)
+        self.lifecycle_passes = Counter(
+            "spoolreceiver_lifecycle_passes", "Retention/compression passes run on the data dir.", ["result"],
+            registry=None)
+        for action in ("deleted", "compressed"):
+            self.lifecycle_files.labels(action)
+        for result in ("ok", "failed"):
+            self.lifecycle_passes.labels(result)
         self._live: _LiveCollector | None = None
         # every source shows from the start (0, not absent), so alerts and rate() see it
         for source in _SOURCES:
             self.lines_stored.labels(source)
             self.lines_rejected.labels(source)
+
+    def observe_lifecycle(self, stats: PassStats | None) -> None:
+        """Count one lifecycle pass (None: it failed; its log line says why)."""
+        if stats is None:
+            self.lifecycle_passes.labels("failed").inc()
+        elif stats.ran:
+            self.lifecycle_passes.labels("ok").inc()
+            self.lifecycle_files.labels("deleted").inc(stats.deleted)
+            self.lifecycle_files.labels("compressed").inc(stats.compressed)
 
     def observe_round(self, stats: RoundStats) -> None:
         """Count one group-commit round (called by the store's committer thread)."""

@@ -324,7 +324,7 @@ class _Files:
         self._lifecycle = Lifecycle(
             data_dir, intents=self._dedup, retention_s=cfg.retention_s,
             compress_after_s=cfg.compress_after_s, rate_bytes=cfg.lifecycle_rate_bytes,
-            interval_s=cfg.lifecycle_interval_s, fsync=cfg.fsync)
+            interval_s=cfg.lifecycle_interval_s, fsync=cfg.fsync, on_pass=metrics.observe_lifecycle)
         if self._lifecycle.enabled:
             self._lifecycle.start()
 

@@ -117,6 +117,16 @@ def _parse_retry_after(value: str | None, now_wall_s: float) -> float | None:
     return min(max(seconds, 0.0), _MAX_RETRY_AFTER_S)
 
 
+def _count(value: object) -> int:
+    """A count from the receiver's answer: a whole number >= 0, else ValueError (``1e309`` is
+    float inf and ``int()`` of it raised OverflowError, which no caller expected: the batch was
+    resent every second with a traceback)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or value < 0 or value != int(value):
+        raise ValueError(f"not a count: {value!r}")
+    return int(value)
+
+
 def _check_urls(urls: Sequence[str]) -> tuple[str, ...]:
     if not urls:
         raise ConfigError("sender.receivers: at least one receiver URL is needed")
@@ -523,7 +533,7 @@ class Sender:
                    size: int) -> SendResult:
         try:
             doc: Any = json.loads(answer)
-            stored, rejected = int(doc["stored"]), int(doc["rejected"])
+            stored, rejected = _count(doc["stored"]), _count(doc["rejected"])
             duplicate = bool(doc.get("duplicate", False))
         except (ValueError, TypeError, KeyError) as exc:
             # a 2xx acks the batch whatever its body says; count what we sent

@@ -219,6 +219,18 @@ def test_no_token_no_authorization_header(servers: MakeServer, senders: MakeSend
     assert "authorization" not in srv.seen[0].headers
 
 
+@pytest.mark.parametrize("answer", [b'{"stored": -5, "rejected": 0}', b'{"stored": 1e309, "rejected": 0}',
+                                    b'{"stored": "2", "rejected": 0}', b'{"stored": 2.5, "rejected": 0}',
+                                    b'not json at all'])
+def test_2xx_with_an_absurd_answer_acks_the_batch_once(servers: MakeServer, senders: MakeSender,
+                                                       answer: bytes) -> None:
+    # issue 15 finding 7: "stored": 1e309 raised OverflowError out of send(): the batch was
+    # resent every second with a traceback
+    srv = servers(Reply(201, body=answer))
+    res = senders(srv.url).send("b1", BODY, "identity", lines=2)
+    assert (res.status, res.stored, res.rejected) == (201, 2, 0) and len(srv.seen) == 1
+
+
 def test_duplicate_answer_is_reported(servers: MakeServer, senders: MakeSender) -> None:
     srv = servers(Reply(200))
     res = senders(srv.url).send("b1", BODY, "identity", lines=2)

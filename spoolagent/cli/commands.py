@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from spoolagent import __version__, config, runtime
+from spoolagent.cli import preflight
 from spoolagent.cli.output import EXIT_BUSY, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, age, console, size
 from spoolagent.errors import ConfigError, SpoolBusy, SpoolError
 from spoolcore import logfmt
@@ -46,9 +47,17 @@ def _load(args: argparse.Namespace, check_paths: bool = True) -> config.AgentCon
 
 # -- commands -------------------------------------------------------------------------------------
 
+def _preflight(cfg: config.AgentConfig) -> None:
+    """Raise ConfigError for what keeps ``cfg`` from running on this host (cli/preflight.py)."""
+    bad = preflight.problems(cfg)
+    if bad:
+        raise ConfigError("\n".join(f"{cfg.path}: {p}" for p in bad))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     setup_logging(args.log_level or cfg.agent.log_level, args.log_format or cfg.agent.log_format)
+    _preflight(cfg)
     from spoolagent.agent import Agent  # the heavy imports only for `run`
 
     try:
@@ -56,11 +65,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     except SpoolBusy as exc:
         log.error("cannot start: %s", exc)
         return EXIT_BUSY
-    return agent.run()
+    except (SpoolError, OSError) as exc:  # a message and exit 1, never a traceback
+        log.error("cannot start: %s", exc)
+        return EXIT_RUNTIME
+    try:
+        return agent.run()
+    except OSError as exc:  # e.g. the status port taken between the preflight and the bind
+        log.error("agent failed: %s", exc)
+        return EXIT_RUNTIME
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    _preflight(cfg)
     if args.json:
         print(json.dumps({"ok": True, "config": str(cfg.path)}))
         return EXIT_OK
@@ -297,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except ConfigError as exc:
         print(f"spoolagent: config error:\n{exc}", file=sys.stderr)
+        if getattr(args, "json", False):  # scripts read stdout: the problems, one a line
+            print(json.dumps({"ok": False, "problems": str(exc).splitlines()}))
         return EXIT_USAGE
     except SpoolBusy as exc:
         print(f"spoolagent: {exc}", file=sys.stderr)

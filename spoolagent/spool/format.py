@@ -20,6 +20,7 @@ import json
 import os
 import secrets
 import sqlite3
+import stat
 import struct
 import threading
 import time
@@ -219,6 +220,7 @@ def connect(path: Path, *, readonly: bool = False, create: bool = False,
     """
     if not create and not path.exists():
         raise SpoolError(f"no spool at {path} (the agent creates it when it first starts)")
+    _check_access(path, readonly)
     mode = "ro" if readonly else ("rwc" if create else "rw")
     try:
         conn = sqlite3.connect(f"file:{path}?mode={mode}", uri=True, timeout=busy_timeout_s,
@@ -241,6 +243,24 @@ def connect(path: Path, *, readonly: bool = False, create: bool = False,
         raise SpoolError(f"{path} is not a usable spool ({exc}): corrupt or not a SQLite "
                          "database; move it aside to start with an empty spool") from exc
     return conn
+
+
+def _check_access(path: Path, readonly: bool) -> None:
+    """A spool file this user may not read or write (``spool import`` run as root leaves one) is
+    a permission problem, named as such: SQLite's own words for it ("attempt to write a readonly
+    database", "unable to open") read like damage and steered operators into moving live data
+    aside."""
+    want = os.R_OK if readonly else os.R_OK | os.W_OK
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            continue
+        if not os.access(p, want):
+            raise SpoolError(f"{p} is not {'readable' if readonly else 'readable and writable'} by "
+                             f"uid {os.geteuid()} (it belongs to uid {st.st_uid}, mode "
+                             f"{stat.filemode(st.st_mode)}): a permission problem, not damage; give "
+                             "it back to the agent's user (chown), do not move it aside")
 
 
 def configure(conn: sqlite3.Connection) -> None:

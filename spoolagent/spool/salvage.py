@@ -190,6 +190,19 @@ def salvage(damaged: Path, into: SpoolFile | None, skip: frozenset[str] = frozen
     """
     if not damaged.exists():
         raise SpoolError(f"no such file: {damaged}")
+    if not damaged.is_file():  # a directory, /dev/zero: no traceback, no "nothing to re-queue"
+        raise SpoolError(f"{damaged} is not a regular file: salvage reads a spool file the agent "
+                         f"moved aside ({DB_NAME}{CORRUPT_INFIX}*)")
+    try:
+        with open(damaged, "rb") as f:
+            head = f.read(len(_HEADER))
+    except OSError as exc:
+        raise SpoolError(f"cannot read {damaged}: {exc.strerror or exc}") from exc
+    if head != _HEADER and CORRUPT_INFIX not in damaged.name:
+        # a file the agent moved aside may be garbage from its first byte (then nothing is
+        # readable, and that is the answer); any other file without the header is a mistake
+        raise SpoolError(f"{damaged} is not a spool file (no SQLite header): salvage reads a "
+                         f"spool file the agent moved aside ({DB_NAME}{CORRUPT_INFIX}*)")
     with _readable(damaged) as path:
         try:
             src = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)

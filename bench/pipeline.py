@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.data import LINE_BYTES, input_file, line_bodies, parse_stamp, stamped_line
-from bench.runners import Agent, Receiver, child_env, comm, cpu_s, descendants, rss_mib, wait_for
+from bench.runners import Agent, Receiver, child_env, comm, cpu_s, descendants, rss_mib, wait_for, wakeups
 
 WARMUP_LINE = b"seq=warmup " + b"w" * (LINE_BYTES - 12) + b"\n"
 
@@ -208,18 +208,25 @@ def cpu(work: Path, rate: int, seconds: float, idle_seconds: float,
         busy = (cpu_s(tree) - c0) / (time.monotonic() - t0)
         busy_agent = (cpu_s([agent.proc.pid]) - a0) / (time.monotonic() - t0)
         rss = {comm(p): rss_mib(p) for p in tree}
+        rss_total = sum(rss_mib(p) for p in tree)
         writer.stop_event.set()
         writer.join()
         wait_for(lambda: rcv.stored_bytes() >= LINE_BYTES * (1 + writer.written), 60, "the last lines")
         time.sleep(2.0)  # let the last batch, checkpoint and timers settle
         tree = descendants(agent.proc.pid)
         c0, a0, t0 = cpu_s(tree), cpu_s([agent.proc.pid]), time.monotonic()
+        w0, wa0 = wakeups(tree), wakeups([agent.proc.pid])
         time.sleep(idle_seconds)
-        idle = (cpu_s(tree) - c0) / (time.monotonic() - t0)
-        idle_agent = (cpu_s([agent.proc.pid]) - a0) / (time.monotonic() - t0)
+        idle_s = time.monotonic() - t0
+        idle = (cpu_s(tree) - c0) / idle_s
+        idle_agent = (cpu_s([agent.proc.pid]) - a0) / idle_s
+        wake = (wakeups(tree) - w0) / idle_s
+        wake_agent = (wakeups([agent.proc.pid]) - wa0) / idle_s
         return {"busy_core_pct": 100 * busy, "idle_core_pct": 100 * idle,
                 "busy_agent_only_pct": 100 * busy_agent, "idle_agent_only_pct": 100 * idle_agent,
-                "agent_rss_mib": rss_mib(agent.proc.pid), "rss_by_process": rss}
+                "idle_wakeups_per_s": wake, "idle_wakeups_agent_only_per_s": wake_agent,
+                "agent_rss_mib": rss_mib(agent.proc.pid), "rss_total_mib": rss_total,
+                "rss_by_process": rss}
     finally:
         agent.stop()
         rcv.stop()

@@ -196,6 +196,26 @@ def cpu_s(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
+def wakeups(pids: list[int]) -> int:
+    """Voluntary context switches of every thread of ``pids`` (those still alive): each one is a
+    sleep the thread chose, so their rate while idle counts the wake-ups of timers and polls."""
+    total = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    for line in f:
+                        if line.startswith("voluntary_ctxt_switches:"):
+                            total += int(line.split()[1])
+            except (OSError, ValueError):
+                continue
+    return total
+
+
 def rss_mib(pid: int) -> float:
     """VmRSS of ``pid`` in MiB (0 if it is gone)."""
     try:

@@ -1,7 +1,7 @@
 """Per-line checks of the line protocol, shared by HTTP and TCP: a body -> lines grouped by file.
 
-The rules are exactly those of ``spoolagent/protocol.py``'s docstring (this package must not import
-``spoolagent``; end-to-end tests pin the agreement): a record is ``PROD DATE DATA``; PROD matches
+The rules and the reasons are ``spoolcore.lines`` (shared with the agent; this fast path is
+property-tested against its ``split_record``): a record is ``PROD DATE DATA``; PROD matches
 ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}``; DATE is a real calendar date ``YYYY-MM-DD``; DATA is the rest
 of the line, bytes kept verbatim (invalid UTF-8 included, empty allowed, and ``PROD DATE`` without
 the second space is an empty DATA); a NUL byte anywhere, an empty line, or a line over the size cap
@@ -22,13 +22,21 @@ counter, not four million records. A segment of nothing but newlines is counted 
 
 from __future__ import annotations
 
-import datetime
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-_PROD_RE = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
-_DATE_RE = re.compile(rb"[0-9]{4}-[0-9]{2}-[0-9]{2}\Z")
+from spoolcore.lines import (
+    BAD_DATE,
+    BAD_PROD,
+    EMPTY_LINE,
+    NO_SPACE_AFTER_DATE,
+    NO_SPACE_AFTER_PROD,
+    NUL_BYTE,
+    is_valid_date,
+    is_valid_prod,
+    over_limit,
+)
+
 _MAX_CACHED_PREFIXES = 4096
 _SEGMENT_BYTES = 1024 * 1024
 
@@ -36,12 +44,6 @@ MAX_REJECTED_KEPT = 1000
 MAX_REJECTED_KEPT_BYTES = 1024 * 1024
 KEEP_REJECTED_BYTES = 64 * 1024
 
-EMPTY_LINE = "empty line"
-NUL_BYTE = "NUL byte in line"
-NO_SPACE_AFTER_PROD = "no space after PROD"
-BAD_PROD = "PROD must match [A-Za-z0-9][A-Za-z0-9._-]{0,127}"
-BAD_DATE = "DATE must be a real calendar date YYYY-MM-DD"
-NO_SPACE_AFTER_DATE = "no space after DATE"
 
 
 @dataclass(frozen=True)
@@ -210,7 +212,7 @@ class LineChecker:
                 reject(i + 1, EMPTY_LINE, line)
                 continue
             if maybe_long and len(line) > max_line:
-                reject(i + 1, f"line of {len(line)} bytes is over the limit of {max_line}", line)
+                reject(i + 1, over_limit(len(line), max_line), line)
                 continue
             if has_nul and b"\x00" in line:
                 reject(i + 1, NUL_BYTE, line)
@@ -250,9 +252,9 @@ class LineChecker:
         if judged is not None:
             return judged
         prod, date = key[:sp], key[sp + 1:]
-        if _PROD_RE.match(prod) is None:
+        if not is_valid_prod(prod):
             judged = (None, BAD_PROD)
-        elif not _is_real_date(date):
+        elif not is_valid_date(date):
             judged = (None, BAD_DATE)
         else:
             judged = (file_name(prod, date), None)
@@ -260,13 +262,3 @@ class LineChecker:
             self._prefixes.clear()
         self._prefixes[key] = judged
         return judged
-
-
-def _is_real_date(date: bytes) -> bool:
-    if _DATE_RE.match(date) is None:
-        return False
-    try:
-        datetime.date(int(date[0:4]), int(date[5:7]), int(date[8:10]))
-    except ValueError:
-        return False
-    return True

@@ -1,16 +1,14 @@
 """The line protocol and checkpoint lines: parse, validate, format.
 
-A record is one line ``PROD DATE DATA``: PROD matches ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}``, DATE is a
-real calendar date ``YYYY-MM-DD``, DATA is the rest of the line, bytes kept verbatim (it may be
-empty, and ``PROD DATE`` without the second space is read as an empty DATA). A NUL byte anywhere
-makes a line invalid (it marks a torn or zero-filled file, never a log line).
-A collector may also print ``!checkpoint TOKEN``.
+A record is one line ``PROD DATE DATA``; the rules, and the reasons a line breaks them, are
+``spoolcore.lines`` (shared with the receiver). A NUL byte anywhere makes a line invalid (it marks a
+torn or zero-filled file, never a log line). A collector may also print ``!checkpoint TOKEN``.
 
 Also the rest of the collector contract (docs/collectors.md): the environment a collector gets
 (``ENV_CONFIG``, ``ENV_CHECKPOINT``), exit code 13 (``EXIT_DO_NOT_RESTART``) and ``write_all``.
 
-Bundled collectors import this module, so it stays cheap to import: the standard library only,
-and nothing from the package but ``errors``.
+Bundled collectors import this module, so it stays cheap to import: the standard library,
+``spoolcore`` and nothing from the package but ``errors``.
 Thread-safe: pure functions plus a small cache of dates already checked.
 """
 
@@ -19,11 +17,13 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
 from spoolagent.errors import InvalidLine
+from spoolcore import lines
+from spoolcore.lines import is_valid_date as is_valid_date
+from spoolcore.lines import is_valid_prod as is_valid_prod
 
 CHECKPOINT_PREFIX = b"!checkpoint "
 DEFAULT_MAX_LINE_BYTES = 1024 * 1024
@@ -31,56 +31,15 @@ ENV_CONFIG = "SPOOLAGENT_COLLECTOR_CONFIG"  # the collector's [collectors.NAME] 
 ENV_CHECKPOINT = "SPOOLAGENT_CHECKPOINT"  # its last committed token ("" if none)
 EXIT_DO_NOT_RESTART = 13  # a collector's "do not run me again" (until its file or settings change)
 
-_PROD_RE = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
-_DATE_RE = re.compile(rb"[0-9]{4}-[0-9]{2}-[0-9]{2}\Z")
-_good_dates: set[bytes] = set()
-
-
-def is_valid_prod(prod: bytes) -> bool:
-    """True if ``prod`` may name a product (and so a file name part)."""
-    return _PROD_RE.match(prod) is not None
-
-
-def is_valid_date(date: bytes) -> bool:
-    """True if ``date`` is ``YYYY-MM-DD`` and a real calendar date."""
-    if date in _good_dates:
-        return True
-    if _DATE_RE.match(date) is None:
-        return False
-    try:
-        datetime.date(int(date[0:4]), int(date[5:7]), int(date[8:10]))
-    except ValueError:
-        return False
-    if len(_good_dates) > 4096:  # bounded: a hostile stream of dates cannot grow it forever
-        _good_dates.clear()
-    _good_dates.add(date)
-    return True
-
-
 def split_record(line: bytes, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> tuple[bytes, bytes, bytes]:
     """Split a record line (without its newline) into (prod, date, data).
 
-    Raises InvalidLine with the reason when the line breaks the protocol.
+    Raises InvalidLine with the reason when the line breaks the protocol (``spoolcore.lines``).
     """
-    if not line:
-        raise InvalidLine("empty line")
-    if len(line) > max_line_bytes:
-        raise InvalidLine(f"line of {len(line)} bytes is over the limit of {max_line_bytes}")
-    if b"\x00" in line:
-        raise InvalidLine("NUL byte in line")
-    sep = line.find(b" ")
-    if sep < 0:
-        raise InvalidLine("no space after PROD")
-    prod = line[:sep]
-    if not is_valid_prod(prod):
-        raise InvalidLine("PROD must match [A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-    date = line[sep + 1 : sep + 11]
-    if not is_valid_date(date):
-        raise InvalidLine("DATE must be a real calendar date YYYY-MM-DD")
-    rest = line[sep + 11 :]
-    if rest and rest[:1] != b" ":
-        raise InvalidLine("no space after DATE")
-    return prod, date, rest[1:]
+    try:
+        return lines.split_record(line, max_line_bytes)
+    except lines.BadLine as exc:
+        raise InvalidLine(exc.reason) from None
 
 
 def validate_record(line: bytes, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 from spoolagent import protocol
 from spoolagent.errors import InvalidLine
+from spoolcore.lines import share_prefix
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ class Batcher:
         if (len(head) == sep + 12 and head[-1] == 0x20 and head[:-1] in self._valid_prefixes
                 and b"\x00" not in joined
                 and (len(joined) <= self.max_line_bytes or max(map(len, lines)) <= self.max_line_bytes)
-                and joined.count(b"\n" + head) == len(lines) - 1):
+                and share_prefix(joined, head, len(lines))):
             self._add(lines if isinstance(lines, list) else list(lines), len(joined) + 1)
             return
         records = [line for line in lines if self._valid(line)]

@@ -35,6 +35,7 @@ import zstandard
 
 from spoolagent.errors import SpoolBusy, SpoolError
 from spoolagent.spool._pq import ACK_FAILED, INITED, QUEUE_DDL, QUEUE_TABLE, READY, UNACK
+from spoolcore.lines import share_prefix
 from spoolcore.sqlite import immediate, is_busy
 
 DB_NAME = "spool.db"
@@ -154,7 +155,7 @@ def count_prods(lines: Sequence[bytes], raw: bytes | None = None) -> dict[str, i
     """
     if raw is not None and lines:
         sep = lines[0].find(b" ")
-        if sep > 0 and raw.count(b"\n" + lines[0][: sep + 1]) == len(lines) - 1:
+        if sep > 0 and share_prefix(raw, lines[0][: sep + 1], len(lines)):
             return {lines[0][:sep].decode("utf-8", "replace"): len(lines)}
     counts = Counter(line[: line.find(b" ")] if b" " in line else line for line in lines)
     return {k.decode("utf-8", "replace"): v for k, v in counts.items()}

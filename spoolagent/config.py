@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spoolagent.collect import schema
+from spoolagent import collector_settings as schema
 from spoolagent.errors import ConfigError
 from spoolagent.protocol import DEFAULT_MAX_LINE_BYTES, is_valid_prod
 from spoolcore.tokens import read_tokens
@@ -227,7 +227,7 @@ def _collector_table(problems: list[str], name: str, table: object, agent_id: st
 
 def _collector_settings(cdir: Path, name: str, table: Mapping[str, Any],
                         check_paths: bool) -> list[str]:
-    """The collector's own keys against what its program declares (collect/schema.py), and
+    """The collector's own keys against what its program declares (collector_settings.py), and
     ``use``: the program of another collector, run as this instance."""
     where = f"[collectors.{name}]"
     use = table.get("use")

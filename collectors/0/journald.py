@@ -34,7 +34,7 @@ CP_INTERVAL_S = 0.2  # ... and this often while entries keep coming
 START_WINDOW_S = 3.0  # journalctl failing within this long "fails at start"
 _NOT_PROD = re.compile(rb"[^A-Za-z0-9._-]+")
 # The settings this collector takes, and their kinds (checked by `spoolagent check` and at every
-# agent start or reload; see spoolagent/collect/schema.py, which reads this without importing).
+# agent start or reload; see spoolagent/collector_settings.py, which reads this without importing).
 SETTINGS = {
     "journalctl_cmd": "strs",
     "args": "strs",

@@ -31,7 +31,7 @@ from spoolagent_collectors.lib.common import err, stop_on_signals
 from spoolagent_collectors.lib.tail_records import Pending, RecordCutter
 
 # SETTINGS: the keys this collector takes and their kinds; `spoolagent check` and every agent start
-# or reload check [collectors.tail] against it (spoolagent/collect/schema.py follows this import
+# or reload check [collectors.tail] against it (spoolagent/collector_settings.py follows this import
 # and reads the literal without running anything), so a typo or a bad regex is a config error
 from spoolagent_collectors.lib.tail_settings import SETTINGS, ConfigProblem, Settings  # noqa: F401
 from spoolagent_collectors.lib.tail_token import FP_MAX, fingerprint

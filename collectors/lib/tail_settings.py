@@ -10,7 +10,7 @@ from spoolagent_collectors.lib.common import err
 
 from spoolagent import protocol
 
-# The keys and their kinds (spoolagent/collect/schema.py): a literal, read without importing
+# The keys and their kinds (spoolagent/collector_settings.py): a literal, read without importing
 SETTINGS = {
     "paths": "globs",
     "prod": "prod",

@@ -16,7 +16,7 @@ program) gets only the keys every collector shares checked.
 ``[collectors.NAME] use = "tail"`` runs the program of collector ``tail`` as a second instance
 named NAME, with its own settings, checkpoint and counters.
 
-Imports nothing from the package (``config.py`` uses it), only the standard library.
+``config.py`` uses it, so it sits beside config at the bottom of the layering.
 """
 
 from __future__ import annotations

@@ -145,20 +145,24 @@ class LineChecker:
                 if carry:
                     segment = b"".join([*carry, segment])
                     carry = []
-                stored += self._check_segment(segment, True, line_no, groups, sample)
-                line_no += segment.count(b"\n")
+                n_lines = segment.count(b"\n")
+                stored += self._check_segment(segment, True, n_lines, line_no, groups, sample)
+                line_no += n_lines
                 start = cut + 1
         if carry:
-            stored += self._check_segment(b"".join(carry), False, line_no, groups, sample)
+            last = b"".join(carry)
+            stored += self._check_segment(last, False, last.count(b"\n") + 1, line_no, groups, sample)
         parts = {name: b"".join(group) for name, group in groups.items()}
         return CheckedBody(parts, stored, sample.kept, sample.omitted, sample.omitted_bytes)
 
-    def _check_segment(self, body: bytes, ends_nl: bool, first: int, groups: dict[str, list[bytes]],
-                       sample: _Sample) -> int:
-        """Judge the lines of ``body`` (numbered from ``first`` + 1), append the data of the valid
-        ones to ``groups`` and put the invalid ones in ``sample``; the count of valid lines."""
-        n_lines = body.count(b"\n") + (0 if ends_nl else 1)
-        if not body.strip(b"\n"):  # nothing but empty lines: one C call, not a loop
+    def _check_segment(self, body: bytes, ends_nl: bool, n_lines: int, first: int,
+                       groups: dict[str, list[bytes]], sample: _Sample) -> int:
+        """Judge the ``n_lines`` lines of ``body`` (numbered from ``first`` + 1), append the data of
+        the valid ones to ``groups`` and put the invalid ones in ``sample``; the count of valid
+        lines."""
+        # nothing but empty lines: counted in C, not a loop (the first byte spares the usual body
+        # the strip's copy)
+        if body[:1] == b"\n" and not body.strip(b"\n"):
             sample.add_empty(first + 1, n_lines)
             return 0
         if sample.full and b" " not in body:  # no line can be valid, none more is kept: count them

@@ -1,7 +1,7 @@
 """The import rules of the house, read from the source with ``ast`` (module docstrings no longer
 list their imports; this test is where the rules live).
 
-- spoolagent: ``cli -> agent -> {collect, spool, sender, status} -> core`` where core is
+- spoolagent: ``cli -> agent -> {collect, spool, sender, status, heartbeat} -> core`` where core is
   ``protocol, config, collector_settings, errors, runtime`` and the package root; nothing imports upward, and collect,
   spool, sender and status never import each other.
 - ``spoolagent`` and ``receiver`` never import each other.
@@ -24,7 +24,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE = {"protocol", "config", "collector_settings", "errors", "runtime", ""}
-PARTS = {"collect", "spool", "sender", "status"}
+PARTS = {"collect", "spool", "sender", "status", "heartbeat"}
 OWNERS = {"persistqueue": {"spoolagent.spool.queue"}, "httpx": {"spoolagent.sender"},
           "tenacity": {"spoolagent.sender"}}
 COLLECTOR_EXTRAS = {"spoolagent_collectors", "inotify_simple"}
@@ -98,6 +98,13 @@ def _violations() -> Iterator[str]:
 
 def test_no_module_imports_against_the_layering() -> None:
     assert list(dict.fromkeys(_violations())) == []
+
+
+def test_every_spoolagent_module_has_a_place_in_the_layering() -> None:
+    """A new top-level module or subpackage must be placed in RANK (else nothing checks it)."""
+    names = {p.stem for p in (ROOT / "spoolagent").iterdir()
+             if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").exists()}
+    assert names - set(RANK) == set()
 
 
 @pytest.mark.parametrize(("module", "target", "allowed"), [

@@ -160,15 +160,21 @@ class SpoolFile:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _execute(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        """SQLite's errors as the spool's: busy or locked -> SpoolBusy, the rest -> SpoolError."""
         try:
-            return self.conn.execute(sql, args)
+            yield
         except sqlite3.OperationalError as exc:
             if is_busy(exc):
                 raise SpoolBusy(f"{self.path} stayed locked: {exc}") from exc
             raise SpoolError(f"{self.path}: {exc}") from exc
         except sqlite3.DatabaseError as exc:
             raise SpoolError(f"{self.path} is corrupt ({exc})") from exc
+
+    def _execute(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
+        with self._translated():
+            return self.conn.execute(sql, args)
 
     def stats(self) -> dict[str, Any]:
         if not self.exists:
@@ -229,15 +235,8 @@ class SpoolFile:
     @contextmanager
     def _transaction(self) -> Iterator[None]:
         """One write transaction, with SQLite's errors translated as ``_execute`` does."""
-        try:
-            with immediate(self.conn):
-                yield
-        except sqlite3.OperationalError as exc:
-            if is_busy(exc):
-                raise SpoolBusy(f"{self.path} stayed locked: {exc}") from exc
-            raise SpoolError(f"{self.path}: {exc}") from exc
-        except sqlite3.DatabaseError as exc:
-            raise SpoolError(f"{self.path} is corrupt ({exc})") from exc
+        with self._translated(), immediate(self.conn):
+            yield
 
     def _write(self, sql: str, args: Sequence[Any] = ()) -> int:
         with self._transaction():

@@ -11,6 +11,7 @@ spool hand-off in ``spool.writer``, the runtime file in ``runtime``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -108,14 +109,18 @@ class Agent:
             if batch is None:
                 continue
             try:
-                self.sender.send(batch.batch_id, batch.body, batch.encoding, lines=batch.lines)
+                # each failed attempt persisted: `spool ls` shows attempts and the error meanwhile
+                self.sender.send(batch.batch_id, batch.body, batch.encoding, lines=batch.lines,
+                                 on_failure=functools.partial(self._settle, self.spool.note_attempt,
+                                                              batch.pqid))
             except BatchRejected as exc:
                 # the sender logged it at ERROR with the batch id, status and reason
                 self._note_error(f"batch {batch.batch_id} rejected: {exc}")
                 self._settle(self.spool.fail, batch.pqid, exc.status, str(exc), exc.code)
             except ReceiverUnavailable as exc:
                 self._note_error(f"receiver: {exc}")
-                self._settle(self.spool.nack, batch.pqid, str(exc))
+                # each failed attempt was counted by note_attempt; this is no attempt of its own
+                self._settle(self.spool.nack, batch.pqid, None, attempted=False)
             except Exception as exc:
                 log.exception("send failed batch=%s", batch.batch_id)
                 self._note_error(f"send: {exc}")
@@ -125,10 +130,10 @@ class Agent:
                 # ack only after a 2xx: a crash before this line resends the same id, and the receiver dedups
                 self._settle(self.spool.ack, batch.pqid)
 
-    def _settle(self, fn: Any, *args: Any) -> None:
+    def _settle(self, fn: Any, *args: Any, **kwargs: Any) -> None:
         """ack/nack/fail; after shutdown closed the spool, the row is already back to ready."""
         try:
-            fn(*args)
+            fn(*args, **kwargs)
         except SpoolError as exc:
             if self.stopping.is_set():
                 log.info("send finished after the spool closed pqid=%s: it is resent with the same id", args[0])

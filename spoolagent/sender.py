@@ -91,6 +91,7 @@ class _Call:
     attempts: int = 0
     url_index: int = 0
     url: str = ""
+    on_failure: Callable[[str], None] | None = None  # told each failed attempt (not rejections)
     generation: int = 0  # of the receivers list the last attempt used (set_receivers bumps it)
     last_error: str = ""
     retry_after_s: float | None = None
@@ -240,7 +241,8 @@ class Sender:
 
     # -- public surface --------------------------------------------------------------------
 
-    def send(self, batch_id: str, body: bytes, encoding: str, lines: int = 0) -> SendResult:
+    def send(self, batch_id: str, body: bytes, encoding: str, lines: int = 0, *,
+             on_failure: Callable[[str], None] | None = None) -> SendResult:
         """Send one batch; block until the receiver accepted it or shutdown gave up on it.
 
         ``body`` is sent as given (already compressed with ``encoding``: gzip, zstd or
@@ -256,7 +258,7 @@ class Sender:
         headers = {}
         if encoding and encoding != "identity":
             headers["Content-Encoding"] = encoding
-        call = _Call(batch_id)
+        call = _Call(batch_id, on_failure=on_failure)
         retrying = Retrying(
             retry=retry_if_exception_type(ReceiverUnavailable),
             wait=self._wait_for(call),
@@ -476,6 +478,8 @@ class Sender:
         url = call.url
         call.last_error = message
         call.retry_after_s = retry_after
+        if call.on_failure is not None:
+            call.on_failure(message)  # outside the lock: the agent writes it to the spool
         now = time.monotonic()
         with self._lock:
             self._last_error = f"{url}: {message}"

@@ -120,6 +120,8 @@ class _AgentCollector(Collector):
         yield gauge("spool_bytes", "Bytes of the spool's batches not yet delivered (ready, in flight, failed); "
                     "what [spool] max_bytes bounds.", spool.get("bytes"))
         yield gauge("spool_max_bytes", "The spool's bound ([spool] max_bytes).", spool.get("max_bytes"))
+        yield gauge("spool_blocked", "1 while a full spool (when_full = block) makes the collectors wait.",
+                    1 if spool.get("blocked_since_s") else 0)
         yield gauge("spool_file_bytes", "Size of spool.db and its WAL on disk.", spool.get("file_bytes"))
         free = _free_bytes(str(agent.get("state_dir", "")))
         if free is not None:

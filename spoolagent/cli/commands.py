@@ -187,6 +187,10 @@ def _print_status(s: dict[str, Any]) -> None:
               f"{sp.get('inflight_batches')}, failed {sp.get('failed_batches')}, {size(sp.get('bytes'))}"
               f" of {size(sp.get('max_bytes'))}, oldest {age(sp.get('oldest_age_s'))}, "
               f"dropped {sp.get('dropped_lines', 0)} lines")
+    if sp.get("blocked_since_s"):
+        con.print(f"[red]spool full[/] collectors blocked for {age(time.time() - sp['blocked_since_s'])}: "
+                  f"{size(sp.get('bytes'))} of the bound {size(sp.get('max_bytes'))} ([spool] max_bytes, "
+                  "when_full = block); they go on as batches are delivered")
     last_ok = se.get("last_success_s")
     con.print(f"sender  {se.get('state')} -> {se.get('receiver')}; last success "
               f"{age(time.time() - last_ok) + ' ago' if isinstance(last_ok, int | float) else 'never'}; "

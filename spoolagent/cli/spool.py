@@ -55,6 +55,9 @@ def file_stats(state_dir: Path) -> dict[str, Any]:
 def cmd_stats(args: argparse.Namespace, state_dir: Path) -> int:
     with SpoolFile(state_dir, busy_timeout_s=args.wait) as f:
         st = f.stats()
+    cfg: config.AgentConfig | None = getattr(args, "_cfg", None)
+    if cfg is not None:  # the bound is the config's, not the file's (was null here)
+        st.update(max_bytes=cfg.spool.max_bytes, when_full=cfg.spool.when_full)
     if args.json:
         print_json(st)
         return EXIT_OK

@@ -120,6 +120,7 @@ class Spool:
         self._inflight: dict[int, int] = {}  # pqid -> row bytes
         self._dropped_batches = 0
         self._dropped_lines = 0
+        self._blocked_since: float | None = None  # wall time a put started waiting for room
         self._drop_logged_s = -1e9
         self._closed = False
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -265,11 +266,17 @@ class Spool:
                 log.warning("spool full, blocking readers bytes=%d max_bytes=%d", self._bytes,
                             self._max_bytes)
                 waited = True
-            self._cond.wait(0.2)
-            self._check_open()
+                self._blocked_since = time.time()  # status: "blocked" with the bound
+            try:
+                self._cond.wait(0.2)
+                self._check_open()
+            except BaseException:
+                self._blocked_since = None
+                raise
             if time.monotonic() - self._refreshed > 1.0:
                 self._refresh_bytes()
         if waited:
+            self._blocked_since = None
             log.info("spool has room again bytes=%d", self._bytes)
 
     def _drop_oldest(self, size: int) -> None:
@@ -392,14 +399,27 @@ class Spool:
             self._bytes -= self._inflight.pop(pqid, 0)
             self._cond.notify_all()
 
-    def nack(self, pqid: int, error: str | None = None) -> None:
-        """Back to ready, same batch id; attempts + 1 and the error kept. Thread-safe."""
+    def note_attempt(self, pqid: int, error: str) -> None:
+        """One failed send attempt of a batch in flight: attempts + 1 and the error kept, so
+        ``spool ls`` shows them while the sender retries (it retries without giving the batch
+        back). Thread-safe."""
         with self._cond:
             self._check_open()
             try:
                 self._db.execute("UPDATE spool_batches SET attempts = attempts + 1, "
+                                 "last_error = ? WHERE pqid = ?", (error, pqid))
+            except sqlite3.Error as exc:
+                raise SpoolError(f"cannot note an attempt pqid={pqid}: {exc}") from exc
+
+    def nack(self, pqid: int, error: str | None = None, *, attempted: bool = True) -> None:
+        """Back to ready, same batch id; attempts + 1 (unless ``attempted`` is False: the
+        attempts were counted by ``note_attempt``) and the error kept. Thread-safe."""
+        with self._cond:
+            self._check_open()
+            try:
+                self._db.execute("UPDATE spool_batches SET attempts = attempts + ?, "
                                  "last_error = coalesce(?, last_error) WHERE pqid = ?",
-                                 (error, pqid))
+                                 (int(attempted), error, pqid))
                 self._q.nack(id=pqid)
             except sqlite3.Error as exc:
                 raise SpoolError(f"cannot nack pqid={pqid}: {exc}") from exc
@@ -444,6 +464,7 @@ class Spool:
             self._bytes = int(out["bytes"])
             self._refreshed = time.monotonic()
             out.update(file_bytes=file_bytes(self._path), max_bytes=self._max_bytes,
+                       when_full=self._when_full.value, blocked_since_s=self._blocked_since,
                        dropped_batches=self._dropped_batches, dropped_lines=self._dropped_lines)
             return out
 

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import logging
 import os
+import select
 import signal
 import threading
 import time
@@ -47,7 +48,9 @@ class Agent:
         self._signals = 0
         self._started_s = time.time()
         self._threads: list[threading.Thread] = []
-        self._wake = threading.Event()      # a signal arrived: the main loop looks at the flags
+        # a byte here wakes the main loop to look at the flags; it is also the signal wakeup fd,
+        # so a signal that the kernel hands to another thread still wakes the main thread at once
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.last_error: str | None = None
         self.last_error_s: float | None = None
         self.restart_needed: list[str] = []  # config sections a reload read but cannot apply
@@ -100,7 +103,7 @@ class Agent:
     def _send_loop(self) -> None:
         while not self.stopping.is_set():
             try:
-                batch = self.spool.get(timeout_s=2.0)
+                batch = self.spool.get(timeout_s=None)  # None once stopping
             except SpoolError as exc:
                 self._note_error(f"spool: {exc}")
                 log.error("cannot read the spool err=%s", exc)
@@ -198,17 +201,36 @@ class Agent:
         # only flags here: logging and cleanup run in the main thread
         if signum == signal.SIGHUP:
             self._reload_requested.set()
-            self._wake.set()
+            self._kick()
             return
         self._signals += 1
         self._stop_requested.set()
-        self._wake.set()
+        self._kick()
         if self._signals >= 2:
             self.supervisor.hurry()
 
     def request_stop(self) -> None:
         self._stop_requested.set()
-        self._wake.set()
+        self._kick()
+
+    def _kick(self) -> None:
+        if self._wake_w < 0:  # run() ended
+            return
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):  # full: the main loop wakes anyway; closed: it ended
+            pass
+
+    def _wait_for_kick(self) -> None:
+        """Block until something wrote to the wake pipe (no timeout: idle costs no wake-up)."""
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        poller.poll()
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
 
     def reload(self) -> None:
         """Re-read the config file's [collectors] tables and rescan the collectors dir."""
@@ -256,6 +278,7 @@ class Agent:
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, self._on_signal)
+            signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         log.info("agent starting id=%s version=%s state_dir=%s collectors_dir=%s receivers=%s",
                  self.cfg.agent.id, __version__, self.cfg.agent.state_dir, self.cfg.agent.collectors_dir,
                  ",".join(self.cfg.sender.receivers))
@@ -279,12 +302,18 @@ class Agent:
         log.info("agent running status=%s", self.status.url if self.status else "off")
         sdnotify.notify(f"READY=1\nMAINPID={os.getpid()}")  # Type=notify in the shipped unit
         while not self._stop_requested.is_set():
-            self._wake.wait(5.0)  # a signal handler sets it: no polling while idle
-            self._wake.clear()
+            self._wait_for_kick()
             if self._reload_requested.is_set():
                 self._reload_requested.clear()
                 self.reload()
-        return self.shutdown()
+        try:
+            return self.shutdown()
+        finally:
+            if install_signals:
+                signal.set_wakeup_fd(-1)
+            fds, self._wake_w = (self._wake_r, self._wake_w), -1
+            for fd in fds:
+                os.close(fd)
 
     def shutdown(self) -> int:
         """Stop order: collectors, readers drain into the spool, in-flight sends, the spool."""
@@ -293,6 +322,7 @@ class Agent:
         sdnotify.notify("STOPPING=1")
         self.stopping.set()
         self.batchers.wake()  # the flusher sees stopping at once
+        self.spool.wake_getters()  # and so do the senders waiting for a batch
         grace = 0.0 if self._signals >= 2 else self.cfg.agent.stop_grace_s
         self.supervisor.stop(grace)
         self.batchers.close_all()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -219,12 +220,37 @@ class StatusServer:
         self._server.daemon_threads = True
         host, port = str(self._server.server_address[0]), int(self._server.server_address[1])
         self.url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="status", daemon=True)
+        self._server.timeout = None  # handle_request blocks until a connection: no idle wake-ups
+        self._stopped = False
+        self._thread = threading.Thread(target=self._serve, name="status", daemon=True)
         self._thread.start()
+
+    def _serve(self) -> None:
+        # not serve_forever: it wakes every poll_interval (0.5 s) to look for a shutdown request
+        server = self._server
+        assert server is not None
+        while not self._stopped:
+            server.handle_request()
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._stopped = True
+            try:  # a shut-down listening socket wakes the blocked select (Linux)...
+                self._server.socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            if self._thread is not None and self._thread.is_alive():
+                self._poke()  # ... elsewhere a connection does
         if self._thread is not None:
             self._thread.join(5)
+        if self._server is not None:
+            self._server.server_close()
+
+    def _poke(self) -> None:
+        assert self._server is not None
+        host, port = str(self._server.server_address[0]), int(self._server.server_address[1])
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        try:
+            socket.create_connection((host, port), timeout=1.0).close()
+        except OSError:
+            pass

@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 COUNTERS = ("lines_spooled", "lines_invalid", "lines_unprotected", "lines_discarded",
             "batches_spooled", "checkpoints", "lines_read")
 _PROD_BAD_CHARS = re.compile(r"[^A-Za-z0-9._-]")
-_IDLE_WAIT_S = 5.0
 
 
 class Batchers:
@@ -139,4 +138,5 @@ class Batchers:
                         log.exception("flush failed collector=%s", b.collector)
                 else:
                     next_due = due if next_due is None else min(next_due, due)
-            self._pending.wait(_IDLE_WAIT_S if next_due is None else max(0.0, next_due - time.monotonic()))
+            # nothing pending: no timeout (a new batch, new limits or the stop set _pending)
+            self._pending.wait(None if next_due is None else max(0.0, next_due - time.monotonic()))

@@ -213,8 +213,27 @@ class Run:
             threading.Thread(target=pump_stderr_closing, name=f"collector-stderr-{name}",
                              args=(proc.stderr, name, stderr_limiter, counters), daemon=True),
         ]
+        # Linux: a pidfd turns readable when the process exits, so the supervisor is woken
+        # for the exit instead of polling for it (an orphan may hold stdout open past the exit)
+        try:
+            pidfd = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):
+            pidfd = -1
+        self.exit_watched = pidfd >= 0
+        if self.exit_watched:
+            self._threads.append(threading.Thread(target=self._watch_exit, args=(pidfd,),
+                                                  name=f"collector-exit-{name}", daemon=True))
         for t in self._threads:
             t.start()
+
+    def _watch_exit(self, pidfd: int) -> None:
+        try:
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            poller.poll()
+        finally:
+            os.close(pidfd)
+            self._wake()
 
     def reap(self, now: float, grace_s: float) -> bool:
         """True if the process exited (and was reaped) just now. Processes it left in its group

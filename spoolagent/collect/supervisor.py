@@ -54,7 +54,7 @@ __all__ = ["CollectorInfo", "CollectorState", "Supervisor", "check_dir", "discov
 
 log = logging.getLogger(__name__)
 
-_POLL_S = 0.25  # exit detection for a process that exits while something else holds its stdout
+_POLL_S = 0.25  # exit detection without a pidfd, for a process that exits while something else holds its stdout
 
 
 class Supervisor:
@@ -328,9 +328,10 @@ class Supervisor:
                         t = min(t, c.next_start - now)
                     continue
                 if not run.exited.is_set():
-                    # stdout closes a moment before the exit can be reaped: poll fast then
-                    recent_eof = run.eof.is_set() and now - run.eof_mono < 1.0
-                    t = min(t, 0.005 if recent_eof else _POLL_S)
+                    if not run.exit_watched:
+                        # stdout closes a moment before the exit can be reaped: poll fast then
+                        recent_eof = run.eof.is_set() and now - run.eof_mono < 1.0
+                        t = min(t, 0.005 if recent_eof else _POLL_S)
                     if c.interval_s and not run.term_sent:
                         t = min(t, c.next_start - now)
                 if run.kill_at is not None:

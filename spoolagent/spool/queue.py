@@ -55,7 +55,9 @@ from spoolcore.sqlite import immediate, is_busy
 log = logging.getLogger(__name__)
 
 _REFRESH_S = 2.0  # re-read the byte total from SQL this often: the operator may purge or import
-_POLL_S = 1.0  # a get also sees rows that another process (spool import/retry) made ready
+# a get also sees rows that another process (spool import, retry-failed, salvage) made ready: one
+# getter queries this often while idle (the agent's own puts and nacks wake the getters at once)
+_POLL_S = 5.0
 
 
 class WhenFull(enum.Enum):
@@ -117,6 +119,8 @@ class Spool:
         # bumps the generation (or _POLL_S passes, for other processes' changes), gets skip the query
         self._empty_generation = -1
         self._empty_checked_s = 0.0
+        self._poller_busy = False  # a waiting get holds the polling role
+        self._waiting = 0  # gets waiting on _ready
         self._inflight: dict[int, int] = {}  # pqid -> row bytes
         self._dropped_batches = 0
         self._dropped_lines = 0
@@ -312,32 +316,62 @@ class Spool:
 
     # -- get / ack / nack / fail -------------------------------------------------------------
 
-    def get(self, timeout_s: float) -> SpooledBatch | None:
-        """The oldest ready batch, now in flight; None after ``timeout_s``. Thread-safe; blocks.
+    def get(self, timeout_s: float | None) -> SpooledBatch | None:
+        """The oldest ready batch, now in flight; None after ``timeout_s`` (None: no limit) or,
+        when nothing is ready, once ``stopping`` is set. Thread-safe; blocks.
 
         Raises SpoolError for an undecodable row (which goes to the dead letter, so the next get
         moves on).
         """
-        deadline = time.monotonic() + timeout_s
-        while True:
-            generation = self._generation
-            self._check_open()
-            item = None
-            # idle agents: no query while nothing in this process made a row ready (an idle
-            # sender thread used to query 4 times a second)
-            if (generation != self._empty_generation
-                    or time.monotonic() - self._empty_checked_s >= _POLL_S):
-                item = self._get_next()
-                if item is None:
-                    self._empty_generation, self._empty_checked_s = generation, time.monotonic()
-            if item is not None:
-                return self._taken(int(item["pqid"]), item["data"])
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            with self._ready:
-                if generation == self._generation:
-                    self._ready.wait(min(remaining, _POLL_S))
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        poller = False  # this get holds the one role that queries every _POLL_S
+        try:
+            while True:
+                generation = self._generation
+                self._check_open()
+                item = None
+                # idle agents: no query while nothing in this process made a row ready; only
+                # rows that another process made ready are looked for, every _POLL_S, by one getter
+                now = time.monotonic()
+                poll_due = self._empty_checked_s + _POLL_S
+                if generation != self._empty_generation or now >= poll_due:
+                    item = self._get_next()
+                    if item is None:
+                        self._empty_generation, self._empty_checked_s = generation, now
+                    elif generation == self._empty_generation:
+                        self.wake_getters()  # another process's rows: the other getters look too
+                if item is not None:
+                    return self._taken(int(item["pqid"]), item["data"])
+                if self._stopping.is_set():
+                    return None
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                with self._ready:
+                    if generation != self._generation:
+                        continue
+                    if not poller and not self._poller_busy:
+                        poller = self._poller_busy = True
+                    if poller:
+                        due = self._empty_checked_s + _POLL_S - time.monotonic()
+                        remaining = due if remaining is None else min(remaining, due)
+                    self._waiting += 1
+                    try:
+                        self._ready.wait(remaining)
+                    finally:
+                        self._waiting -= 1
+        finally:
+            if poller:
+                with self._ready:
+                    self._poller_busy = False
+                    if self._waiting:
+                        self._ready.notify()  # one of them takes the role over
+
+    def wake_getters(self) -> None:
+        """Every waiting get looks again (the agent stops, or rows became ready elsewhere)."""
+        with self._ready:
+            self._generation += 1
+            self._ready.notify_all()
 
     def _get_next(self) -> dict[str, Any] | None:
         with self._get_lock:

@@ -85,7 +85,7 @@ def translated(what: str) -> Iterator[None]:
     ingest node answers 503 + Retry-After and the writer retries. The one place this happens."""
     try:
         yield
-    except nats.errors.Error as exc:
+    except (nats.errors.Error, TimeoutError) as exc:  # nats-py raises asyncio's TimeoutError too
         detail = getattr(exc, "description", None) or str(exc) or type(exc).__name__
         raise StorageUnavailable(f"stream unavailable ({what}): {detail}",
                                  retry_after_s=retry_after_s()) from exc

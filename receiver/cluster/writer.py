@@ -126,19 +126,25 @@ class Writer:
         the writer that took it over is gone."""
         while True:
             await asyncio.sleep(self._leases.ttl_s / 3)
-            for p in await self._leases.renew():
-                self._lose(p)
-            for p, task in list(self._consumers.items()):
-                if not task.done() or self._leases.held(p) or self._stopping.is_set():
-                    continue
-                try:
-                    await self._leases.acquire(p)
-                except ReceiverError as exc:  # LeaseHeld or still unreachable: try again later
-                    log.debug("partition not taken back yet partition=%d err=%s", p, exc)
-                    continue
-                log.info("lease taken back partition=%d", p)
-                self._metrics.lease.labels(str(p)).set(1)
-                self._consumers[p] = asyncio.create_task(self._consume(p), name=f"consume-p{p}")
+            try:
+                await self._renew_once()
+            except Exception:  # the top of a task: it must go on, or no lease is renewed again
+                log.exception("lease renewal round failed")
+
+    async def _renew_once(self) -> None:
+        for p in await self._leases.renew():
+            self._lose(p)
+        for p, task in list(self._consumers.items()):
+            if not task.done() or self._leases.held(p) or self._stopping.is_set():
+                continue
+            try:
+                await self._leases.acquire(p)
+            except ReceiverError as exc:  # LeaseHeld or still unreachable: try again later
+                log.info("partition not taken back yet partition=%d err=%s", p, exc)
+                continue
+            log.info("lease taken back partition=%d", p)
+            self._metrics.lease.labels(str(p)).set(1)
+            self._consumers[p] = asyncio.create_task(self._consume(p), name=f"consume-p{p}")
 
     async def _report_lag(self) -> None:
         while True:

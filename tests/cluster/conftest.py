@@ -7,10 +7,12 @@ import itertools
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.cluster.rig import IngestProc, NatsCluster, WriterProc, run_cli
+from tests.cluster.rig import IngestProc, NatsCluster, Pipeline, WriterProc, run_cli, start_pipeline
+from tests.conftest import AgentProc
 
 _streams = itertools.count()
 
@@ -67,3 +69,17 @@ def writer_factory(tmp_path: Path, nats_cluster: NatsCluster) -> Iterator[Callab
     yield make
     for w in procs:
         w.kill()
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path, stream_name: str, ingest_factory: Callable[..., IngestProc],
+             writer_factory: Callable[..., WriterProc],
+             agent_factory: Callable[..., AgentProc]) -> Callable[..., Pipeline]:
+    """``pipeline(nodes=2, lines=8000, delay=0.05)``: a running Pipeline on this test's stream,
+    its collectors past their first checkpoint."""
+
+    def make(**kw: Any) -> Pipeline:
+        return start_pipeline(tmp_path, stream_name, ingest_factory, writer_factory,
+                              agent_factory, **kw)
+
+    return make

@@ -13,10 +13,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import ReceiverProc, child_env, stop_process, wait_until
+from tests.conftest import AgentProc, ReceiverProc, child_env, stop_process, wait_until
+from tests.reliability.rig import Workload, first_tokens, poll_progress
 
 NATS_SERVER = shutil.which("nats-server", path=str(Path(sys.executable).parent)) or "nats-server"
 
@@ -189,3 +192,51 @@ class IngestProc(ReceiverProc):
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "receiver"]
+
+
+def steady_workload(base: Path, n: int, srcs: tuple[str, ...] = ("ck-a", "ck-b", "ck-c"),
+                    delay: float = 0.05) -> Workload:
+    """Checkpointing collectors writing steadily (100 lines every ``delay`` s each), one PROD
+    each, so that the lines spread over the stream's partitions."""
+    w = Workload(base)
+    for src in srcs:
+        w.ckpt(src, n, every=100, delay=delay)
+    return w
+
+
+def start_agent(agent_factory: Callable[..., AgentProc], urls: list[str], w: Workload) -> AgentProc:
+    """An agent running ``w``'s collectors, sending to ``urls`` (the first preferred)."""
+    a = agent_factory(urls, batch="max_lines = 300\nmax_wait_ms = 50",
+                      sender="max_backoff_s = 1\nin_flight = 2", extra_toml=w.toml())
+    w.install(a)
+    return a.start()
+
+
+@dataclass
+class Pipeline:
+    """agent -> ingest nodes -> stream -> writer, with checkpointing collectors writing steadily."""
+
+    nodes: list[IngestProc]
+    writer: WriterProc
+    agent: AgentProc
+    work: Workload
+
+    def progress(self, more: int, timeout_s: float = 60.0) -> None:
+        """Wait until ``more`` further lines are in the writer's files (a fault hits a busy pipe)."""
+        poll_progress(self.work, self.writer.data_dir, more, timeout_s=timeout_s)
+
+    def assert_exactly_once(self, timeout_s: float = 120.0) -> None:
+        self.work.settle(self.agent, self.writer.data_dir, timeout_s=timeout_s)
+        self.work.verify(self.writer.data_dir).assert_exactly_once(*self.work.ckpts)
+
+
+def start_pipeline(base: Path, stream: str, ingest_factory: Callable[..., IngestProc],
+                   writer_factory: Callable[..., WriterProc],
+                   agent_factory: Callable[..., AgentProc], *, nodes: int = 2, lines: int = 8000,
+                   delay: float = 0.05) -> Pipeline:
+    ingest = [ingest_factory(stream) for _ in range(nodes)]
+    writer = writer_factory(stream)
+    work = steady_workload(base / "w", lines, delay=delay)
+    agent = start_agent(agent_factory, [n.url for n in ingest], work)
+    first_tokens(agent, work)
+    return Pipeline(ingest, writer, agent, work)

@@ -12,46 +12,28 @@ from pathlib import Path
 import httpx
 
 from receiver.cluster.stream import partition_of
-from tests.cluster.rig import IngestProc, NatsCluster, WriterProc, run_cli
+from tests.cluster.rig import (
+    IngestProc,
+    NatsCluster,
+    Pipeline,
+    WriterProc,
+    run_cli,
+    start_agent,
+    steady_workload,
+)
 from tests.conftest import AgentProc, wait_until
-from tests.reliability.rig import Workload, first_tokens, poll_progress
 
 DAY = "2026-11-30"
 
 
-def _workload(tmp_path: Path, n: int, srcs: tuple[str, ...] = ("ck-a", "ck-b", "ck-c"),
-              delay: float = 0.05) -> Workload:
-    """Checkpointing collectors writing steadily (100 lines every ``delay`` s each), one PROD
-    each, so that the lines spread over the stream's partitions."""
-    w = Workload(tmp_path / "w")
-    for src in srcs:
-        w.ckpt(src, n, every=100, delay=delay)
-    return w
-
-
-def _agent(agent_factory: Callable[..., AgentProc], urls: list[str], w: Workload) -> AgentProc:
-    a = agent_factory(urls, batch="max_lines = 300\nmax_wait_ms = 50",
-                      sender="max_backoff_s = 1\nin_flight = 2", extra_toml=w.toml())
-    w.install(a)
-    return a
-
-
 def test_agent_fails_over_between_ingest_nodes_exactly_once(
-        tmp_path: Path, ingest_factory: Callable[..., IngestProc],
-        writer_factory: Callable[..., WriterProc], agent_factory: Callable[..., AgentProc],
-        stream_name: str) -> None:
-    nodes = [ingest_factory(stream_name), ingest_factory(stream_name)]
-    w = writer_factory(stream_name)
-    work = _workload(tmp_path, 8000)
-    agent = _agent(agent_factory, [n.url for n in nodes], work)
-    agent.start()
-    first_tokens(agent, work)
-    poll_progress(work, w.data_dir, 1500)
-    nodes[0].kill()  # the agent's preferred node: it fails over to the other
-    poll_progress(work, w.data_dir, 3000)
-    nodes[0].start()
-    work.settle(agent, w.data_dir)
-    work.verify(w.data_dir).assert_exactly_once("ck-a", "ck-b", "ck-c")
+        pipeline: Callable[..., Pipeline]) -> None:
+    p = pipeline()
+    p.progress(1500)
+    p.nodes[0].kill()  # the agent's preferred node: it fails over to the other
+    p.progress(3000)
+    p.nodes[0].start()
+    p.assert_exactly_once()
 
 
 def test_resend_after_the_duplicate_window_is_stored_once(
@@ -116,9 +98,8 @@ def test_full_stream_answers_503_and_nothing_is_lost_once_the_writer_catches_up(
                    "--partitions", "2", "--replicas", "3", "--max-bytes", "96KiB")
     assert done.returncode == 0, done.stderr
     node = ingest_factory(name)
-    work = _workload(tmp_path, 6000, srcs=("full-a", "full-b"), delay=0.01)
-    agent = _agent(agent_factory, [node.url], work)
-    agent.start()
+    work = steady_workload(tmp_path / "w", 6000, srcs=("full-a", "full-b"), delay=0.01)
+    agent = start_agent(agent_factory, [node.url], work)
 
     def refused() -> bool:
         return 'spoolreceiver_requests_total{code="503",handler="batch"}' in httpx.get(

@@ -5,18 +5,15 @@ Owns the HTTP client (one shared httpx.Client: keep-alive pool, TLS, timeouts), 
 across the configured receivers, the sender's state and counters, and the summarised logging of a
 receiver that keeps failing.
 
-The only module that imports httpx and tenacity; ``agent.py`` wires it to the spool with plain
-callables.
+The only module that imports httpx and tenacity; what an answer or an address means (status
+classes, Retry-After, the counts of a 2xx, URL checks) is in ``spoolagent.answers``. ``agent.py``
+wires it to the spool with plain callables.
 """
 
 from __future__ import annotations
 
-import email.utils
 import enum
-import ipaddress
-import json
 import logging
-import math
 import random
 import re
 import ssl
@@ -24,9 +21,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC
-from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from tenacity import (
@@ -39,25 +33,16 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from spoolagent import answers
 from spoolagent.errors import BatchRejected, ConfigError, ReceiverRefused, ReceiverUnavailable
 
 log = logging.getLogger(__name__)
 
 _BATCH_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-# A receiver asking for a longer pause than this is tried again after this anyway: one
-# misconfigured proxy must not park the whole pipeline for hours.
-_MAX_RETRY_AFTER_S = 300.0
-# Read at most this much of an answer. The receiver's JSON is tiny; a bigger (error) page is cut
-# and its connection closed instead of returned half-read to the pool.
 _MAX_ANSWER_BYTES = 64 * 1024
-_EXCERPT_CHARS = 200
 # A pooled keep-alive connection the server closed while we picked it shows up as one of these.
 # PUT with a batch id is idempotent (the receiver dedups), so one immediate resend is safe.
 _STALE_CONNECTION_ERRORS = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
-# Answers every batch would get (a wrong token, a wrong URL or path): dead-lettering them would
-# empty the spool into `failed` at full speed. The sender keeps the batch and pauses instead.
-_REFUSED_STATES = {401: "unauthorized", 403: "unauthorized", 404: "misconfigured",
-                   405: "misconfigured"}
 
 
 class SenderState(enum.Enum):
@@ -97,47 +82,6 @@ class _Call:
     retry_after_s: float | None = None
 
 
-def _parse_retry_after(value: str | None, now_wall_s: float) -> float | None:
-    """Retry-After as seconds from now (delay-seconds or an HTTP date), or None if absent/bad."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        # an HTTP date is wall time by definition, so the wall clock is right here
-        seconds = when.timestamp() - now_wall_s
-    if not math.isfinite(seconds):
-        return None
-    return min(max(seconds, 0.0), _MAX_RETRY_AFTER_S)
-
-
-def _count(value: object) -> int:
-    """A count from the receiver's answer: a whole number >= 0, else ValueError (``1e309`` is
-    float inf and ``int()`` of it raised OverflowError, which no caller expected: the batch was
-    resent every second with a traceback)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
-            or value < 0 or value != int(value):
-        raise ValueError(f"not a count: {value!r}")
-    return int(value)
-
-
-def _check_urls(urls: Sequence[str]) -> tuple[str, ...]:
-    if not urls:
-        raise ConfigError("sender.receivers: at least one receiver URL is needed")
-    for url in urls:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"sender.receivers: {url!r} is not an http:// or https:// URL")
-    return tuple(u.rstrip("/") for u in urls)
-
-
 def _read_capped(resp: httpx.Response) -> bytes:
     chunks: list[bytes] = []
     size = 0
@@ -147,28 +91,6 @@ def _read_capped(resp: httpx.Response) -> bytes:
         if size >= _MAX_ANSWER_BYTES:
             break  # leaving the stream unfinished makes httpx close, not pool, the connection
     return b"".join(chunks)[:_MAX_ANSWER_BYTES]
-
-
-def _excerpt(data: bytes) -> str:
-    text = data[:_EXCERPT_CHARS * 4].decode("utf-8", "replace")
-    return " ".join(text.split())[:_EXCERPT_CHARS]
-
-
-def _warn_cleartext(urls: Sequence[str]) -> None:
-    """Warn for each plain-http receiver off loopback: the token would cross the network in clear."""
-    for url in urls:
-        parts = urlsplit(url)
-        host = (parts.hostname or "").lower()
-        if parts.scheme == "http" and host != "localhost" and not _is_loopback(host):
-            log.warning("the token is sent in clear text to a receiver off this host receiver=%s; "
-                        "use https:// (tls_cert/tls_key on the receiver, ca_file here)", url)
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Sender:
@@ -189,7 +111,7 @@ class Sender:
         # "spread": this agent prefers one receiver at random (kept across reloads), so a fleet
         # spreads over several receivers without a load balancer; failover goes on in list order
         self._spread = random.randrange(1 << 30) if balance == "spread" else 0
-        self._urls = self._balanced(_check_urls(urls))
+        self._urls = self._balanced(answers.check_urls(urls))
         self._stopping = stopping
         self._max_backoff_s = max_backoff_s
         self._initial_backoff_s = initial_backoff_s
@@ -277,7 +199,7 @@ class Sender:
         with self._lock:
             self._auth = auth
         if token:
-            _warn_cleartext(self._urls)
+            answers.warn_cleartext(self._urls)
 
     def set_receivers(self, urls: Sequence[str]) -> None:
         """Send to ``urls`` from the next attempt on (a reload changed ``[sender] receivers``).
@@ -285,13 +207,13 @@ class Sender:
         Thread-safe. Raises ConfigError (nothing changed) for a URL that is not http(s). An
         attempt already on the wire finishes against the old URL; its answer still counts.
         """
-        new = self._balanced(_check_urls(urls))
+        new = self._balanced(answers.check_urls(urls))
         with self._lock:
             if new == self._urls:
                 return
             self._urls = new
             if self._auth:
-                _warn_cleartext(new)
+                answers.warn_cleartext(new)
             self._generation += 1
             self._current = 0
             self._consecutive_failures = 0
@@ -404,8 +326,8 @@ class Sender:
                 self._sending -= 1
         if 200 <= status < 300:
             return self._succeeded(call, index, status, answer, lines, len(body))
-        message = f"{status} {reason}: {_excerpt(answer)}".rstrip(": ")
-        refused = _REFUSED_STATES.get(status)
+        message = f"{status} {reason}: {answers.excerpt(answer)}".rstrip(": ")
+        refused = answers.REFUSED_STATES.get(status)
         if refused is not None:
             self._failed(call, index, message, None, SenderState(refused))
             raise ReceiverRefused(message, state=refused)
@@ -428,7 +350,7 @@ class Sender:
                 # stream + capped read: the answer is always read (or cut) and closed here
                 with self._client.stream("PUT", target, content=body, headers=headers) as resp:
                     answer = _read_capped(resp)
-                    retry_after = _parse_retry_after(resp.headers.get("Retry-After"), time.time())
+                    retry_after = answers.parse_retry_after(resp.headers.get("Retry-After"), time.time())
                     return resp.status_code, resp.reason_phrase, retry_after, answer
             except _STALE_CONNECTION_ERRORS as exc:
                 if tries == 2:
@@ -535,15 +457,7 @@ class Sender:
 
     def _succeeded(self, call: _Call, index: int, status: int, answer: bytes, lines: int,
                    size: int) -> SendResult:
-        try:
-            doc: Any = json.loads(answer)
-            stored, rejected = _count(doc["stored"]), _count(doc["rejected"])
-            duplicate = bool(doc.get("duplicate", False))
-        except (ValueError, TypeError, KeyError) as exc:
-            # a 2xx acks the batch whatever its body says; count what we sent
-            log.debug("send answer not understood batch=%s status=%d err=%s",
-                      call.batch_id, status, exc)
-            stored, rejected, duplicate = lines, 0, status == 200
+        stored, rejected, duplicate = answers.counts(answer, lines, status)
         with self._lock:
             self._answered(call)
             self._last_success_s = time.time()

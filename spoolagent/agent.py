@@ -29,6 +29,7 @@ from spoolagent.config import AgentConfig
 from spoolagent.errors import BatchRejected, ConfigError, ReceiverUnavailable, SpoolError
 from spoolagent.heartbeat import Heartbeat, Identity
 from spoolagent.sender import Sender
+from spoolagent.snapshot import AgentInfo, LineCounts, Snapshot, SpoolCorrupt
 from spoolagent.spool.queue import Spool, WhenFull
 from spoolagent.spool.salvage import corrupt_files
 from spoolagent.spool.writer import SpoolWriter
@@ -151,7 +152,7 @@ class Agent:
 
     # -- status ---------------------------------------------------------------------------------
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> Snapshot:
         """Everything /status and /metrics show. Thread-safe (reads counters)."""
         # per collector: every run so far (a counter must not restart with the collector)
         totals, per_collector = self.batchers.counters()
@@ -164,30 +165,30 @@ class Agent:
                 **per_collector.get(info.name, {}),
             })
         sup = self.supervisor.stats()
-        return {
-            "agent": {"id": self.cfg.agent.id, "pid": os.getpid(), "version": __version__,
-                      "started_s": self._started_s, "uptime_s": time.time() - self._started_s,
-                      "state": "stopping" if self.stopping.is_set() else "running",
-                      "state_dir": str(self.cfg.agent.state_dir),
-                      "collectors_dir": str(self.cfg.agent.collectors_dir)},
-            "collectors": collectors,
-            "spool": self.spool.stats(),
-            "sender": {**self.sender.state(), **self.sender.stats()},
+        moved = self.spool.moved_aside
+        return Snapshot(
+            agent=AgentInfo(id=self.cfg.agent.id, pid=os.getpid(), version=__version__,
+                            started_s=self._started_s, uptime_s=time.time() - self._started_s,
+                            state="stopping" if self.stopping.is_set() else "running",
+                            state_dir=str(self.cfg.agent.state_dir),
+                            collectors_dir=str(self.cfg.agent.collectors_dir)),
+            collectors=collectors,
+            spool=self.spool.stats(),
+            sender={**self.sender.state(), **self.sender.stats()},
             # records read (checkpoint lines not; over-long lines never reach a batcher)
-            "lines": {"read": totals["lines_read"] + sup.get("overlong_lines_total", 0),
-                      "spooled": totals["lines_spooled"], "checkpoints": totals["checkpoints"],
-                      "invalid": totals["lines_invalid"], "rejected": self.rejected.count,
-                      "unprotected": totals["lines_unprotected"], "discarded": totals["lines_discarded"]},
-            "batches": {"spooled": totals["batches_spooled"]},
-            "supervisor": sup,
-            "spool_errors": self.writer.errors,
-            "spool_corrupt": {"moved_total": 1 if self.spool.moved_aside else 0,
-                              "moved_to": str(self.spool.moved_aside) if self.spool.moved_aside else None,
-                              "kept_files": [p.name for p in corrupt_files(self.cfg.agent.state_dir)]},
-            "last_error": self.last_error,
-            "last_error_s": self.last_error_s,
-            "restart_needed": self.restart_needed,
-        }
+            lines=LineCounts(read=totals["lines_read"] + sup.get("overlong_lines_total", 0),
+                             spooled=totals["lines_spooled"], checkpoints=totals["checkpoints"],
+                             invalid=totals["lines_invalid"], rejected=self.rejected.count,
+                             unprotected=totals["lines_unprotected"], discarded=totals["lines_discarded"]),
+            batches_spooled=totals["batches_spooled"],
+            supervisor=sup,
+            spool_errors=self.writer.errors,
+            spool_corrupt=SpoolCorrupt(moved_total=1 if moved else 0, moved_to=str(moved) if moved else None,
+                                       kept_files=[p.name for p in corrupt_files(self.cfg.agent.state_dir)]),
+            last_error=self.last_error,
+            last_error_s=self.last_error_s,
+            restart_needed=list(self.restart_needed),
+        )
 
     def _write_runtime_file(self) -> None:
         runtime.write(self.cfg.agent.state_dir, {

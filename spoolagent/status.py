@@ -1,6 +1,7 @@
 """The agent's status endpoint: ``GET /metrics`` (Prometheus text) and ``GET /status`` (JSON).
 
-Both are rendered from one ``snapshot()`` callable (agent.py passes ``Agent.snapshot``), so the
+Both are rendered from one ``snapshot()`` callable returning a ``snapshot.Snapshot`` (agent.py passes
+``Agent.snapshot``), so the
 parts keep plain counters and never import prometheus_client. Runs a small threaded HTTP server on
 its own daemon thread.
 """
@@ -20,9 +21,11 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from spoolagent.snapshot import Snapshot
+
 log = logging.getLogger(__name__)
 
-Snapshot = Callable[[], dict[str, Any]]
+SnapshotFn = Callable[[], Snapshot]
 
 
 # the values of sender.SenderState (not imported: this module imports nothing from the package;
@@ -53,13 +56,12 @@ class _AgentCollector(Collector):
     they hold now. Counters start at 0 when the agent starts.
     """
 
-    def __init__(self, snapshot: Snapshot) -> None:
+    def __init__(self, snapshot: SnapshotFn) -> None:
         self.snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
         s = self.snapshot()
-        lines, spool, sender = s.get("lines", {}), s.get("spool", {}), s.get("sender", {})
-        agent, sup = s.get("agent", {}), s.get("supervisor", {})
+        lines, spool, sender, agent, sup = s.lines, s.spool, s.sender, s.agent, s.supervisor
 
         def counter(name: str, doc: str, value: object) -> CounterMetricFamily:
             return CounterMetricFamily(f"spoolagent_{name}", doc, value=_num(value))
@@ -69,25 +71,25 @@ class _AgentCollector(Collector):
 
         info = GaugeMetricFamily("spoolagent_build_info", "Always 1; the agent's version and id as labels.",
                                  labels=["version", "agent_id"])
-        info.add_metric([str(agent.get("version", "")), str(agent.get("id", ""))], 1.0)
+        info.add_metric([agent.version, agent.id], 1.0)
         yield info
-        yield gauge("start_time_seconds", "Unix time the agent started.", agent.get("started_s"))
-        yield gauge("uptime_seconds", "Seconds since the agent started.", agent.get("uptime_s"))
+        yield gauge("start_time_seconds", "Unix time the agent started.", agent.started_s)
+        yield gauge("uptime_seconds", "Seconds since the agent started.", agent.uptime_s)
         yield counter("lines_read", "Records read from collectors' stdout (invalid lines included, "
-                      "!checkpoint lines not).", lines.get("read"))
-        yield counter("checkpoints", "!checkpoint lines read from collectors.", lines.get("checkpoints"))
-        yield counter("lines_spooled", "Records committed to the spool.", lines.get("spooled"))
+                      "!checkpoint lines not).", lines.read)
+        yield counter("checkpoints", "!checkpoint lines read from collectors.", lines.checkpoints)
+        yield counter("lines_spooled", "Records committed to the spool.", lines.spooled)
         yield counter("lines_sent", "Records in batches a receiver acknowledged (2xx, duplicates included).",
                       sender.get("lines_sent"))
         yield counter("lines_dropped", "Records dropped from a full spool (when_full = drop_oldest).",
                       spool.get("dropped_lines"))
         yield counter("lines_rejected", "Lines the agent could not take (invalid or over-long), kept in "
-                      "STATE_DIR/rejected.log.", lines.get("rejected"))
+                      "STATE_DIR/rejected.log.", lines.rejected)
         yield counter("lines_unprotected", "Checkpointing collectors' records spooled without a token "
-                      "(checkpoint cap reached); a restart may repeat them.", lines.get("unprotected"))
+                      "(checkpoint cap reached); a restart may repeat them.", lines.unprotected)
         yield counter("lines_discarded", "Records held after a collector's last checkpoint when it exited; "
-                      "it reads them again from the checkpoint.", lines.get("discarded"))
-        yield counter("batches_spooled", "Batches committed to the spool.", s.get("batches", {}).get("spooled"))
+                      "it reads them again from the checkpoint.", lines.discarded)
+        yield counter("batches_spooled", "Batches committed to the spool.", s.batches_spooled)
         yield counter("batches_sent", "Batches a receiver acknowledged (2xx, duplicates included).",
                       sender.get("batches_sent"))
         yield counter("batches_duplicate", "Acknowledged batches the receiver had stored before (200).",
@@ -103,13 +105,13 @@ class _AgentCollector(Collector):
                       sender.get("requests_total"))
         yield counter("sender_failovers", "Moves to the next URL in [sender] receivers.", sender.get("failovers"))
         yield counter("spool_errors", "Failed spool writes (disk full, I/O errors); retried.",
-                      s.get("spool_errors"))
-        corrupt = s.get("spool_corrupt", {})
+                      s.spool_errors)
+        corrupt = s.spool_corrupt
         yield counter("spool_corrupt", "Damaged spool files this agent moved aside at start-up (their "
-                      "batches wait for `spoolagent spool salvage`).", corrupt.get("moved_total"))
+                      "batches wait for `spoolagent spool salvage`).", corrupt.moved_total)
         yield gauge("spool_corrupt_files", "Damaged spool files kept in the state dir "
                     "(spool.db.corrupt-*); stays up until an operator salvages and removes them.",
-                    len(corrupt.get("kept_files", [])))
+                    len(corrupt.kept_files))
         depth = GaugeMetricFamily("spoolagent_spool_batches", "Batches in the spool by state.", labels=["state"])
         depth_lines = GaugeMetricFamily("spoolagent_spool_lines", "Records in the spool by state.",
                                         labels=["state"])
@@ -124,7 +126,7 @@ class _AgentCollector(Collector):
         yield gauge("spool_blocked", "1 while a full spool (when_full = block) makes the collectors wait.",
                     1 if spool.get("blocked_since_s") else 0)
         yield gauge("spool_file_bytes", "Size of spool.db and its WAL on disk.", spool.get("file_bytes"))
-        free = _free_bytes(str(agent.get("state_dir", "")))
+        free = _free_bytes(agent.state_dir)
         if free is not None:
             yield gauge("state_dir_free_bytes", "Bytes free for the agent on the state dir's filesystem.", free)
         oldest = spool.get("oldest_age_s")
@@ -143,7 +145,7 @@ class _AgentCollector(Collector):
                     "(0: none yet).", sender.get("last_success_s"))
         c_state = GaugeMetricFamily("spoolagent_collector_state", "1 for the collector's current state "
                                     f"({', '.join(_COLLECTOR_STATES)}).", labels=["collector", "state"])
-        for c in s.get("collectors", []):
+        for c in s.collectors:
             for name in _COLLECTOR_STATES:
                 c_state.add_metric([c["name"], name], 1.0 if c.get("state") == name else 0.0)
         yield c_state
@@ -152,7 +154,7 @@ class _AgentCollector(Collector):
                                "next interval).", labels=["collector"])
         c_lines = CounterMetricFamily("spoolagent_collector_lines_spooled", "Records spooled per collector "
                                       "(every run since the agent started).", labels=["collector"])
-        for c in s.get("collectors", []):
+        for c in s.collectors:
             restarts.add_metric([c["name"]], _num(c.get("restarts")))
             up.add_metric([c["name"]], 1.0 if c.get("state") in ("running", "waiting", "starting") else 0.0)
             c_lines.add_metric([c["name"]], _num(c.get("lines_spooled")))
@@ -174,7 +176,7 @@ class StatusServer:
     ``stop()`` blocks until the server thread ends. Thread-safe snapshot access is the caller's.
     """
 
-    def __init__(self, listen: str, snapshot: Snapshot) -> None:
+    def __init__(self, listen: str, snapshot: SnapshotFn) -> None:
         host, _, port = listen.rpartition(":")
         self._addr = (host.strip("[]"), int(port))
         self.snapshot = snapshot
@@ -196,7 +198,7 @@ class StatusServer:
                     if path == "/metrics":
                         body, ctype = generate_latest(outer.registry), "text/plain; version=0.0.4; charset=utf-8"
                     elif path == "/status":
-                        body = json.dumps(outer.snapshot(), default=str).encode()
+                        body = json.dumps(outer.snapshot().to_json(), default=str).encode()
                         ctype = "application/json"
                     elif path in ("/", "/healthz"):
                         body, ctype = b"ok\n", "text/plain"

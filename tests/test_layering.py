@@ -2,8 +2,9 @@
 list their imports; this test is where the rules live).
 
 - spoolagent: ``cli -> agent -> {collect, spool, sender, status, heartbeat} -> core`` where core is
-  ``protocol, config, collector_settings, errors, runtime, snapshot`` and the package root; nothing imports upward, and collect,
-  spool, sender and status never import each other.
+  ``protocol, config, collector_settings, answers, errors, runtime, snapshot`` and the root;
+  nothing imports upward, and collect, spool, sender, status and heartbeat never import each
+  other.
 - ``spoolagent`` and ``receiver`` never import each other.
 - ``spoolcore`` imports neither, and nothing outside the standard library.
 - nats (nats-py) only in ``receiver/cluster/``: a standalone receiver never loads it.
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CORE = {"protocol", "config", "collector_settings", "errors", "runtime", "snapshot", ""}
+CORE = {"protocol", "config", "collector_settings", "answers", "errors", "runtime", "snapshot", ""}
 PARTS = {"collect", "spool", "sender", "status", "heartbeat"}
 OWNERS = {"persistqueue": {"spoolagent.spool.queue"}, "httpx": {"spoolagent.sender"},
           "tenacity": {"spoolagent.sender"}}

@@ -248,17 +248,29 @@ class Agent:
         self.supervisor.reload(self._settings)
 
     def _reload_sender(self, new: AgentConfig) -> None:
-        """Apply a reloaded [sender] token and receivers; name what only a restart applies."""
+        """Apply a reloaded [sender] token, receivers, balance and ca_file; name what only a
+        restart applies."""
         old = self.cfg
         if new.sender.token != old.sender.token:
             self.sender.set_token(new.sender.token)
             log.info("reload: token re-read from %s", new.sender.token_file)
-        if new.sender.receivers != old.sender.receivers:
-            self.sender.set_receivers(new.sender.receivers)  # load() checked the URLs
-            log.info("reload: receivers=%s", ",".join(new.sender.receivers))
+        if (new.sender.receivers, new.sender.balance) != (old.sender.receivers, old.sender.balance):
+            # load() checked the URLs
+            self.sender.set_receivers(new.sender.receivers, balance=new.sender.balance)
+            log.info("reload: receivers=%s balance=%s", ",".join(new.sender.receivers),
+                     new.sender.balance)
+        ca_file = new.sender.ca_file
+        if ca_file != old.sender.ca_file or ca_file is not None:  # the file itself may be new
+            try:
+                self.sender.set_ca_file(str(ca_file) if ca_file else None)
+            except ConfigError as exc:
+                log.error("reload: keeping the old TLS settings err=%s", exc)
+                self._note_error(f"reload: {exc}")
+                ca_file = old.sender.ca_file
         applied = dataclasses.replace(old.sender, token=new.sender.token,
                                       token_file=new.sender.token_file,
-                                      receivers=new.sender.receivers)
+                                      receivers=new.sender.receivers, balance=new.sender.balance,
+                                      ca_file=ca_file)
         restart = [f"[sender] {f.name}" for f in dataclasses.fields(applied)
                    if getattr(applied, f.name) != getattr(new.sender, f.name)]
         if new.batch != old.batch:

@@ -117,23 +117,8 @@ class Sender:
         self._initial_backoff_s = initial_backoff_s
         self._failover_after = max(1, failover_after)
         self._log_summary_every_s = log_summary_every_s
-        try:
-            # TLS: the CA file when given, else the system's CAs (not certifi's bundle)
-            tls = ssl.create_default_context(cafile=ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"sender.ca_file: cannot load {ca_file!r}: {exc}") from exc
-        headers = {"User-Agent": "spoolagent-sender", "Content-Type": "text/plain"}
-        pool = max(1, in_flight)
-        self._client = httpx.Client(
-            headers=headers,
-            timeout=httpx.Timeout(timeout_s),
-            # room for a second connection per sender thread while failing over
-            limits=httpx.Limits(max_connections=2 * pool, max_keepalive_connections=pool),
-            verify=tls,
-            # only config.py reads the environment: no proxies or CA paths from env vars
-            trust_env=False,
-            follow_redirects=False,
-        )
+        self._timeout_s, self._pool = timeout_s, max(1, in_flight)
+        self._client = self._make_client(ca_file)
         # the agent's id, version and spool summary (docs/protocol.md), read once per request
         self._identity = identity or dict
         self._last_request_s: float | None = None  # monotonic: when a request last started
@@ -201,12 +186,43 @@ class Sender:
         if token:
             answers.warn_cleartext(self._urls)
 
-    def set_receivers(self, urls: Sequence[str]) -> None:
-        """Send to ``urls`` from the next attempt on (a reload changed ``[sender] receivers``).
+    def _make_client(self, ca_file: str | None) -> httpx.Client:
+        try:
+            # TLS: the CA file when given, else the system's CAs (not certifi's bundle)
+            tls = ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"sender.ca_file: cannot load {ca_file!r}: {exc}") from exc
+        return httpx.Client(
+            headers={"User-Agent": "spoolagent-sender", "Content-Type": "text/plain"},
+            timeout=httpx.Timeout(self._timeout_s),
+            # room for a second connection per sender thread while failing over
+            limits=httpx.Limits(max_connections=2 * self._pool, max_keepalive_connections=self._pool),
+            verify=tls,
+            # only config.py reads the environment: no proxies or CA paths from env vars
+            trust_env=False,
+            follow_redirects=False,
+        )
+
+    def set_ca_file(self, ca_file: str | None) -> None:
+        """New TLS trust (a reload changed ``[sender] ca_file``): a new connection pool from the
+        next request on. Raises ConfigError (nothing changed) if the file cannot be loaded. The
+        old pool is closed once the requests on it have had ``timeout_s`` to finish."""
+        new = self._make_client(ca_file)
+        with self._lock:
+            old, self._client = self._client, new
+        closer = threading.Timer(2 * self._timeout_s, old.close)
+        closer.daemon = True
+        closer.start()
+
+    def set_receivers(self, urls: Sequence[str], balance: str | None = None) -> None:
+        """Send to ``urls`` from the next attempt on (a reload changed ``[sender] receivers`` or
+        ``balance``).
 
         Thread-safe. Raises ConfigError (nothing changed) for a URL that is not http(s). An
         attempt already on the wire finishes against the old URL; its answer still counts.
         """
+        if balance is not None and (balance == "spread") != bool(self._spread):
+            self._spread = random.randrange(1, 1 << 30) if balance == "spread" else 0
         new = self._balanced(answers.check_urls(urls))
         with self._lock:
             if new == self._urls:

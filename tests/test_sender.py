@@ -569,6 +569,23 @@ def test_tls_with_ca_file(servers: MakeServer, senders: MakeSender, stopping: th
     assert len(srv.seen) == 1
 
 
+def test_set_ca_file_applies_new_trust_to_the_next_attempt(servers: MakeServer, senders: MakeSender,
+                                                          tls_files: tuple[Path, Path, Path]) -> None:
+    # issue 15 #5: a reload applies [sender] ca_file (a rotated CA) without a restart
+    ca, cert, key = tls_files
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    srv = servers(tls=ctx)
+    sender = senders(srv.url)  # the system CAs: the test CA is unknown, attempts fail
+    t, out = in_thread(lambda: sender.send("b1", BODY, "identity"))
+    wait_until(lambda: sender.stats()["batches_retried"] >= 2, 10, what="failed TLS attempts")
+    with pytest.raises(ConfigError):
+        sender.set_ca_file(str(key.parent / "missing.pem"))  # refused, nothing changed
+    sender.set_ca_file(str(ca))
+    t.join(10)
+    assert out["result"].status == 201 and len(srv.seen) == 1
+
+
 # -- the real receiver ----------------------------------------------------------------------
 
 def test_against_the_real_receiver(receiver_factory: Callable[..., ReceiverProc],

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 
 _RATE_HALF_LIFE_S = 2.0
 _PRIOR_RATE = 500.0  # requests/s assumed before any was answered (a quiet start is no measure)
@@ -24,8 +25,14 @@ _MAX_RETRY_AFTER_S = 10
 class Admission:
     """Counts the admitted body requests of one process."""
 
-    def __init__(self, max_requests: int) -> None:
+    def __init__(self, max_requests: int, *, backlog: Callable[[], tuple[int, int]] | None = None,
+                 max_backlog_bytes: int = 1 << 62) -> None:
+        """``backlog`` says what the store holds (batches, bytes) not yet in a round, including
+        batches whose clients went away (their slots are free again): past ``max_requests`` of
+        them or ``max_backlog_bytes``, new requests are refused too."""
         self.max_requests = max_requests
+        self._backlog = backlog
+        self._max_backlog_bytes = max_backlog_bytes
         self.requests = 0
         self._rate = _PRIOR_RATE  # answered requests per second, decaying average
         self._rate_at = time.monotonic()
@@ -35,6 +42,10 @@ class Admission:
         """Take a slot for a request; False = refuse it."""
         if self.requests >= self.max_requests:
             return False
+        if self._backlog is not None:
+            batches, size = self._backlog()
+            if batches >= self.max_requests or size >= self._max_backlog_bytes:
+                return False
         self.requests += 1
         return True
 

@@ -245,7 +245,7 @@ async def _serve(cfg: ReceiverConfig, http_socks: list[socket.socket],
                      fleet=None if agent_table is None else lambda: agent_table.summary(windows_s))
     ctx = AppContext(ingestor=ingestor, metrics=metrics, executor=executor, tokens=cfg.tokens,
                      max_body_bytes=cfg.max_body_bytes,
-                     admission=Admission(cfg.queue_max),
+                     admission=_admission(cfg, backend.destination),
                      budget=BodyBudget(cfg.max_inflight_bytes), agents=agent_table)
     ssl_ctx = _ssl_context(cfg)
     gate = conns.ConnectionGate(conns.connection_cap(cfg.max_connections, cfg.max_open_files))
@@ -299,6 +299,12 @@ async def _serve(cfg: ReceiverConfig, http_socks: list[socket.socket],
         agent_table.close()
     log.info("stopped pid=%d", os.getpid())
     return 0
+
+
+def _admission(cfg: ReceiverConfig, destination: Destination) -> Admission:
+    # the store's queue counts too: batches whose clients went away hold no admission slot
+    backlog = destination.queued if isinstance(destination, PartitionedStore) else None
+    return Admission(cfg.queue_max, backlog=backlog, max_backlog_bytes=cfg.max_inflight_bytes)
 
 
 class _Backend(Protocol):

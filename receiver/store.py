@@ -215,7 +215,15 @@ class PartitionedStore:
                 if self._closing:
                     return
                 taken = self._take_round()
-            put_off = self._round(taken)
+            try:
+                put_off = self._round(taken)
+            except Exception as exc:  # a bug must fail its round, never stop the committer
+                log.exception("commit round failed batches=%d", len(taken))
+                error = StorageUnavailable(f"commit round failed: {type(exc).__name__}",
+                                           retry_after_s=RETRY_AFTER_S)
+                for request in taken:
+                    _fail(request, error)
+                continue
             if put_off:
                 with self._cond:
                     self._queue.extendleft(reversed(put_off))

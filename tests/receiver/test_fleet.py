@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from receiver.admission import Admission
 from receiver.dedup import DedupIndex
 from receiver.errors import StorageUnavailable
 from receiver.store import Batch, PartitionedStore, RoundStats, Stored
@@ -268,3 +269,40 @@ def test_two_processes_crashing_in_rounds_ack_nothing_lost_and_resends_store_onc
         assert [_put(c, bid, body).status_code for bid, body in kept.items()] == [200] * 6
     lines = [ln for ls in r2.read_lines().values() for ln in ls]
     assert len(lines) == 18 * 50 and len(set(lines)) == 18 * 50
+
+
+def test_admission_counts_the_stores_backlog_and_spreads_retry_after() -> None:
+    backlog = [(0, 0)]
+    admission = Admission(3, backlog=lambda: backlog[0], max_backlog_bytes=1000)
+    assert [admission.admit() for _ in range(4)] == [True, True, True, False]
+    admission.release()
+    backlog[0] = (3, 0)  # batches whose clients went away still wait in the store
+    assert not admission.admit()
+    backlog[0] = (0, 1000)
+    assert not admission.admit()
+    backlog[0] = (0, 0)
+    assert admission.admit()
+    waits = {admission.retry_after_s() for _ in range(200)}
+    assert min(waits) >= 1 and max(waits) <= 10 and len(waits) > 1
+
+
+def test_a_bug_in_a_round_fails_that_round_and_the_committer_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, dedup = _store(tmp_path)
+    real = store._claim
+    calls = []
+
+    def broken(*args: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "_claim", broken)
+    try:
+        with pytest.raises(StorageUnavailable):
+            store.commit(Batch("x", {f"x_{DATE}.dat": b"x\n"}, 1, 0))
+        assert store.commit(Batch("x", {f"x_{DATE}.dat": b"x\n"}, 1, 0)) == Stored(1, 0, False)
+    finally:
+        store.close()
+        dedup.close()

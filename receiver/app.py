@@ -139,6 +139,7 @@ class _BodyHandler(_Handler):
     come as soon as the body crosses the bound, chunked or not; the connection is then closed."""
 
     _charge: Charge | None = None
+    _reserved = 0
 
     def prepare(self) -> None:
         self._charge = self.ctx.budget.charge()
@@ -158,6 +159,11 @@ class _BodyHandler(_Handler):
             return
         self._admitted = True
         self.ctx.metrics.queue_requests.inc()
+        self._reserved = int(length) if length.isdigit() else 0
+        try:  # the whole declared body at once: refused before it is read, never half-way
+            self._charge.take(self._reserved)
+        except RetryableError as exc:
+            self._refuse(503, str(exc), retry_after_s=exc.retry_after_s)
 
     def _shed(self) -> None:
         """503 before the body is read: this process holds all the work it may. Not an error of
@@ -186,7 +192,9 @@ class _BodyHandler(_Handler):
             return
         try:
             assert self._charge is not None
-            self._charge.take(len(chunk))
+            beyond = self._received - max(self._reserved, self._received - len(chunk))
+            if beyond > 0:  # chunked, or more than declared: charged as it comes
+                self._charge.take(beyond)
         except RetryableError as exc:
             self._chunks = []
             self._refuse(503, str(exc), retry_after_s=exc.retry_after_s)
@@ -230,7 +238,7 @@ class _BodyHandler(_Handler):
             return None
         try:
             raw = self._take_body()
-            charge = None if self._charge is None else self._charge.take
+            charge = None if self._charge is None else self._charge.add
             stored: Future[Outcome] | None = None
             if len(raw) <= SMALL_BODY_BYTES:
                 with contextlib.suppress(BodyTooLarge):

@@ -49,7 +49,14 @@ SMALL_BODY_BYTES = 16 * 1024
 class BodyBudget:
     """Bytes of request bodies this process holds now (received, and decoded so far), across
     requests, against ``limit``. Thread-safe. One request is always let in when nothing else is
-    held, so a single body at the cap never waits forever."""
+    held, so a single body at the cap never waits forever.
+
+    Only new bytes *received* can be refused (``Charge.take``; a declared ``Content-Length`` is
+    taken whole before the body is read, so a refused request costs nothing and an admitted one is
+    never refused half-way: ten 60 MiB uploads against 256 MiB are four admitted, six 503s, not ten
+    503s each after 25 MiB). Decoded bytes are counted (``Charge.add``) but never refused: that
+    keeps new requests out while decoding runs, and its own excess is bounded by the decoding
+    threads times ``max_body``."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -60,9 +67,9 @@ class BodyBudget:
         """A charge for one request, to close when the request is done."""
         return Charge(self)
 
-    def _take(self, n: int, held: int) -> bool:
+    def _take(self, n: int, held: int, *, force: bool = False) -> bool:
         with self._lock:
-            if self.used > held and self.used + n > self.limit:
+            if not force and self.used > held and self.used + n > self.limit:
                 return False
             self.used += n
             return True
@@ -73,8 +80,8 @@ class BodyBudget:
 
 
 class Charge:
-    """What one request holds of a BodyBudget. ``take`` from any thread; ``close`` gives it all
-    back (once: later takes are not counted, the request is over)."""
+    """What one request holds of a BodyBudget. ``take``/``add`` from any thread; ``close`` gives it
+    all back (once: later ones are not counted, the request is over)."""
 
     def __init__(self, budget: BodyBudget) -> None:
         self._budget = budget
@@ -91,6 +98,13 @@ class Charge:
                 raise Overloaded(f"bodies in memory are at the cap of {self._budget.limit} bytes",
                                  retry_after_s=1)
             self._held += n
+
+    def add(self, n: int) -> None:
+        """Hold ``n`` more bytes (decoded ones), past the budget if need be: never raises."""
+        with self._lock:
+            if not self._closed:
+                self._budget._take(n, self._held, force=True)
+                self._held += n
 
     def close(self) -> None:
         with self._lock:
@@ -143,8 +157,8 @@ class Ingestor:
     def put_batch(self, batch_id: str, encoding: str | None, raw: bytes, *, max_bytes: int | None = None,
                   charge: Callable[[int], None] | None = None) -> Future[Outcome]:
         """Store batch ``batch_id`` exactly once. ``max_bytes`` lowers the decoded cap (an attempt
-        on the event loop); ``charge(n)`` is called for every n decoded bytes and may raise
-        (Overloaded). Raises BadRequest, BodyTooLarge or Overloaded; the future
+        on the event loop); ``charge(n)`` is called for every n decoded bytes. Raises BadRequest,
+        BodyTooLarge (or what ``charge`` raises); the future
         fails with BatchInProgress (the same id is being stored by another process and did not
         finish within the claim wait) or StorageUnavailable (nothing of the batch left behind)."""
         if len(raw) > SMALL_BODY_BYTES:  # a big resend: one lookup saves decoding it

@@ -119,7 +119,7 @@ class LineServer(TCPServer):
                 except Overloaded:
                     await asyncio.sleep(_OVERLOADED_WAIT_S)
             loop = tornado.ioloop.IOLoop.current()
-            work = functools.partial(ctx.ingestor.put_lines, "tcp", None, block, charge=charge.take,
+            work = functools.partial(ctx.ingestor.put_lines, "tcp", None, block, charge=charge.add,
                                      keep_rejected=MAX_REJECTED_KEPT - conn.kept)
             stored = await loop.run_in_executor(ctx.executor, work)
             outcome = await asyncio.wrap_future(stored)

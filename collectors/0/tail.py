@@ -103,6 +103,10 @@ class Tailer:
         self.cutter = RecordCutter(cfg.date_rx, cfg.ml_rx)
         self.inotify: Any = None
         self.watched: set[str] = set()
+        # inotify reports every change the globs and followed files can see: no timed rescan or
+        # poll then (a glob with magic in a directory, or a directory that cannot be watched, keeps them)
+        self.events_cover = False
+        self.file_unwatched = False  # a followed file's directory could not be watched
         if cfg.inotify:
             try:
                 self.inotify = inotify_simple.INotify()
@@ -164,7 +168,10 @@ class Tailer:
         f.detached = rotated
         self.files[key] = f
         self.state_changed = True
-        self._watch(os.path.dirname(path))
+        for directory in {os.path.dirname(path), os.path.dirname(os.path.realpath(path))}:
+            # the writer's path may be the link's target: its events come from that directory
+            if not self._watch(directory):
+                self.file_unwatched = True
 
     @staticmethod
     def _last_line_end(fd: int, size: int) -> int:
@@ -180,24 +187,31 @@ class Tailer:
         del self.files[(f.dev, f.ino)]
         self.state_changed = True
 
-    def _watch(self, directory: str) -> None:
-        if self.inotify is None or directory in self.watched:
-            return
+    def _watch(self, directory: str) -> bool:
+        """True if ``directory`` is watched (now or before)."""
+        if self.inotify is None:
+            return False
+        if directory in self.watched:
+            return True
         try:
             self.inotify.add_watch(directory, 0x2 | 0x4 | 0x8 | _DIR_EVENTS)  # +modify/attrib/close
             self.watched.add(directory)
+            return True
         except OSError:
-            pass  # not there yet, or out of watches: the periodic scan still finds its files
+            return False  # not there yet, or out of watches: the periodic scan still finds its files
 
     def scan(self, first_scan: bool = False) -> None:
         """Match the globs: open new files, mark the ones gone from their paths as detached."""
         now = time.monotonic()
         seen: set[tuple[int, int]] = set()
+        covered = self.inotify is not None
         for (pattern, prod), key in zip(self.cfg.specs, self.glob_keys, strict=True):
             base = pattern
             while _MAGIC.search(base):
                 base = os.path.dirname(base)
-            self._watch(base if os.path.isdir(base) else os.path.dirname(base))
+            # events of one directory cover a glob whose magic is in its last part only
+            watched = self._watch(base if os.path.isdir(base) else os.path.dirname(base))
+            covered = covered and watched and not _MAGIC.search(os.path.dirname(pattern))
             for path in sorted(glob.glob(pattern, recursive=True)):
                 try:
                     st = os.stat(path)
@@ -218,6 +232,13 @@ class Tailer:
                 f.detached, f.idle_since = True, now  # renamed away or deleted: drain, then release
         if first_scan:
             self._find_rotated(now)
+        self.events_cover = covered
+
+    def quiet_until_event(self) -> bool:
+        """True if only inotify events (no poll) need to wake the main loop: every glob and
+        followed file is covered by a watch and no file drains away from its directory."""
+        return (self.events_cover and not self.file_unwatched
+                and not any(f.detached for f in self.files.values()))
 
     def _find_rotated(self, now: float) -> None:
         """Token files no glob matches any more were rotated while we were down: find them by
@@ -346,13 +367,16 @@ def main() -> int:
                 tailer.checkpoint()
             poll_s = POLL_MIN_S if did else min(POLL_MAX_S, poll_s * 1.5)
             timeout = POLL_MAX_S if tailer.inotify is not None else poll_s
-            timeout = min(timeout, next_timer - now, next_scan - now)
+            timed_scan = not tailer.events_cover
+            if tailer.quiet_until_event():
+                timeout = next_timer - now  # idle: asleep until a file event, a signal or a flush
+            timeout = min(timeout, next_timer - now, next_scan - now if timed_scan else timeout)
             if tailer.out_bytes:
                 timeout = min(timeout, tailer.last_cp + CP_INTERVAL_S - now)
             if tailer.more:
                 timeout = 0.0
             rescan = _wait(tailer, wake_r, max(0.0, timeout))
-            if rescan or time.monotonic() >= next_scan:
+            if rescan or (timed_scan and time.monotonic() >= next_scan):
                 tailer.scan()
                 next_scan = time.monotonic() + cfg.glob_interval_s
         tailer.checkpoint()

@@ -339,6 +339,39 @@ def test_start_at_end_skips_old_lines_then_reads_new_ones(tmp_path: Path, tails:
     t.stop()
 
 
+def test_inotify_events_not_a_timer_find_new_files_and_lines(tmp_path: Path, tails: Any) -> None:
+    # an hour between timed rescans: only inotify can make these lines arrive (the idle loop
+    # sleeps until an event, issue 17)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    _append(logs / "a.log", b"a1\n")
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    _append(real / "target.log", b"s1\n")
+    (logs / "s.log").symlink_to(real / "target.log")
+    t = tails({"paths": [str(logs / "*.log")], "glob_interval_s": 3600, "inotify": True}).start()
+    wait_until(_committed(t, 2), 10)
+    _append(logs / "a.log", b"a2\n")
+    _append(logs / "b.log", b"b1\n")  # created while running
+    _append(real / "target.log", b"s2\n")  # written through the link's target
+    wait_until(_committed(t, 5), 10)
+    assert sorted(t.data()) == [b"a1", b"a2", b"b1", b"s1", b"s2"]
+    t.stop()
+
+
+def test_glob_with_magic_in_a_directory_keeps_the_timed_rescan(tmp_path: Path, tails: Any) -> None:
+    (tmp_path / "app1").mkdir()
+    _append(tmp_path / "app1" / "x.log", b"one\n")
+    t = tails({"paths": [str(tmp_path / "app*" / "*.log")], "glob_interval_s": 0.2,
+               "inotify": True}).start()
+    wait_until(_committed(t, 1), 10)
+    (tmp_path / "app2").mkdir()
+    _append(tmp_path / "app2" / "y.log", b"two\n")  # in a directory nobody watched yet
+    wait_until(_committed(t, 2), 10)
+    assert sorted(t.data()) == [b"one", b"two"]
+    t.stop()
+
+
 def test_date_regex_takes_the_date_from_the_line(tmp_path: Path, tails: Any) -> None:
     log = tmp_path / "d.log"
     _append(log, b"2023-04-05 12:00 one\nno date here\n2023-02-30 not a date\n")

@@ -129,7 +129,43 @@ def load(flags: Mapping[str, Any], config_path: Path | None = None,
     if config_path is not None:
         settings.update(_read_toml(config_path))
     settings.update({k: v for k, v in flags.items() if v is not None})
-    return _build(settings, environ or {})
+    return _build_naming_every_problem(settings, environ or {})
+
+
+# required keys: set aside with a valid stand-in (never used: the load fails) instead of removed
+_STAND_INS = {"listen": "127.0.0.1:0", "data_dir": "."}
+
+
+def _build_naming_every_problem(s: dict[str, Any], environ: Mapping[str, str]) -> ReceiverConfig:
+    """``_build``, but a ConfigError names every problem at once, as the agent's does (an
+    operator fixed one, restarted, and met the next): each message starts with its key(s), so
+    the key is set aside and the rest checked again, until they pass or nothing is left to set
+    aside."""
+    problems: list[str] = []
+    set_aside: set[str] = set()
+    s = dict(s)
+    for _ in range(len(s) + len(_STAND_INS) + 1):  # each round sets a key aside, or stops
+        try:
+            cfg = _build(s, environ)
+        except ConfigError as exc:
+            keys = str(exc).split(":", 1)[0].split("/")
+            if not set(keys) <= set_aside:  # not "listen: required" after a bad listen
+                problems.append(str(exc))
+            changed = False
+            for k in keys:
+                if k in _STAND_INS and s.get(k) != _STAND_INS[k]:
+                    s[k], changed = _STAND_INS[k], True  # required: a stand-in, the rest checked
+                elif k in s and k not in _STAND_INS:
+                    del s[k]
+                    changed = True
+            if not changed:
+                break
+            set_aside.update(keys)
+            continue
+        if not problems:
+            return cfg
+        break
+    raise ConfigError("\n".join(problems))
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -142,8 +178,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: {exc}") from exc
     unknown = sorted(set(raw) - _KEYS)
     if unknown:
-        raise ConfigError(f"config file {path}: unknown key {unknown[0]!r} "
-                          f"(known: {', '.join(sorted(_KEYS))})")
+        raise ConfigError(f"config file {path}: unknown key{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(map(repr, unknown))} (known: {', '.join(sorted(_KEYS))})")
     out: dict[str, Any] = dict(raw)
     for key in _PATH_KEYS & set(raw):
         if not isinstance(raw[key], str):

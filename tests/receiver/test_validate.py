@@ -170,3 +170,21 @@ def test_config_errors_name_the_setting(tmp_path: Path, text: str, flags: dict[s
     cfg_file.write_text(text)
     with pytest.raises(ConfigError, match=needle):
         config.load(flags, cfg_file, {})
+
+
+def test_config_errors_are_all_named_at_once(tmp_path: Path) -> None:
+    # issue 15 finding 8: the receiver reported one problem per start, the agent all of them
+    cfg_file = tmp_path / "r.toml"
+    cfg_file.write_text('data_dir = "d"\nlisten = "nope"\nmax_body = "lots"\nthreads = 0\n'
+                        'log_level = "loud"\n')
+    with pytest.raises(ConfigError) as info:
+        config.load({"tls_cert": "c"}, cfg_file, {})
+    lines = str(info.value).splitlines()
+    assert [ln.split(":", 1)[0] for ln in sorted(lines)] == sorted(
+        ["listen", "max_body", "threads", "log_level", "tls_cert/tls_key"]), lines
+    cfg_file.write_text('listen = "h:1"\nbogus = 1\nother = 2\n')
+    with pytest.raises(ConfigError, match="unknown keys 'bogus', 'other'"):
+        config.load({}, cfg_file, {})
+    with pytest.raises(ConfigError) as info:
+        config.load({}, None, {})
+    assert [ln.split(":", 1)[0] for ln in str(info.value).splitlines()] == ["data_dir", "listen"]

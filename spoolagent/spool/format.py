@@ -213,6 +213,18 @@ def insert_row(conn: sqlite3.Connection, header: RowHeader, row: bytes, status: 
     return pqid
 
 
+def record_checkpoint(conn: sqlite3.Connection, header: RowHeader, pqid: int) -> None:
+    """Inside the row's insert transaction: its token (if any) becomes the collector's newest
+    committed checkpoint. Newest wins by row id."""
+    if header.checkpoint is not None:
+        conn.execute(
+            "INSERT INTO spool_checkpoints (collector, token, pqid, batch_id, updated_s) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (collector) DO UPDATE SET "
+            "token = excluded.token, pqid = excluded.pqid, batch_id = excluded.batch_id, "
+            "updated_s = excluded.updated_s WHERE excluded.pqid > spool_checkpoints.pqid",
+            (header.collector, header.checkpoint, pqid, header.batch_id, time.time()))
+
+
 def connect(path: Path, *, readonly: bool = False, create: bool = False,
             busy_timeout_s: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
     """A connection to spool.db in autocommit mode (explicit BEGIN), WAL, synchronous=FULL.

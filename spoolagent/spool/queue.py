@@ -18,14 +18,12 @@ everything else (get, ack, nack, ack_failed, clear_acked_data, resume of in-flig
 from __future__ import annotations
 
 import contextlib
-import enum
-import fcntl
 import logging
-import os
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,34 +33,33 @@ from persistqueue.exceptions import Empty
 
 from spoolagent.errors import SpoolBusy, SpoolError
 from spoolagent.spool import _pq
-from spoolagent.spool._pq import ACK_FAILED, ACKED, QUEUE_TABLE, UNACK
+from spoolagent.spool._pq import ACK_FAILED, QUEUE_TABLE, UNACK
+from spoolagent.spool.bound import REFRESH_S, Bound, WhenFull
 from spoolagent.spool.file import file_bytes, query_stats
 from spoolagent.spool.format import (
     BUSY_TIMEOUT_S,
     DB_NAME,
     ENCODINGS,
-    LOCK_NAME,
     check_schema,
     configure,
     connect,
     decode_row,
     insert_row,
     make_row,
+    record_checkpoint,
 )
-from spoolagent.spool.salvage import diagnose, move_aside
+from spoolagent.spool.lock import release_lock, take_lock
+from spoolagent.spool.ready import ReadySignal
+from spoolagent.spool.salvage import move_if_damaged
 from spoolcore.sqlite import immediate, is_busy
+
+__all__ = ["Spool", "SpooledBatch", "WhenFull"]
 
 log = logging.getLogger(__name__)
 
-_REFRESH_S = 2.0  # re-read the byte total from SQL this often: the operator may purge or import
 # a get also sees rows that another process (spool import, retry-failed, salvage) made ready: one
 # getter queries this often while idle (the agent's own puts and nacks wake the getters at once)
 _POLL_S = 5.0
-
-
-class WhenFull(enum.Enum):
-    BLOCK = "block"
-    DROP_OLDEST = "drop_oldest"
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,54 +104,40 @@ class Spool:
         if compression not in ENCODINGS:
             raise ValueError(f"compression must be one of {sorted(ENCODINGS)}")
         self._path = state_dir / DB_NAME
-        self._max_bytes = max_bytes
-        self._when_full = when_full
+        self._bound = Bound(max_bytes, when_full)
         self._encoding = ENCODINGS[compression]
         self._stopping = stopping
-        self._cond = threading.Condition()  # guards _bytes, _inflight, writes on _db
+        self._cond = threading.Condition()  # guards _bound, _inflight, writes on _db
         self._get_lock = threading.Lock()  # a get never races a drop_oldest delete
-        self._ready = threading.Condition()
-        self._generation = 0  # bumped by put: a getter never sleeps through a put
-        # the generation at which a get last found nothing ready, and when: until a put or nack
-        # bumps the generation (or _POLL_S passes, for other processes' changes), gets skip the query
-        self._empty_generation = -1
-        self._empty_checked_s = 0.0
-        self._poller_busy = False  # a waiting get holds the polling role
-        self._waiting = 0  # gets waiting on _ready
+        self._ready = ReadySignal(_POLL_S)  # idle getters do not query
         self._inflight: dict[int, int] = {}  # pqid -> row bytes
-        self._dropped_batches = 0
-        self._dropped_lines = 0
-        self._blocked_since: float | None = None  # wall time a put started waiting for room
-        self._drop_logged_s = -1e9
         self._closed = False
         state_dir.mkdir(parents=True, exist_ok=True)
         # the lock comes first: the library's auto_resume would resend a live agent's in-flight rows
-        self._lock_fd = os.open(state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            os.close(self._lock_fd)
-            raise SpoolBusy(f"{state_dir} is in use by another agent ({LOCK_NAME} is locked)") from exc
+        self._lock_fd = take_lock(state_dir)
         self.moved_aside: Path | None = None  # where a damaged spool.db went at this start
         try:
             try:
                 if move_corrupt_aside and self._path.exists():
                     # a torn page deep in the file would pass the open and stop every get later:
                     # SQLite's quick_check reads the whole file (~0.1 s per 200 MB when cached)
-                    self._move_if_damaged(None)
+                    self.moved_aside = move_if_damaged(self._path, None)
                 resumed = self._open(state_dir, busy_timeout_s)
             except (SpoolError, sqlite3.DatabaseError) as exc:
-                if isinstance(exc, SpoolBusy) or not move_corrupt_aside or not self._move_if_damaged(exc):
+                if isinstance(exc, SpoolBusy) or not move_corrupt_aside:
+                    raise
+                self.moved_aside = move_if_damaged(self._path, exc)
+                if self.moved_aside is None:
                     raise
                 resumed = self._open(state_dir, busy_timeout_s)
         except sqlite3.DatabaseError as exc:
-            self._release_lock()
+            release_lock(self._lock_fd)
             raise SpoolError(f"{self._path} is corrupt ({exc}); move it aside to start with an "
                              "empty spool") from exc
         except BaseException:
-            self._release_lock()
+            release_lock(self._lock_fd)
             raise
-        log.info("spool open path=%s bytes=%d resumed_inflight=%d", self._path, self._bytes,
+        log.info("spool open path=%s bytes=%d resumed_inflight=%d", self._path, self._bound.bytes,
                  resumed)
 
     def _open(self, state_dir: Path, busy_timeout_s: float) -> int:
@@ -180,32 +163,13 @@ class Spool:
                 conn.execute("PRAGMA synchronous=NORMAL")
             self._checkpoints = dict(self._db.execute(
                 "SELECT collector, token FROM spool_checkpoints").fetchall())
-            self._bytes = 0
-            self._refresh_bytes()
+            self._bound.refresh(self._db)
         except BaseException:
             if q is not None:
                 q.close()
             self._db.close()
             raise
         return resumed
-
-    def _move_if_damaged(self, exc: BaseException | None) -> bool:
-        """Under the spool lock: move a damaged spool.db aside; True if it was moved."""
-        damage = diagnose(self._path)
-        if damage is None:
-            return False
-        try:
-            self.moved_aside = move_aside(self._path)
-        except OSError as err:
-            log.error("spool file is damaged but cannot be moved aside path=%s reason=%s err=%s",
-                      self._path, damage, err)
-            return False
-        # data at risk: the batches in it are not sent until an operator salvages them
-        log.error("spool file is damaged; moved aside, starting an empty spool path=%s moved_to=%s "
-                  "reason=%s open_error=%s; its batches are NOT sent: re-queue what is readable "
-                  "with: spoolagent spool salvage %s", self._path, self.moved_aside, damage,
-                  exc, self.moved_aside)
-        return True
 
     # -- put ---------------------------------------------------------------------------------
 
@@ -222,97 +186,29 @@ class Spool:
         # Lock order: _get_lock before _cond before the SQLite write lock. A get holds _get_lock
         # while the library's UPDATE waits for the SQLite write lock, so taking _get_lock inside
         # our own write transaction would deadlock (seen with drop_oldest and a sender retrying).
-        dropping = self._when_full is WhenFull.DROP_OLDEST
+        dropping = self._bound.when_full is WhenFull.DROP_OLDEST
         with self._get_lock if dropping else contextlib.nullcontext(), self._cond:
             self._check_open()
-            if time.monotonic() - self._refreshed > _REFRESH_S:
-                self._refresh_bytes()
+            self._bound.refresh(self._db, older_than_s=REFRESH_S)
             if not dropping:
-                self._wait_for_room(size)
+                self._bound.wait_for_room(size, self._db, self._cond, self._stopping, self._check_open)
             try:
                 with immediate(self._db):
                     if dropping:
-                        self._drop_oldest(size)
-                    pqid = self._insert(header, row)
+                        self._bound.drop_oldest(self._db, size)
+                    pqid = insert_row(self._db, header, row)
+                    # the token is committed with its lines, so it is durable before the row
+                    # can be acked and cleared
+                    record_checkpoint(self._db, header, pqid)
             except sqlite3.Error as exc:
                 raise SpoolError(f"cannot spool batch of {collector}: {exc}") from exc
-            self._bytes += size
+            self._bound.bytes += size
             if checkpoint is not None:
                 self._checkpoints[collector] = checkpoint
-        with self._ready:
-            self._generation += 1
-            self._ready.notify()
+        self._ready.bump()
         log.debug("spooled batch=%s pqid=%d collector=%s lines=%d bytes=%d", header.batch_id,
                   pqid, collector, len(lines), size)
         return header.batch_id
-
-    def _insert(self, header: Any, row: bytes) -> int:
-        pqid = insert_row(self._db, header, row)
-        if header.checkpoint is not None:
-            # the token is committed with its lines, so it is durable before the row can be acked
-            # and cleared; newest wins by row id
-            self._db.execute(
-                "INSERT INTO spool_checkpoints (collector, token, pqid, batch_id, updated_s) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (collector) DO UPDATE SET "
-                "token = excluded.token, pqid = excluded.pqid, batch_id = excluded.batch_id, "
-                "updated_s = excluded.updated_s WHERE excluded.pqid > spool_checkpoints.pqid",
-                (header.collector, header.checkpoint, pqid, header.batch_id, time.time()))
-        return pqid
-
-    def _wait_for_room(self, size: int) -> None:
-        waited = False
-        while self._bytes > 0 and self._bytes + size > self._max_bytes:
-            if self._stopping.is_set():
-                log.warning("spool full, writing anyway while stopping bytes=%d max_bytes=%d",
-                            self._bytes, self._max_bytes)
-                return
-            if not waited:
-                log.warning("spool full, blocking readers bytes=%d max_bytes=%d", self._bytes,
-                            self._max_bytes)
-                waited = True
-                self._blocked_since = time.time()  # status: "blocked" with the bound
-            try:
-                self._cond.wait(0.2)
-                self._check_open()
-            except BaseException:
-                self._blocked_since = None
-                raise
-            if time.monotonic() - self._refreshed > 1.0:
-                self._refresh_bytes()
-        if waited:
-            self._blocked_since = None
-            log.info("spool has room again bytes=%d", self._bytes)
-
-    def _drop_oldest(self, size: int) -> None:
-        """Inside the put transaction: delete the oldest ready rows until ``size`` fits."""
-        need = self._bytes + size - self._max_bytes
-        batches = lines = freed = 0
-        while need - freed > 0:
-            rows = self._db.execute(
-                f"SELECT q._id, m.bytes, m.lines FROM `{QUEUE_TABLE}` AS q "
-                "JOIN spool_batches AS m ON m.pqid = q._id WHERE q.status < 2 "
-                "ORDER BY q._id LIMIT 64").fetchall()
-            if not rows:
-                log.error("spool over its bound with no ready batch left to drop bytes=%d "
-                          "max_bytes=%d (in flight or failed: see spool purge --failed)",
-                          self._bytes - freed + size, self._max_bytes)
-                break
-            for pqid, nbytes, nlines in rows:
-                if need - freed <= 0:
-                    break
-                self._db.execute(f"DELETE FROM `{QUEUE_TABLE}` WHERE _id = ?", (pqid,))
-                batches, lines, freed = batches + 1, lines + nlines, freed + nbytes
-        if batches:
-            self._bytes -= freed
-            self._dropped_batches += batches
-            self._dropped_lines += lines
-            # data lost: ERROR, but summarised (a full spool drops on every put)
-            now = time.monotonic()
-            if now - self._drop_logged_s >= 10.0:
-                log.error("spool full, dropped oldest batches=%d lines=%d bytes=%d total_dropped_batches=%d "
-                          "total_dropped_lines=%d", batches, lines, freed, self._dropped_batches,
-                          self._dropped_lines)
-                self._drop_logged_s = now
 
     # -- get / ack / nack / fail -------------------------------------------------------------
 
@@ -327,18 +223,17 @@ class Spool:
         poller = False  # this get holds the one role that queries every _POLL_S
         try:
             while True:
-                generation = self._generation
+                generation = self._ready.generation
                 self._check_open()
                 item = None
                 # idle agents: no query while nothing in this process made a row ready; only
                 # rows that another process made ready are looked for, every _POLL_S, by one getter
                 now = time.monotonic()
-                poll_due = self._empty_checked_s + _POLL_S
-                if generation != self._empty_generation or now >= poll_due:
+                if self._ready.should_look(generation, now):
                     item = self._get_next()
                     if item is None:
-                        self._empty_generation, self._empty_checked_s = generation, now
-                    elif generation == self._empty_generation:
+                        self._ready.found_nothing(generation, now)
+                    elif self._ready.polled_elsewhere(generation):
                         self.wake_getters()  # another process's rows: the other getters look too
                 if item is not None:
                     return self._taken(int(item["pqid"]), item["data"])
@@ -347,31 +242,14 @@ class Spool:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return None
-                with self._ready:
-                    if generation != self._generation:
-                        continue
-                    if not poller and not self._poller_busy:
-                        poller = self._poller_busy = True
-                    if poller:
-                        due = self._empty_checked_s + _POLL_S - time.monotonic()
-                        remaining = due if remaining is None else min(remaining, due)
-                    self._waiting += 1
-                    try:
-                        self._ready.wait(remaining)
-                    finally:
-                        self._waiting -= 1
+                poller = self._ready.wait(generation, remaining, poller, time.monotonic())
         finally:
             if poller:
-                with self._ready:
-                    self._poller_busy = False
-                    if self._waiting:
-                        self._ready.notify()  # one of them takes the role over
+                self._ready.release_poller()  # a waiting get takes the role over
 
     def wake_getters(self) -> None:
         """Every waiting get looks again (the agent stops, or rows became ready elsewhere)."""
-        with self._ready:
-            self._generation += 1
-            self._ready.notify_all()
+        self._ready.bump(everyone=True)
 
     def _get_next(self) -> dict[str, Any] | None:
         with self._get_lock:
@@ -418,65 +296,57 @@ class Spool:
                             header.encoding, header.checkpoint, header.created_s,
                             int(r[0]) if r else 0)
 
-    def ack(self, pqid: int) -> None:
-        """The batch was delivered: remove it (its checkpoint is already durable). Thread-safe."""
+    @contextmanager
+    def _settling(self, what: str, pqid: int) -> Iterator[None]:
+        """Under ``_cond``, on an open spool; SQLite's errors become SpoolError naming ``what``."""
         with self._cond:
             self._check_open()
             try:
-                # Delivered: delete the row (the trigger takes its metadata) in one fsync'd
-                # commit. The library's ack is an UPDATE to "acked" and a commit, and clearing
-                # acked rows a second DELETE and commit: two fsyncs where one does.
-                self._db.execute(f"DELETE FROM `{QUEUE_TABLE}` WHERE _id = ?", (pqid,))
-                _pq.forget_unacked(self._q, pqid)  # what the library's ack forgets too
+                yield
             except sqlite3.Error as exc:
-                raise SpoolError(f"cannot ack pqid={pqid}: {exc}") from exc
-            self._bytes -= self._inflight.pop(pqid, 0)
+                raise SpoolError(f"cannot {what} pqid={pqid}: {exc}") from exc
+
+    def ack(self, pqid: int) -> None:
+        """The batch was delivered: remove it (its checkpoint is already durable). Thread-safe."""
+        with self._settling("ack", pqid):
+            # Delivered: delete the row (the trigger takes its metadata) in one fsync'd
+            # commit. The library's ack is an UPDATE to "acked" and a commit, and clearing
+            # acked rows a second DELETE and commit: two fsyncs where one does.
+            self._db.execute(f"DELETE FROM `{QUEUE_TABLE}` WHERE _id = ?", (pqid,))
+            _pq.forget_unacked(self._q, pqid)  # what the library's ack forgets too
+            self._bound.bytes -= self._inflight.pop(pqid, 0)
             self._cond.notify_all()
 
     def note_attempt(self, pqid: int, error: str) -> None:
         """One failed send attempt of a batch in flight: attempts + 1 and the error kept, so
         ``spool ls`` shows them while the sender retries (it retries without giving the batch
         back). Thread-safe."""
-        with self._cond:
-            self._check_open()
-            try:
-                self._db.execute("UPDATE spool_batches SET attempts = attempts + 1, "
-                                 "last_error = ? WHERE pqid = ?", (error, pqid))
-            except sqlite3.Error as exc:
-                raise SpoolError(f"cannot note an attempt pqid={pqid}: {exc}") from exc
+        with self._settling("note an attempt", pqid):
+            self._db.execute("UPDATE spool_batches SET attempts = attempts + 1, "
+                             "last_error = ? WHERE pqid = ?", (error, pqid))
 
     def nack(self, pqid: int, error: str | None = None, *, attempted: bool = True) -> None:
         """Back to ready, same batch id; attempts + 1 (unless ``attempted`` is False: the
         attempts were counted by ``note_attempt``) and the error kept. Thread-safe."""
-        with self._cond:
-            self._check_open()
-            try:
-                self._db.execute("UPDATE spool_batches SET attempts = attempts + ?, "
-                                 "last_error = coalesce(?, last_error) WHERE pqid = ?",
-                                 (int(attempted), error, pqid))
-                self._q.nack(id=pqid)
-            except sqlite3.Error as exc:
-                raise SpoolError(f"cannot nack pqid={pqid}: {exc}") from exc
+        with self._settling("nack", pqid):
+            self._db.execute("UPDATE spool_batches SET attempts = attempts + ?, "
+                             "last_error = coalesce(?, last_error) WHERE pqid = ?",
+                             (int(attempted), error, pqid))
+            self._q.nack(id=pqid)
             self._inflight.pop(pqid, None)
-        with self._ready:
-            self._generation += 1
-            self._ready.notify()
+        self._ready.bump()
 
     def fail(self, pqid: int, status: int, error: str, code: str | None = None) -> None:
         """Dead letter (the library's ack_failed), with HTTP status, the stable reason ``code``
         (default ``http_<status>``: what ``spool ls`` groups by) and the ``error`` text kept.
         Thread-safe."""
-        with self._cond:
-            self._check_open()
-            try:
-                # reason first: a crash in between leaves a row that is simply resent
-                self._db.execute("UPDATE spool_batches SET attempts = attempts + 1, "
-                                 "http_status = ?, reason = ?, last_error = ?, failed_s = ? "
-                                 "WHERE pqid = ?", (status, code or f"http_{status}", error,
-                                                    time.time(), pqid))
-                self._q.ack_failed(id=pqid)
-            except sqlite3.Error as exc:
-                raise SpoolError(f"cannot fail pqid={pqid}: {exc}") from exc
+        with self._settling("fail", pqid):
+            # reason first: a crash in between leaves a row that is simply resent
+            self._db.execute("UPDATE spool_batches SET attempts = attempts + 1, "
+                             "http_status = ?, reason = ?, last_error = ?, failed_s = ? "
+                             "WHERE pqid = ?", (status, code or f"http_{status}", error,
+                                                time.time(), pqid))
+            self._q.ack_failed(id=pqid)
             self._inflight.pop(pqid, None)
 
     # -- state -------------------------------------------------------------------------------
@@ -495,19 +365,10 @@ class Spool:
                 out = query_stats(self._db)
             except sqlite3.Error as exc:
                 raise SpoolError(f"cannot read spool stats: {exc}") from exc
-            self._bytes = int(out["bytes"])
-            self._refreshed = time.monotonic()
-            out.update(file_bytes=file_bytes(self._path), max_bytes=self._max_bytes,
-                       when_full=self._when_full.value, blocked_since_s=self._blocked_since,
-                       dropped_batches=self._dropped_batches, dropped_lines=self._dropped_lines)
+            self._bound.bytes = int(out["bytes"])
+            self._bound.refreshed = time.monotonic()
+            out.update(file_bytes=file_bytes(self._path), **self._bound.stats())
             return out
-
-    def _refresh_bytes(self) -> None:
-        """Re-read the byte total (caller holds _cond): the operator's CLI changes the file too."""
-        self._bytes = int(self._db.execute(
-            "SELECT total(m.bytes) FROM spool_batches AS m JOIN "
-            f"`{QUEUE_TABLE}` AS q ON q._id = m.pqid WHERE q.status != {ACKED}").fetchone()[0])
-        self._refreshed = time.monotonic()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -532,11 +393,5 @@ class Spool:
             finally:
                 self._q.close()
                 self._db.close()
-                self._release_lock()
+                release_lock(self._lock_fd)
         log.info("spool closed path=%s", self._path)
-
-    def _release_lock(self) -> None:
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-        finally:
-            os.close(self._lock_fd)

@@ -302,3 +302,22 @@ def _insert(into: SpoolFile, header: RowHeader, row: bytes, status: int) -> bool
         raise SpoolError(f"cannot re-queue into {into.path}: {exc}") from exc
     into.exists = True
     return True
+
+
+def move_if_damaged(path: Path, exc: BaseException | None) -> Path | None:
+    """Under the spool lock, at start-up: if ``path`` is damaged (``diagnose``), move it aside and
+    return where it went (logged at ERROR: its batches wait for ``spool salvage``); else None."""
+    damage = diagnose(path)
+    if damage is None:
+        return None
+    try:
+        moved = move_aside(path)
+    except OSError as err:
+        log.error("spool file is damaged but cannot be moved aside path=%s reason=%s err=%s",
+                  path, damage, err)
+        return None
+    # data at risk: the batches in it are not sent until an operator salvages them
+    log.error("spool file is damaged; moved aside, starting an empty spool path=%s moved_to=%s "
+              "reason=%s open_error=%s; its batches are NOT sent: re-queue what is readable "
+              "with: spoolagent spool salvage %s", path, moved, damage, exc, moved)
+    return moved

@@ -1,0 +1,69 @@
+"""ReadySignal: when a waiting get should look at the spool again, so idle senders cost nothing.
+
+A put or a nack in this process bumps a generation and wakes one getter; a get that found nothing
+remembers the generation it looked at, and until it changes no getter queries SQLite again --
+except one getter at a time (the poller), every ``poll_s``, for rows another process made ready
+(``spool import``, ``retry-failed``). Thread-safe.
+"""
+
+from __future__ import annotations
+
+import threading
+
+
+class ReadySignal:
+    def __init__(self, poll_s: float) -> None:
+        self.poll_s = poll_s
+        self._cond = threading.Condition()
+        self.generation = 0  # bumped by put and nack: a getter never sleeps through one
+        # the generation at which a get last found nothing ready, and when
+        self._empty_generation = -1
+        self._empty_checked_s = 0.0
+        self._poller_busy = False  # a waiting get holds the polling role
+        self._waiting = 0  # gets waiting on _cond
+
+    def bump(self, *, everyone: bool = False) -> None:
+        """A row became ready here (one getter looks), or ``everyone`` looks (the agent stops,
+        rows became ready elsewhere)."""
+        with self._cond:
+            self.generation += 1
+            if everyone:
+                self._cond.notify_all()
+            else:
+                self._cond.notify()
+
+    def should_look(self, generation: int, now: float) -> bool:
+        """Query SQLite? Only if something changed since a get last found nothing, or a poll is due."""
+        return generation != self._empty_generation or now >= self._empty_checked_s + self.poll_s
+
+    def found_nothing(self, generation: int, now: float) -> None:
+        self._empty_generation, self._empty_checked_s = generation, now
+
+    def polled_elsewhere(self, generation: int) -> bool:
+        """A row came while nothing changed here: another process made it ready."""
+        return generation == self._empty_generation
+
+    def wait(self, generation: int, remaining: float | None, poller: bool, now: float) -> bool:
+        """Sleep until a bump, ``remaining`` seconds or (for the poller) the next poll; returns
+        whether this get now holds the poller role. Returns at once if ``generation`` is stale."""
+        with self._cond:
+            if generation != self.generation:
+                return poller
+            if not poller and not self._poller_busy:
+                poller = self._poller_busy = True
+            if poller:
+                due = self._empty_checked_s + self.poll_s - now
+                remaining = due if remaining is None else min(remaining, due)
+            self._waiting += 1
+            try:
+                self._cond.wait(remaining)
+            finally:
+                self._waiting -= 1
+        return poller
+
+    def release_poller(self) -> None:
+        """A get that held the poller role returns: a waiting one takes it over."""
+        with self._cond:
+            self._poller_busy = False
+            if self._waiting:
+                self._cond.notify()

@@ -7,6 +7,7 @@ file stops it and forgets it once its run is over. Called on the supervisor thre
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -25,7 +26,9 @@ def _enabled(settings: Mapping[str, Any]) -> bool:
 def apply_scan(collectors: dict[str, Collector], found: list[Found],
                settings: Mapping[str, Mapping[str, Any]], now: float, *, backoff: Backoff,
                terminate: Callable[[Collector, float], bool]) -> None:
-    """Update ``collectors`` in place from ``found``; ``terminate`` SIGTERMs a run."""
+    """Update ``collectors`` in place from ``found`` (and the instances ``use`` makes of them);
+    ``terminate`` SIGTERMs a run."""
+    found = found + _instances(found, settings)
     seen: set[str] = set()
     for f in found:
         seen.add(f.name)
@@ -69,3 +72,16 @@ def apply_scan(collectors: dict[str, Collector], found: list[Found],
             log.info("collector removed name=%s; stopping pid=%d", name, c.run.pid)
             c.request(After.REMOVE)
             terminate(c, now)
+
+
+def _instances(found: list[Found], settings: Mapping[str, Mapping[str, Any]]) -> list[Found]:
+    """``[collectors.NAME] use = "OTHER"``: OTHER's program once more, run as NAME with NAME's
+    settings, checkpoint and counters (config.py checked that NAME is not a program of its own)."""
+    programs = {f.name: f for f in found}
+    return [dataclasses.replace(programs[use], name=name) for name, table in settings.items()
+            if isinstance(use := table.get("use"), str) and use in programs and name not in programs]
+
+
+def copy_settings(settings: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The supervisor's own copy of the [collectors.NAME] tables (the caller may change theirs)."""
+    return {str(name): dict(table) for name, table in settings.items()}

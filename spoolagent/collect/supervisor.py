@@ -22,7 +22,6 @@ when it exits get SIGTERM, then SIGKILL after the grace period.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -33,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from spoolagent import protocol
-from spoolagent.collect.discovery import Found, check_dir, discover, is_ignored_name, scan
+from spoolagent.collect.discovery import check_dir, discover, is_ignored_name, scan
 from spoolagent.collect.pipes import Counters, StderrLimiter
 from spoolagent.collect.process import CollectorNotExecutable, Run, spawn
-from spoolagent.collect.reconcile import apply_scan
+from spoolagent.collect.reconcile import apply_scan, copy_settings
 from spoolagent.collect.states import (
     After,
     Backoff,
@@ -82,7 +81,7 @@ class Supervisor:
                  stderr_burst: int = 100) -> None:
         check_dir(collectors_dir)
         self.collectors_dir = collectors_dir.absolute()
-        self._settings = _copy_settings(settings)
+        self._settings = copy_settings(settings)
         self._on_lines = on_lines
         self._on_overlong = on_overlong
         self._on_exit = on_exit
@@ -127,7 +126,7 @@ class Supervisor:
         supervisor thread applies it moments later. Not for use inside a signal handler."""
         with self._lock:
             if settings is not None:
-                self._settings = _copy_settings(settings)
+                self._settings = copy_settings(settings)
             self._reload_pending = True
         self._wake.set()
 
@@ -221,7 +220,6 @@ class Supervisor:
                 self._dir_error = str(exc)
             return
         self._dir_error = ""
-        found += _instances(found, self._settings)
         if dups != self._dups:
             for p in dups:
                 log.warning("collector skipped: duplicate name path=%s", p)
@@ -398,14 +396,3 @@ class Supervisor:
         else:
             log.error("collector spawn failed name=%s retry_in_s=%.1f", c.name,
                       c.next_start - now, exc_info=exc)
-
-def _instances(found: list[Found], settings: Mapping[str, Mapping[str, Any]]) -> list[Found]:
-    """``[collectors.NAME] use = "OTHER"``: OTHER's program once more, run as NAME with NAME's
-    settings, checkpoint and counters (config.py checked that NAME is not a program of its own)."""
-    programs = {f.name: f for f in found}
-    return [dataclasses.replace(programs[use], name=name) for name, table in settings.items()
-            if isinstance(use := table.get("use"), str) and use in programs and name not in programs]
-
-
-def _copy_settings(settings: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {str(name): dict(table) for name, table in settings.items()}

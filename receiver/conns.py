@@ -67,11 +67,17 @@ def connection_cap(configured: int | None, max_open_files: int) -> int:
 
 
 class ConnectionGate:
-    """Counts this process's open connections against ``cap`` and accepts new ones within it."""
+    """Counts this process's open connections against ``cap`` and accepts new ones within it.
+    ``on_open(n)``, ``on_idle_closed()`` and ``on_pause()`` report to the metrics."""
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, *, on_open: Callable[[int], None] | None = None,
+                 on_idle_closed: Callable[[], None] | None = None,
+                 on_pause: Callable[[], None] | None = None) -> None:
         self.cap = cap
         self.open = 0
+        self._on_open = on_open or (lambda n: None)
+        self._on_idle_closed = on_idle_closed or (lambda: None)
+        self._on_pause = on_pause or (lambda: None)
         self._idle: OrderedDict[object, Callable[[], None]] = OrderedDict()  # oldest first
         self._sockets: list[socket.socket] = []
         self._on_accept: dict[int, Callable[[socket.socket, Any], None]] = {}
@@ -85,9 +91,11 @@ class ConnectionGate:
     # -- what the servers report ------------------------------------------------------------
     def opened(self) -> None:
         self.open += 1
+        self._on_open(self.open)
 
     def closed(self, conn: object | None = None) -> None:
         self.open -= 1
+        self._on_open(self.open)
         if conn is not None:
             self._idle.pop(conn, None)
 
@@ -149,6 +157,7 @@ class ConnectionGate:
             return False
         _conn, close = self._idle.popitem(last=False)
         self.closed_idle += 1
+        self._on_idle_closed()
         close()
         return True
 
@@ -158,6 +167,7 @@ class ConnectionGate:
             loop.remove_handler(sock)
         self._paused = True
         self._pauses += 1
+        self._on_pause()
         now = time.monotonic()
         if now - self._logged_at >= _LOG_EVERY_S:
             self._logged_at = now

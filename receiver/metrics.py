@@ -55,8 +55,9 @@ class Metrics:
             "spoolreceiver_lines_stored", "Valid lines appended to data files.", ["source"],
             registry=None)
         self.lines_rejected = Counter(
-            "spoolreceiver_lines_rejected", "Invalid lines kept under _rejected/.", ["source"],
-            registry=None)
+            "spoolreceiver_lines_rejected",
+            "Invalid lines (the first 1,000 of a body kept under _rejected/, the rest counted).",
+            ["source"], registry=None)
         self.bytes_stored = Counter(
             "spoolreceiver_stored_bytes", "Bytes appended to data files.", registry=None)
         self.storage_errors = Counter(
@@ -71,6 +72,17 @@ class Metrics:
             "spoolreceiver_tcp_connections", "TCP connections accepted.", registry=None)
         self.requests_shed = Counter(
             "spoolreceiver_requests_shed", "Body requests refused with 503 by admission control.",
+            registry=None)
+        self.connections_open = Gauge(
+            "spoolreceiver_connections_open", "Open HTTP + TCP connections (the gate's count).",
+            multiprocess_mode="livesum", registry=None)
+        self.connections_closed_idle = Counter(
+            "spoolreceiver_connections_closed_idle",
+            "Idle HTTP keep-alive connections closed to let a new one in at the connection cap.",
+            registry=None)
+        self.accept_paused = Counter(
+            "spoolreceiver_accept_paused",
+            "Times accepting paused: connection cap reached with none idle, or EMFILE/ENFILE.",
             registry=None)
         self.queue_requests = Gauge(
             "spoolreceiver_queue_requests", "Body requests admitted and not answered yet.",

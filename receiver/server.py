@@ -248,7 +248,10 @@ async def _serve(cfg: ReceiverConfig, http_socks: list[socket.socket],
                      admission=_admission(cfg, backend.destination),
                      budget=BodyBudget(cfg.max_inflight_bytes), agents=agent_table)
     ssl_ctx = _ssl_context(cfg)
-    gate = conns.ConnectionGate(conns.connection_cap(cfg.max_connections, cfg.max_open_files))
+    gate = conns.ConnectionGate(conns.connection_cap(cfg.max_connections, cfg.max_open_files),
+                                on_open=metrics.connections_open.set,
+                                on_idle_closed=metrics.connections_closed_idle.inc,
+                                on_pause=metrics.accept_paused.inc)
     # the handlers refuse a body past the cap with a JSON 413 as it crosses it, chunked or not:
     # tornado's own limit (a plain-text 400) must never come first
     http = conns.GatedHTTPServer(

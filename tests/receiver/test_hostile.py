@@ -194,7 +194,14 @@ def test_more_idle_connections_than_fds_and_a_new_put_is_still_answered(
         assert resp.status_code == 201, r.log_text()
         with httpx.Client(timeout=30) as client:
             assert client.get(f"{r.url}/healthz").status_code == 200
+            metrics = client.get(f"{r.url}/metrics").text
         assert _cpu_s(_pid(r)) - cpu_before < 5  # no accept busy loop (was 76 % of a core)
+        values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+                  if line.startswith("spoolreceiver_") and " " in line}
+        # the cap (256 fds - 128 data files - 64) held, and the gate made room or waited
+        assert values["spoolreceiver_connections_open"] <= 64
+        assert (values["spoolreceiver_connections_closed_idle_total"]
+                + values["spoolreceiver_accept_paused_total"]) >= 1
     finally:
         for s in idle:
             s.close()

@@ -177,6 +177,24 @@ def _stop(proc: subprocess.Popen[bytes], timeout_s: float = 15.0) -> bool:
         return False
 
 
+def _stop_restarted(ready: Path, timeout_s: float = 15.0) -> bool:
+    """SIGTERM the receiver the operator restarted with the printed command (its ready file has
+    its pid), so Ctrl-C leaves nothing of the demo running; True if there was one."""
+    try:
+        pid = int(json.loads(ready.read_text())["pid"])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if b"receiver" not in cmdline:  # the pid was reused by something else
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        time.sleep(0.05)
+    ready.unlink(missing_ok=True)
+    return True
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # SIGTERM/SIGHUP: clean up like Ctrl-C, never leave the children behind
 
@@ -195,6 +213,8 @@ def run_demo(args: argparse.Namespace) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     ready = base / "receiver.ready.json"
     ready.unlink(missing_ok=True)
+    restarted = base / "receiver.restarted.json"
+    restarted.unlink(missing_ok=True)
     runtime_file = runtime.path(base / "state")
     runtime_file.unlink(missing_ok=True)  # left by an agent that was killed
     # new sessions: a Ctrl-C reaches only the demo, which then stops them in order
@@ -223,7 +243,8 @@ def run_demo(args: argparse.Namespace) -> int:
         con.print(f"  [bold]files land in {data_dir}/[/]")
         con.print(f"  look:     {agent_cmd} status -c {cfg}")
         con.print(f"  outage:   kill {receiver.pid}   (the spool grows; nothing is lost)")
-        con.print(f"  restart:  {recv_cmd} --data-dir {data_dir} --listen {recv_http}")
+        # the ready file tells the demo's Ctrl-C which receiver the operator started by hand
+        con.print(f"  restart:  {recv_cmd} --data-dir {data_dir} --listen {recv_http} --ready-file {restarted}")
         con.print("  [dim]Ctrl-C stops: the writer first, then the agent once it has delivered, then the receiver[/]\n")
 
         def counts() -> dict[str, Any]:
@@ -285,6 +306,8 @@ def run_demo(args: argparse.Namespace) -> int:
         for p in (agent, receiver):
             if p is not None and not _stop(p):
                 code = code or EXIT_RUNTIME
+        if _stop_restarted(restarted):
+            con.print("stopped the receiver restarted by hand")
     written, total = before + writer.written, stored.count(_DEMO_FILES)
     files = stored.files()
     summary = {"dir": str(base), "written": written, "written_this_run": writer.written,

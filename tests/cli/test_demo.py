@@ -4,12 +4,16 @@ it exits 0, the files appear under ``DIR/data/``, and every line written is stor
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import child_env, count_lines
+from tests.conftest import child_env, count_lines, stop_process, wait_until
 
 
 def _demo(base: Path, duration_s: int) -> tuple[dict[str, Any], str]:
@@ -60,3 +64,37 @@ def test_demo_run_again_resumes_without_loss_or_duplicates(tmp_path: Path) -> No
     assert len(stored) == written and set(stored.values()) == {1}, out
     # every line of the log is in the data files: DATA is the log line itself
     assert set(stored) == set((base / "logs" / "app.log").read_bytes().splitlines())
+
+
+def _exited(pid: int) -> bool:
+    try:
+        return not Path(f"/proc/{pid}/cmdline").read_bytes()  # a zombie has no command line
+    except FileNotFoundError:
+        return True
+
+
+def test_ctrl_c_also_stops_a_receiver_restarted_by_hand(tmp_path: Path) -> None:
+    # issue 15 finding 9: the demo's Ctrl-C left the receiver restarted with its printed command
+    base, out = tmp_path / "demo", tmp_path / "demo.out"
+    with open(out, "wb") as f:
+        demo = subprocess.Popen([sys.executable, "-m", "spoolagent", "demo", "--dir", str(base), "--rate", "20"],
+                                stdout=f, stderr=subprocess.STDOUT, env=child_env(), stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    restarted: subprocess.Popen[bytes] | None = None
+    try:
+        wait_until(lambda: "restart:" in out.read_text(), 60, what="the demo's instructions")
+        text = out.read_text()
+        pid = int(re.search(r"outage:\s+kill (\d+)", text).group(1))  # type: ignore[union-attr]
+        cmd = re.search(r"restart:\s+(.+)", text).group(1).strip()  # type: ignore[union-attr]
+        os.kill(pid, signal.SIGTERM)  # the outage
+        wait_until(lambda: _exited(pid), 30, what="the demo's receiver gone")
+        restarted = subprocess.Popen(shlex.split(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env=child_env(), start_new_session=True)
+        wait_until(lambda: (base / "receiver.restarted.json").exists(), 30, what="the restarted receiver")
+        demo.send_signal(signal.SIGINT)  # Ctrl-C
+        assert demo.wait(90) == 0, out.read_text()
+        assert restarted.wait(30) is not None  # stopped by the demo, not left running
+        assert "stopped the receiver restarted by hand" in out.read_text()
+    finally:
+        stop_process(demo, signal.SIGKILL, 10, group=True)
+        stop_process(restarted, signal.SIGKILL, 10, group=True)

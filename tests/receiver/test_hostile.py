@@ -245,3 +245,18 @@ def test_tcp_listener_with_a_token_is_warned_about(receiver_factory: Callable[..
     token.write_text("secret\n")
     r = receiver_factory("--token-file", str(token), "--tcp-listen", "127.0.0.1:0")
     assert "TCP listener takes lines without a token" in r.log_text()
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="prlimit (util-linux) is not installed")
+def test_batch_of_thousands_of_prods_is_stored_once_under_a_small_fd_limit(
+        receiver_factory: Callable[..., ReceiverProc]) -> None:
+    r = receiver_factory("--max-open-files", "32", prefix=["prlimit", "--nofile=256:256", "--"])
+    body = b"".join(b"p%04d 2026-01-01 line %d\n" % (i, i) for i in range(3000))
+    for _ in range(2):  # the resend is a duplicate
+        resp = _put(r, "many-prods", body)
+        assert resp.status_code in (200, 201), resp.text
+        assert resp.json()["stored"] == 3000
+    files = r.read_lines()
+    assert len(files) == 3000
+    assert all(files[f"p{i:04d}_2026-01-01.dat"] == [b"line %d" % i] for i in range(3000))
+    assert not [p for p in r.data_dir.iterdir() if p.is_file() and p.stat().st_size == 0]

@@ -36,11 +36,11 @@ DB_NAME = "agents.db"
 SORT_KEYS = ("id", "last_seen", "backlog", "lines")
 _ID_RE = re.compile(r"[\x21-\x7e]{1,128}\Z")
 _TEXT_MAX = 128
-_SUMMARY_KEYS = {"lines": "backlog_lines", "bytes": "backlog_bytes", "oldest-s": "backlog_oldest_s",
+SUMMARY_KEYS = {"lines": "backlog_lines", "bytes": "backlog_bytes", "oldest-s": "backlog_oldest_s",
                  "dead": "dead_letters"}
 _PARSED_MAX = 4096
 _parsed: dict[tuple[str | None, ...], Report | bool] = {}
-_COUNTERS = ("batches", "lines", "bytes", "duplicates", "rejected", "heartbeats")
+COUNTERS = ("batches", "lines", "bytes", "duplicates", "rejected", "heartbeats")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS agents (
@@ -54,15 +54,15 @@ CREATE TABLE IF NOT EXISTS agents (
 """
 # counters add up; the descriptive fields and the backlog come from the newest report
 _UPSERT = f"""
-INSERT INTO agents (agent_id, first_seen, last_seen, version, host, remote, {", ".join(_COUNTERS)},
+INSERT INTO agents (agent_id, first_seen, last_seen, version, host, remote, {", ".join(COUNTERS)},
                     backlog_lines, backlog_bytes, backlog_oldest_s, dead_letters, reported_at)
-VALUES (?, ?, ?, ?, ?, ?, {", ".join("?" for _ in _COUNTERS)}, ?, ?, ?, ?, ?)
+VALUES (?, ?, ?, ?, ?, ?, {", ".join("?" for _ in COUNTERS)}, ?, ?, ?, ?, ?)
 ON CONFLICT(agent_id) DO UPDATE SET
     first_seen = min(first_seen, excluded.first_seen),
     version = CASE WHEN excluded.last_seen >= last_seen THEN coalesce(excluded.version, version) ELSE version END,
     host = CASE WHEN excluded.last_seen >= last_seen THEN coalesce(excluded.host, host) ELSE host END,
     remote = CASE WHEN excluded.last_seen >= last_seen THEN coalesce(excluded.remote, remote) ELSE remote END,
-    {", ".join(f"{c} = {c} + excluded.{c}" for c in _COUNTERS)},
+    {", ".join(f"{c} = {c} + excluded.{c}" for c in COUNTERS)},
     backlog_lines = CASE WHEN excluded.reported_at >= coalesce(reported_at, 0)
                     THEN excluded.backlog_lines ELSE backlog_lines END,
     backlog_bytes = CASE WHEN excluded.reported_at >= coalesce(reported_at, 0)
@@ -84,7 +84,7 @@ class Report:
     version: str | None
     host: str | None
     remote: str | None
-    backlog: Mapping[str, float] = field(default_factory=dict)  # _SUMMARY_KEYS' values
+    backlog: Mapping[str, float] = field(default_factory=dict)  # SUMMARY_KEYS' values
 
 
 def report_from_headers(headers: Mapping[str, str], remote: str | None) -> Report | None:
@@ -111,7 +111,7 @@ def _parse(raw_id: str | None, version: str | None, host: str | None, spool: str
     backlog: dict[str, float] = {}
     for item in (spool or "").split(","):
         key, _, value = item.strip().partition("=")
-        column = _SUMMARY_KEYS.get(key.strip())
+        column = SUMMARY_KEYS.get(key.strip())
         if column is None:
             continue
         with contextlib.suppress(ValueError):
@@ -126,13 +126,14 @@ def _text(value: str | None) -> str | None:
 
 
 @dataclass
-class _Pending:
+class Pending:
+    """One agent's changes since the last flush (counters are deltas)."""
     first_seen: float
     last_seen: float
     version: str | None = None
     host: str | None = None
     remote: str | None = None
-    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTERS, 0))
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
     backlog: Mapping[str, float] | None = None
     reported_at: float | None = None
 
@@ -146,7 +147,7 @@ class AgentTable:
         self.path = state_dir / DB_NAME
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[str, Pending] = {}
         self._db: sqlite3.Connection | None = None
 
     def create(self) -> None:
@@ -183,10 +184,10 @@ class AgentTable:
             c["rejected"] += rejected
             c["heartbeats"] += heartbeats
 
-    def _entry(self, agent_id: str, now: float) -> _Pending:
+    def _entry(self, agent_id: str, now: float) -> Pending:
         p = self._pending.get(agent_id)
         if p is None:
-            p = self._pending[agent_id] = _Pending(first_seen=now, last_seen=now)
+            p = self._pending[agent_id] = Pending(first_seen=now, last_seen=now)
         return p
 
     def flush(self) -> int:
@@ -197,27 +198,31 @@ class AgentTable:
                 pending, self._pending = self._pending, {}
             if not pending:
                 return 0
-            rows = [(agent_id, p.first_seen, p.last_seen, p.version, p.host, p.remote,
-                     *(p.counts[c] for c in _COUNTERS),
-                     *((p.backlog or {}).get(k) for k in _SUMMARY_KEYS.values()), p.reported_at)
-                    for agent_id, p in pending.items()]
             try:
-                with self._connection() as db, db:
-                    db.executemany(_UPSERT, rows)
+                self._write(pending)
             except StorageUnavailable:
                 with self._lock:  # nothing is lost: merge back under what came in since
                     for agent_id, p in pending.items():
                         self._merge_back(agent_id, p)
                 raise
-            return len(rows)
+            return len(pending)
 
-    def _merge_back(self, agent_id: str, old: _Pending) -> None:
+    def _write(self, pending: Mapping[str, Pending]) -> None:
+        """Persist the changes (a subclass may keep them elsewhere). Raises StorageUnavailable."""
+        rows = [(agent_id, p.first_seen, p.last_seen, p.version, p.host, p.remote,
+                 *(p.counts[c] for c in COUNTERS),
+                 *((p.backlog or {}).get(k) for k in SUMMARY_KEYS.values()), p.reported_at)
+                for agent_id, p in pending.items()]
+        with self._connection() as db, db:
+            db.executemany(_UPSERT, rows)
+
+    def _merge_back(self, agent_id: str, old: Pending) -> None:
         new = self._pending.get(agent_id)
         if new is None:
             self._pending[agent_id] = old
             return
         new.first_seen = min(new.first_seen, old.first_seen)
-        for c in _COUNTERS:
+        for c in COUNTERS:
             new.counts[c] += old.counts[c]
         if new.backlog is None:
             new.backlog, new.reported_at = old.backlog, old.reported_at
@@ -246,11 +251,16 @@ class AgentTable:
         except Exception as exc:  # the top of a periodic job
             log.warning("agent table flush failed err=%s", exc)
 
+    def rows(self) -> list[dict[str, object]]:
+        """Every agent's row (``read_agents``' form), this process's last changes included.
+        Blocks; raises StorageUnavailable."""
+        self.flush()
+        return read_agents(self.path.parent)
+
     def summary(self, windows_s: Sequence[float]) -> FleetSummary:
         """The fleet gauges at scrape time: this process's changes, then the whole table."""
         try:
-            self.flush()
-            rows = read_agents(self.path.parent)
+            rows = self.rows()
         except StorageUnavailable as exc:
             log.warning("agent table unreadable for metrics err=%s", exc)
             rows = []
@@ -284,6 +294,50 @@ def read_agents(state_dir: Path) -> list[dict[str, object]]:
         raise StorageUnavailable(f"agent table {path}: {exc}", retry_after_s=5) from exc
 
 
+def apply(row: dict[str, object] | None, agent_id: str, p: Pending) -> dict[str, object]:
+    """``row`` (``read_agents``' form, None for a new agent) with the changes ``p`` added: the
+    same rules as the SQLite upsert (counters add up, the newest report wins)."""
+    out: dict[str, object] = dict(row) if row is not None else {
+        "agent_id": agent_id, "first_seen": p.first_seen, "last_seen": p.last_seen, "version": None,
+        "host": None, "remote": None, **dict.fromkeys(COUNTERS, 0),
+        **dict.fromkeys(SUMMARY_KEYS.values()), "reported_at": None}
+    newer = p.last_seen >= _num(out["last_seen"])
+    out["first_seen"] = min(_num(out["first_seen"]), p.first_seen)
+    out["last_seen"] = max(_num(out["last_seen"]), p.last_seen)
+    if newer:
+        out["version"] = p.version or out["version"]
+        out["host"] = p.host or out["host"]
+        out["remote"] = p.remote or out["remote"]
+    for c in COUNTERS:
+        out[c] = int(_num(out[c])) + p.counts[c]
+    if p.backlog and (p.reported_at or 0) >= _num(out["reported_at"]):
+        for column in SUMMARY_KEYS.values():
+            out[column] = p.backlog.get(column)
+        out["reported_at"] = p.reported_at
+    return out
+
+
+def merge(rows: Sequence[Mapping[str, object]]) -> list[dict[str, object]]:
+    """Rows of the same agents kept apart (one per ingest node) -> one row per agent: counters
+    summed, first seen the earliest, the rest from the newest."""
+    out: dict[str, dict[str, object]] = {}
+    for r in sorted(rows, key=lambda r: _num(r["last_seen"])):
+        agent_id = str(r["agent_id"])
+        have = out.get(agent_id)
+        if have is None:
+            out[agent_id] = dict(r)
+            continue
+        for c in COUNTERS:
+            have[c] = int(_num(have[c])) + int(_num(r[c]))
+        have["first_seen"] = min(_num(have["first_seen"]), _num(r["first_seen"]))
+        for key in ("last_seen", "version", "host", "remote"):
+            have[key] = r[key] if r[key] is not None else have[key]
+        if _num(r["reported_at"]) >= _num(have["reported_at"]) and r["reported_at"] is not None:
+            for column in (*SUMMARY_KEYS.values(), "reported_at"):
+                have[column] = r[column]
+    return list(out.values())
+
+
 def listing(rows: Sequence[Mapping[str, object]], *, now: float, silent_for_s: float | None = None,
             sort: str = "id") -> list[dict[str, object]]:
     """The JSON of ``spoolreceiver agents`` and ``GET /v1/agents``: one object per agent, only
@@ -297,7 +351,7 @@ def listing(rows: Sequence[Mapping[str, object]], *, now: float, silent_for_s: f
         out.append({
             "id": r["agent_id"], "version": r["version"], "host": r["host"], "remote": r["remote"],
             "first_seen": r["first_seen"], "last_seen": r["last_seen"], "silent_s": round(silent_s, 3),
-            **{c: r[c] for c in _COUNTERS},
+            **{c: r[c] for c in COUNTERS},
             "backlog": {"lines": r["backlog_lines"], "bytes": r["backlog_bytes"],
                         "oldest_s": r["backlog_oldest_s"], "dead_letters": r["dead_letters"],
                         "reported_at": r["reported_at"]},

@@ -382,12 +382,9 @@ class AgentsHandler(_Handler):
             self.finish({"error": "silent_for_s: expected seconds"})
             return
 
-        def read() -> list[dict[str, object]]:
-            table.flush()  # this process's last second too
-            return agents.read_agents(table.path.parent)
-
         try:
-            rows = await tornado.ioloop.IOLoop.current().run_in_executor(self.ctx.executor, read)
+            # this process's last second too
+            rows = await tornado.ioloop.IOLoop.current().run_in_executor(self.ctx.executor, table.rows)
         except StorageUnavailable as exc:
             self.set_status(503)
             self.finish({"error": str(exc)})

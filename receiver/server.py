@@ -40,7 +40,7 @@ from receiver.app import make_app
 from receiver.config import Endpoint, ReceiverConfig, read_tokens
 from receiver.context import AppContext
 from receiver.dedup import DedupIndex
-from receiver.errors import ConfigError
+from receiver.errors import ConfigError, StorageUnavailable
 from receiver.ingest import BodyBudget, Destination, Ingestor
 from receiver.lifecycle import Lifecycle
 from receiver.metrics import Metrics
@@ -238,8 +238,8 @@ async def _serve(cfg: ReceiverConfig, http_socks: list[socket.socket],
     backend = await _open_backend(cfg, metrics, loop, executor)
     ingestor = Ingestor(backend.destination, max_body_bytes=cfg.max_body_bytes,
                         max_line_bytes=cfg.max_line_bytes)
-    # the agent table lives in the data dir; an ingest node (--nats) keeps none (docs/scaling.md)
-    agent_table = AgentTable(cfg.data_dir / STATE_DIR) if cfg.data_dir is not None else None
+    # the agent table lives in the data dir, or an ingest node's part in the stream's bucket
+    agent_table = await _agent_table(cfg, backend)
     windows_s = cfg.agent_windows_s
     metrics.add_live(data_dir=cfg.data_dir, windows_s=windows_s,
                      fleet=None if agent_table is None else lambda: agent_table.summary(windows_s))
@@ -297,9 +297,9 @@ async def _serve(cfg: ReceiverConfig, http_socks: list[socket.socket],
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(http.close_all_connections(), timeout=5)
     await loop.run_in_executor(None, executor.shutdown, True)
+    if agent_table is not None:  # before the backend: an ingest node flushes through its client
+        await loop.run_in_executor(None, agent_table.close)
     await backend.close()
-    if agent_table is not None:
-        agent_table.close()
     log.info("stopped pid=%d", os.getpid())
     return 0
 
@@ -308,6 +308,17 @@ def _admission(cfg: ReceiverConfig, destination: Destination) -> Admission:
     # the store's queue counts too: batches whose clients went away hold no admission slot
     backlog = destination.queued if isinstance(destination, PartitionedStore) else None
     return Admission(cfg.queue_max, backlog=backlog, max_backlog_bytes=cfg.max_inflight_bytes)
+
+
+async def _agent_table(cfg: ReceiverConfig, backend: _Backend) -> AgentTable | None:
+    if cfg.data_dir is not None:
+        return AgentTable(cfg.data_dir / STATE_DIR)
+    opener = getattr(backend, "agent_table", None)  # an ingest node: receiver.cluster.publish
+    try:
+        return await opener() if opener is not None else None
+    except StorageUnavailable as exc:  # the fleet view must never keep a node from serving
+        log.warning("agent table unavailable, not kept err=%s", exc)
+        return None
 
 
 class _Backend(Protocol):

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from receiver import agents, dayfiles
-from receiver.config import parse_duration
+from receiver.config import parse_duration, parse_stream_name, parse_urls
 from receiver.errors import ConfigError, ReceiverError
 from spoolcore.units import format_age
 
@@ -43,7 +43,11 @@ def agents_main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="spoolreceiver agents", epilog=_AGENTS_EPILOG,
                                 description="List the agents that shipped to this receiver.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", dest="data_dir", required=True, type=Path)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--data-dir", dest="data_dir", type=Path)
+    where.add_argument("--nats", help="cluster mode: read the table the ingest nodes keep in the "
+                       "stream's key-value bucket (nats://HOST:PORT,...)")
+    p.add_argument("--stream", default="SPOOLAGENT", help="cluster mode: the stream's name")
     p.add_argument("--json", action="store_true", help="one JSON object {\"agents\": [...]}")
     p.add_argument("--silent-for", dest="silent_for",
                    help="only agents not heard from for at least this long, e.g. 10m")
@@ -52,7 +56,8 @@ def agents_main(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
     try:
         silent_for_s = None if args.silent_for is None else parse_duration(args.silent_for, "--silent-for")
-        rows = agents.read_agents(args.data_dir / STATE_DIR)
+        rows = (agents.read_agents(args.data_dir / STATE_DIR) if args.data_dir is not None
+                else _rows_from_cluster(args.nats, args.stream))
     except ConfigError as exc:
         print(f"spoolreceiver agents: {exc}", file=sys.stderr)
         return 2
@@ -76,6 +81,12 @@ def agents_main(argv: Sequence[str]) -> int:
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return 0
+
+
+def _rows_from_cluster(urls: str, stream_name: str) -> list[dict[str, object]]:
+    from receiver.cluster import agents_kv  # nats-py: cluster mode only
+
+    return agents_kv.read_from(parse_urls(urls, "nats"), parse_stream_name(stream_name, "stream"))
 
 
 def cat_main(argv: Sequence[str]) -> int:

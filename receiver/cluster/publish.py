@@ -27,6 +27,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext, api
 
 from receiver.cluster import message, stream
+from receiver.cluster.agents_kv import KvAgentTable, open_bucket
 from receiver.cluster.metrics import IngestMetrics
 from receiver.config import ReceiverConfig
 from receiver.dedup import StoredBatch
@@ -69,6 +70,13 @@ class StreamDestination:
     @property
     def destination(self) -> StreamDestination:
         return self
+
+    async def agent_table(self) -> KvAgentTable:
+        """This node's part of the agent table, in the stream's ``_agents`` bucket (created with
+        the stream's replicas if missing). Raises StorageUnavailable."""
+        info = await self._js.stream_info(self._stream)
+        kv = await open_bucket(self._js, self._stream, info.config.num_replicas or 1)
+        return KvAgentTable(self._js, kv, self._stream, self._loop)
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):  # stopping: a cluster that is down must not hang us

@@ -1,0 +1,138 @@
+"""KvAgentTable: the agent table of cluster mode, in the key-value bucket ``{STREAM}_agents``.
+
+An ingest node has no data dir, so it keeps its part of the table in JetStream: one key per agent
+and ingest node, ``<agent id, base64url>.<node>``, holding that node's cumulative row for the agent
+(JSON, ``receiver.agents.read_agents``' form). A node only ever writes its own keys, so no write
+races another; a reader (``spoolreceiver agents --nats``, ``GET /v1/agents``, the metrics) merges
+the rows of every node (``receiver.agents.merge``: counters summed, the newest report wins). The
+node name holds the host, pid and start time: a restarted node starts new keys, and the bucket's
+TTL (30 days) drops those of nodes long gone.
+
+Requests touch memory only, as in the standalone table; ``flush`` (once a second, on an executor
+thread) puts the changed agents' keys from the event loop the node's client runs on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Coroutine, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import nats.js.errors
+from nats.js import JetStreamContext, api
+
+from receiver import agents
+from receiver.cluster import stream
+from receiver.errors import StorageUnavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+BUCKET_TTL_S = 30 * 86400.0
+_TIMEOUT_S = 10.0
+
+
+def bucket_name(stream_name: str) -> str:
+    return f"{stream_name}_agents"
+
+
+def _key(agent_id: str, node: str) -> str:
+    return base64.urlsafe_b64encode(agent_id.encode()).decode().rstrip("=") + "." + node
+
+
+async def open_bucket(js: JetStreamContext, stream_name: str, replicas: int) -> object:
+    """The bucket, created if missing. Raises StorageUnavailable."""
+    name = bucket_name(stream_name)
+    with stream.translated("agents bucket"):
+        try:
+            return await js.key_value(name)
+        except nats.js.errors.BucketNotFoundError:
+            return await js.create_key_value(bucket=name, ttl=BUCKET_TTL_S, history=1,
+                                             replicas=replicas, storage=api.StorageType.FILE)
+
+
+async def read_rows(js: JetStreamContext, stream_name: str) -> list[dict[str, object]]:
+    """Every agent's row, merged over the ingest nodes (empty if there is no bucket)."""
+    with stream.translated("agents bucket"):
+        try:
+            kv = await js.key_value(bucket_name(stream_name))
+        except nats.js.errors.BucketNotFoundError:
+            return []
+        rows: list[dict[str, object]] = []
+        watcher = await kv.watchall(ignore_deletes=True)
+        try:
+            while True:
+                entry = await watcher.updates(timeout=_TIMEOUT_S)  # type: ignore[no-untyped-call]
+                if entry is None:  # the initial values are all delivered
+                    break
+                if entry.value:
+                    rows.append(json.loads(entry.value))
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+    return agents.merge(rows)
+
+
+def read_from(urls: tuple[str, ...], stream_name: str) -> list[dict[str, object]]:
+    """``read_rows`` with a client of its own (``spoolreceiver agents --nats``). Blocks; raises
+    StorageUnavailable."""
+    async def read() -> list[dict[str, object]]:
+        nc = await stream.connect(list(urls), "spoolreceiver-agents", timeout_s=_TIMEOUT_S)
+        try:
+            return await read_rows(nc.jetstream(), stream_name)
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
+
+
+class KvAgentTable(agents.AgentTable):
+    """The ingest node's agent table. ``seen``/``count`` as the standalone one (memory only);
+    ``flush``, ``rows`` and ``close`` block on the cluster: never call them on ``loop`` itself."""
+
+    def __init__(self, js: JetStreamContext, kv: object, stream_name: str,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(Path(os.devnull))  # no file: the bucket is the table
+        self._js = js
+        self._kv = kv
+        self._stream = stream_name
+        self._loop = loop
+        self._node = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}".replace(".", "_")
+        self._totals: dict[str, dict[str, object]] = {}
+
+    def create(self) -> None:
+        return
+
+    def _write(self, pending: Mapping[str, agents.Pending]) -> None:
+        changed = {agent_id: agents.apply(self._totals.get(agent_id), agent_id, p)
+                   for agent_id, p in pending.items()}
+        self._run(self._put_all(changed))
+        self._totals.update(changed)  # only once they are in the bucket: a failed flush is redone
+
+    async def _put_all(self, rows: Mapping[str, dict[str, object]]) -> None:
+        with stream.translated("agents bucket"):
+            await asyncio.gather(*(self._kv.put(_key(agent_id, self._node),  # type: ignore[attr-defined]
+                                                json.dumps(row).encode())
+                                   for agent_id, row in rows.items()))
+
+    def rows(self) -> list[dict[str, object]]:
+        self.flush()
+        return self._run(read_rows(self._js, self._stream))
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        try:
+            return asyncio.run_coroutine_threadsafe(coro, self._loop).result(_TIMEOUT_S)
+        except TimeoutError as exc:
+            raise StorageUnavailable("agents bucket: no answer", retry_after_s=5) from exc
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        except StorageUnavailable as exc:
+            log.warning("agent table not flushed at close err=%s", exc)

@@ -212,7 +212,11 @@ def _print_status(s: dict[str, Any]) -> None:
                   "only a restart applies them")
     t = Table("collector", "interval", "state", "pid", "restarts", "last exit", "spooled")
     for c in s["collectors"]:
-        t.add_row(c["name"], f"{c['interval_s']}s", c["state"], str(c.get("pid") or "-"), str(c["restarts"]),
+        state = c["state"]
+        if state == "running" and not c.get("pid"):
+            # the process exited and its output waits to be spooled: say so, not a bare "running"
+            state = "exited, output waits" + (" (spool full)" if sp.get("blocked_since_s") else "")
+        t.add_row(c["name"], f"{c['interval_s']}s", state, str(c.get("pid") or "-"), str(c["restarts"]),
                   "-" if c.get("last_exit") is None else str(c["last_exit"]), str(c.get("lines_spooled", 0)))
     con.print(t)
 

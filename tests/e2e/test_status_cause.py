@@ -51,3 +51,19 @@ def test_full_spool_shows_blocked_with_the_bound(agent_factory: Callable[..., Ag
         assert "spoolagent_spool_blocked 1.0" in resp.read().decode()
     st = js(a, "spool", "stats")
     assert isinstance(st, dict) and (st["max_bytes"], st["when_full"]) == (256 * 1024, "block")
+
+
+def test_interval_collector_whose_output_waits_is_not_shown_as_running(
+        agent_factory: Callable[..., AgentProc], tmp_path: Path) -> None:
+    # finding 6: a blocked interval collector showed `running` with no pid
+    a = _full_spool_agent(agent_factory, _free_port(), "block", 20_000, tmp_path / "progress")
+    a.add_collector("burst.py", "#!/usr/bin/env python3\nimport datetime, sys\n"
+                    "d = datetime.date.today().isoformat()\n"
+                    "sys.stdout.write(''.join(f'burst {d} line {i}\\n' for i in range(2000)))\n", interval=1)
+
+    def waiting() -> bool:
+        c = next((c for c in a.get_status()["collectors"] if c["name"] == "burst"), None)
+        return bool(c and c["state"] == "running" and not c["pid"])
+    wait_until(waiting, 60, what="the interval collector exited with its output waiting")
+    row = next(ln for ln in a.cli("status").stdout.splitlines() if ln.lstrip("│ ").startswith("burst"))
+    assert "exited, output waits" in row, row

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from receiver import body, config
 from receiver.errors import BadRequest, BodyTooLarge, ConfigError
-from receiver.validate import LineChecker
+from receiver.validate import MAX_REJECTED_KEPT, LineChecker
 from spoolagent import protocol
 from spoolagent.errors import InvalidLine
 
@@ -188,3 +188,20 @@ def test_config_errors_are_all_named_at_once(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         config.load({}, None, {})
     assert [ln.split(":", 1)[0] for ln in str(info.value).splitlines()] == ["data_dir", "listen"]
+
+
+
+def test_check_chunks_across_segments_counts_every_line_and_keeps_a_bounded_sample() -> None:
+    kinds = [b"web 2026-01-01 v%d", b"", b"x%d", b"bad 2026-13-01 %d", b"app 2026-01-02 w%d"]
+    lines = [kinds[i % 5].replace(b"%d", str(i).encode()) for i in range(200_000)]
+    body_ = b"\n".join(lines) + b"\n" + b"x\n" * (1 << 20) + b"web 2026-01-01 last"  # > 1 MiB segments
+    whole = LineChecker(1024).check(body_)
+    cuts = [0, 1, 4095, 1 << 20, (1 << 20) + 7, 3_000_000, len(body_)]
+    chunked = LineChecker(1024).check_chunks(body_[a:b] for a, b in zip(cuts, cuts[1:], strict=False))
+    for got in (whole, chunked):
+        assert got.stored == 80_001
+        assert got.rejected_count == 120_000 + (1 << 20)
+        assert len(got.rejected) == MAX_REJECTED_KEPT and got.omitted == got.rejected_count - MAX_REJECTED_KEPT
+        assert [r.line_no for r in got.rejected[:3]] == [2, 3, 4]
+        assert got.parts["web_2026-01-01.dat"].endswith(b"v199995\nlast\n")
+    assert chunked.parts == whole.parts and chunked.omitted_bytes == whole.omitted_bytes

@@ -20,13 +20,12 @@ import fnmatch
 import glob
 import os
 import re
-import select
 import stat
 import sys
 import time
 from typing import Any
 
-from spoolagent_collectors.lib import tail_token
+from spoolagent_collectors.lib import tail_token, tail_watch
 from spoolagent_collectors.lib.common import err, stop_on_signals
 from spoolagent_collectors.lib.tail_records import Pending, RecordCutter
 
@@ -43,15 +42,12 @@ try:
 except ImportError:  # pragma: no cover - depends on the platform
     inotify_simple = None
 
-EXIT_DONT_RESTART = 13
 READ_CHUNK = 256 * 1024
 PASS_BUDGET = 8 * 1024 * 1024  # per file per pass, so one busy file cannot starve the others
 CP_BYTES = 512 * 1024  # checkpoint at least this often (output bytes) ...
 CP_INTERVAL_S = 0.2  # ... and at least this often while busy
 MIN_PASS_GAP_S = 0.05  # coalesce wake-ups from a writer that writes line by line
 POLL_MIN_S, POLL_MAX_S = 0.05, 1.0
-_DIR_EVENTS = 0x100 | 0x80 | 0x40 | 0x200 | 0x4000 | 0x400 | 0x800  # create/moved/delete/ovfl/self
-_IN_IGNORED = 0x8000  # the watch is gone (its directory was removed)
 _MAGIC = re.compile(r"[*?[]")
 
 
@@ -194,7 +190,7 @@ class Tailer:
         if directory in self.watched:
             return True
         try:
-            self.inotify.add_watch(directory, 0x2 | 0x4 | 0x8 | _DIR_EVENTS)  # +modify/attrib/close
+            self.inotify.add_watch(directory, tail_watch.FILE_EVENTS | tail_watch.DIR_EVENTS)
             self.watched.add(directory)
             return True
         except OSError:
@@ -375,7 +371,7 @@ def main() -> int:
                 timeout = min(timeout, tailer.last_cp + CP_INTERVAL_S - now)
             if tailer.more:
                 timeout = 0.0
-            rescan = _wait(tailer, wake_r, max(0.0, timeout))
+            rescan = tail_watch.wait(tailer.inotify, tailer.watched, wake_r, max(0.0, timeout))
             if rescan or (timed_scan and time.monotonic() >= next_scan):
                 tailer.scan()
                 next_scan = time.monotonic() + cfg.glob_interval_s
@@ -383,26 +379,6 @@ def main() -> int:
     except BrokenPipeError:  # the agent is gone: nobody to tell
         return 1
     return 0
-
-
-def _wait(tailer: Tailer, wake_r: int, timeout_s: float) -> bool:
-    """Sleep until a file event, a signal or the timeout. True if a directory changed."""
-    fds = [wake_r] + ([tailer.inotify.fileno()] if tailer.inotify is not None else [])
-    ready, _, _ = select.select(fds, [], [], timeout_s)
-    rescan = False
-    if wake_r in ready:
-        try:
-            os.read(wake_r, 4096)
-        except BlockingIOError:
-            pass
-    if tailer.inotify is not None and tailer.inotify.fileno() in ready:
-        for event in tailer.inotify.read(timeout=0):
-            if event.mask & _DIR_EVENTS:
-                rescan = True
-            if event.mask & _IN_IGNORED:
-                tailer.watched.clear()  # re-added (where they still exist) by the next scan
-                rescan = True
-    return rescan
 
 
 if __name__ == "__main__":

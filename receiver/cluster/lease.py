@@ -88,6 +88,7 @@ class Leases:
         self.ttl_s = ttl_s
         self._revision: dict[int, int] = {}
         self._renewed: dict[int, float] = {}
+        self._faults = stream.Faults("lease renewal")
 
     @classmethod
     async def open(cls, js: JetStreamContext, bucket: str, holder: Holder) -> Leases:
@@ -131,6 +132,7 @@ class Leases:
                 with stream.translated("lease renewal"):
                     await self._renew_one(p)
                 self._renewed[p] = started
+                self._faults.ok(p)
             except _Lost as exc:
                 log.error("lease lost partition=%d err=%s", p, exc)
                 self.drop(p)
@@ -142,7 +144,7 @@ class Leases:
                     self.drop(p)
                     lost.append(p)
                 else:
-                    log.warning("lease renewal failed, retrying partition=%d err=%s", p, exc)
+                    self._faults.failed(p, exc)
         return lost
 
     async def _renew_one(self, p: int) -> None:

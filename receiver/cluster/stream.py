@@ -75,6 +75,26 @@ def partitions_of(info: api.StreamInfo) -> int:
         return 1
 
 
+class Faults:
+    """Summarised logging of a retried fault per key (a partition): the first failure at WARNING,
+    then nothing until it works again, then one INFO line with the count."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._failures: dict[int, int] = {}
+
+    def failed(self, key: int, exc: object) -> None:
+        n = self._failures.get(key, 0) + 1
+        self._failures[key] = n
+        if n == 1:
+            log.warning("%s failed, retrying partition=%d err=%s", self._what, key, exc)
+
+    def ok(self, key: int) -> None:
+        n = self._failures.pop(key, 0)
+        if n:
+            log.info("%s works again partition=%d failures=%d", self._what, key, n)
+
+
 def retry_after_s() -> int:
     return random.randint(*_RETRY_AFTER_S)
 

@@ -88,6 +88,8 @@ class Writer:
         self._metrics = metrics
         self._stopping = asyncio.Event()
         self._consumers: dict[int, asyncio.Task[None]] = {}
+        self._fetch_faults = stream.Faults("fetch")
+        self._waiting: dict[int, str] = {}  # partition -> why it was not taken back, last round
 
     def stop(self) -> None:
         self._stopping.set()
@@ -140,8 +142,11 @@ class Writer:
             try:
                 await self._leases.acquire(p)
             except ReceiverError as exc:  # LeaseHeld or still unreachable: try again later
-                log.info("partition not taken back yet partition=%d err=%s", p, exc)
+                if self._waiting.get(p) != str(exc):  # once per reason, not every round
+                    log.info("partition not taken back yet partition=%d err=%s", p, exc)
+                    self._waiting[p] = str(exc)
                 continue
+            self._waiting.pop(p, None)
             log.info("lease taken back partition=%d", p)
             self._metrics.lease.labels(str(p)).set(1)
             self._consumers[p] = asyncio.create_task(self._consume(p), name=f"consume-p{p}")
@@ -187,9 +192,10 @@ class Writer:
             except TimeoutError:  # nothing came (nats-py raises asyncio's, or its own subclass)
                 continue
             except nats.errors.Error as exc:
-                log.warning("fetch failed partition=%d err=%s", p, exc)
+                self._fetch_faults.failed(p, exc)
                 await asyncio.sleep(0.5)
                 continue
+            self._fetch_faults.ok(p)
             await self._store_messages(p, msgs)
         log.info("partition stopped partition=%d held=%s", p, self._leases.held(p))
 

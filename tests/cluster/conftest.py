@@ -75,7 +75,7 @@ def writer_factory(tmp_path: Path, nats_cluster: NatsCluster) -> Iterator[Callab
 def pipeline(tmp_path: Path, stream_name: str, ingest_factory: Callable[..., IngestProc],
              writer_factory: Callable[..., WriterProc],
              agent_factory: Callable[..., AgentProc]) -> Callable[..., Pipeline]:
-    """``pipeline(nodes=2, lines=8000, delay=0.05)``: a running Pipeline on this test's stream,
+    """``pipeline(nodes=2, lines=8000, delay=0.3)``: a running Pipeline on this test's stream,
     its collectors past their first checkpoint."""
 
     def make(**kw: Any) -> Pipeline:

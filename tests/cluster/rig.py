@@ -6,6 +6,7 @@ Nodes can be SIGKILLed, restarted on the same ports and store, and frozen (SIGST
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -180,7 +181,14 @@ class WriterProc:
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> int | None:
         return stop_process(self.proc, sig, timeout_s, group=True)
 
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` (SIGSTOP, SIGCONT) without waiting."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, sig)
+
     def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.signal(signal.SIGCONT)  # a frozen writer must be able to die
         self.stop(signal.SIGKILL)
 
 
@@ -233,8 +241,10 @@ class Pipeline:
 def start_pipeline(base: Path, stream: str, ingest_factory: Callable[..., IngestProc],
                    writer_factory: Callable[..., WriterProc],
                    agent_factory: Callable[..., AgentProc], *, nodes: int = 2, lines: int = 8000,
-                   delay: float = 0.05) -> Pipeline:
-    ingest = [ingest_factory(stream) for _ in range(nodes)]
+                   delay: float = 0.3, first_node_args: tuple[str, ...] = ()) -> Pipeline:
+    """By default 3 sources x 8,000 lines at ~333 lines/s each: they write for ~24 s, so that
+    the faults (an election takes up to ~10 s on a loaded machine) hit a pipeline still busy."""
+    ingest = [ingest_factory(stream, *(first_node_args if i == 0 else ())) for i in range(nodes)]
     writer = writer_factory(stream)
     work = steady_workload(base / "w", lines, delay=delay)
     agent = start_agent(agent_factory, [n.url for n in ingest], work)

@@ -5,9 +5,12 @@ partitions (and a third refused), a full stream."""
 
 from __future__ import annotations
 
+import json
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -28,7 +31,7 @@ DAY = "2026-11-30"
 
 def test_agent_fails_over_between_ingest_nodes_exactly_once(
         pipeline: Callable[..., Pipeline]) -> None:
-    p = pipeline()
+    p = pipeline(first_node_args=("--processes", "2"))  # each worker its own NATS connection
     p.progress(1500)
     p.nodes[0].kill()  # the agent's preferred node: it fails over to the other
     p.progress(3000)
@@ -108,6 +111,52 @@ def test_full_stream_answers_503_and_nothing_is_lost_once_the_writer_catches_up(
     wait_until(refused, 60, what="the full stream refusing batches (503)")
     st = agent.get_status()
     assert st["spool"]["ready_batches"] + st["spool"]["inflight_batches"] > 0  # kept, not lost
+    status = _status(nats_cluster, name)
+    assert status["bytes"] > 0 and status["max_bytes"] == 96 * 1024
+    waiting = [p for p in status["parts"] if p["waiting"]]
+    assert waiting and all(p["oldest_age_s"] is not None and p["holder"] is None for p in waiting)
     w = writer_factory(name)
+    assert all(p["holder"] for p in _status(nats_cluster, name)["parts"])
     work.settle(agent, w.data_dir, timeout_s=120)
     work.verify(w.data_dir).assert_exactly_once("full-a", "full-b")
+
+
+def test_a_writer_that_lost_its_lease_writes_nothing_more(
+        tmp_path: Path, nats_cluster: NatsCluster, ingest_factory: Callable[..., IngestProc],
+        writer_factory: Callable[..., WriterProc], stream_name: str) -> None:
+    node = ingest_factory(stream_name)
+    old = writer_factory(stream_name, data_dir=tmp_path / "old", name="old")
+    put = _putter(node.url)
+    put("before")
+    wait_until(lambda: (old.data_dir / f"lease_{DAY}.dat").exists(), 30, what="the old writer")
+    old.signal(signal.SIGSTOP)  # frozen past its lease TTL (6 s): the lease expires
+    try:
+        wait_until(lambda: not any(p["holder"] for p in _status(nats_cluster, stream_name)["parts"]),
+                   30, interval_s=0.5, what="the frozen writer's leases expired")
+        new = writer_factory(stream_name, "--name", "new", data_dir=tmp_path / "new", name="new")
+        put("after")
+    finally:
+        old.signal(signal.SIGCONT)
+    wait_until(lambda: (new.data_dir / f"lease_{DAY}.dat").exists(), 30, what="the new writer")
+    # the resumed writer finds its leases lost and writes nothing more; the new one has it all
+    put("later")
+    wait_until(lambda: (new.data_dir / f"lease_{DAY}.dat").read_bytes().count(b"\n") == 2, 30,
+               what="both later batches with the new writer")
+    wait_until(lambda: "lease lost" in old.log_text() or "not renewed in time" in old.log_text(),
+               30, what="the old writer noticing its loss")
+    assert (old.data_dir / f"lease_{DAY}.dat").read_bytes() == b"before\n"
+
+
+def _putter(url: str) -> Callable[[str], None]:
+    def put(text: str) -> None:
+        body = b"lease %s %s\n" % (DAY.encode(), text.encode())
+        r = httpx.put(f"{url}/v1/batches/lease-{text}", content=body, timeout=30)
+        assert r.status_code == 201, r.text
+
+    return put
+
+
+def _status(nats_cluster: NatsCluster, stream: str) -> dict[str, Any]:
+    done = run_cli("stream", "status", "--nats", nats_cluster.urls, "--stream", stream, "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)  # type: ignore[no-any-return]

@@ -53,7 +53,7 @@ def test_the_stream_leader_frozen_past_the_election_timeout(
 
 
 def test_the_writer_killed_at_random_moments(pipeline: Callable[..., Pipeline]) -> None:
-    p = pipeline(nodes=1, lines=10_000, delay=0.03)
+    p = pipeline(nodes=1, lines=12_000, delay=0.15)  # ~18 s of writing
     rng = random.Random(14)
     for _ in range(5):
         p.progress(rng.randint(200, 1200))

@@ -245,7 +245,11 @@ class AgentTable:
             raise StorageUnavailable(f"agent table {self.path}: {exc}", retry_after_s=5) from exc
 
     def flush_quietly(self) -> None:
-        """``flush``, logging instead of raising (the changes wait for the next one). For a timer."""
+        """``flush``, logging instead of raising (the changes wait for the next one). For a timer:
+        a tick while a flush still runs (a slow disk or cluster) does nothing, so ticks never pile
+        up on the executor's threads."""
+        if self._flush_lock.locked():
+            return
         try:
             self.flush()
         except Exception as exc:  # the top of a periodic job
@@ -294,50 +298,6 @@ def read_agents(state_dir: Path) -> list[dict[str, object]]:
         raise StorageUnavailable(f"agent table {path}: {exc}", retry_after_s=5) from exc
 
 
-def apply(row: dict[str, object] | None, agent_id: str, p: Pending) -> dict[str, object]:
-    """``row`` (``read_agents``' form, None for a new agent) with the changes ``p`` added: the
-    same rules as the SQLite upsert (counters add up, the newest report wins)."""
-    out: dict[str, object] = dict(row) if row is not None else {
-        "agent_id": agent_id, "first_seen": p.first_seen, "last_seen": p.last_seen, "version": None,
-        "host": None, "remote": None, **dict.fromkeys(COUNTERS, 0),
-        **dict.fromkeys(SUMMARY_KEYS.values()), "reported_at": None}
-    newer = p.last_seen >= _num(out["last_seen"])
-    out["first_seen"] = min(_num(out["first_seen"]), p.first_seen)
-    out["last_seen"] = max(_num(out["last_seen"]), p.last_seen)
-    if newer:
-        out["version"] = p.version or out["version"]
-        out["host"] = p.host or out["host"]
-        out["remote"] = p.remote or out["remote"]
-    for c in COUNTERS:
-        out[c] = int(_num(out[c])) + p.counts[c]
-    if p.backlog and (p.reported_at or 0) >= _num(out["reported_at"]):
-        for column in SUMMARY_KEYS.values():
-            out[column] = p.backlog.get(column)
-        out["reported_at"] = p.reported_at
-    return out
-
-
-def merge(rows: Sequence[Mapping[str, object]]) -> list[dict[str, object]]:
-    """Rows of the same agents kept apart (one per ingest node) -> one row per agent: counters
-    summed, first seen the earliest, the rest from the newest."""
-    out: dict[str, dict[str, object]] = {}
-    for r in sorted(rows, key=lambda r: _num(r["last_seen"])):
-        agent_id = str(r["agent_id"])
-        have = out.get(agent_id)
-        if have is None:
-            out[agent_id] = dict(r)
-            continue
-        for c in COUNTERS:
-            have[c] = int(_num(have[c])) + int(_num(r[c]))
-        have["first_seen"] = min(_num(have["first_seen"]), _num(r["first_seen"]))
-        for key in ("last_seen", "version", "host", "remote"):
-            have[key] = r[key] if r[key] is not None else have[key]
-        if _num(r["reported_at"]) >= _num(have["reported_at"]) and r["reported_at"] is not None:
-            for column in (*SUMMARY_KEYS.values(), "reported_at"):
-                have[column] = r[column]
-    return list(out.values())
-
-
 def listing(rows: Sequence[Mapping[str, object]], *, now: float, silent_for_s: float | None = None,
             sort: str = "id") -> list[dict[str, object]]:
     """The JSON of ``spoolreceiver agents`` and ``GET /v1/agents``: one object per agent, only
@@ -345,7 +305,7 @@ def listing(rows: Sequence[Mapping[str, object]], *, now: float, silent_for_s: f
     backlog, last_seen and lines: largest first)."""
     out = []
     for r in rows:
-        silent_s = max(0.0, now - _num(r["last_seen"]))
+        silent_s = max(0.0, now - num(r["last_seen"]))
         if silent_for_s is not None and silent_s < silent_for_s:
             continue
         out.append({
@@ -357,9 +317,9 @@ def listing(rows: Sequence[Mapping[str, object]], *, now: float, silent_for_s: f
                         "reported_at": r["reported_at"]},
         })
     keys = {"id": lambda a: (str(a["id"]),),
-            "last_seen": lambda a: (-_num(a["last_seen"]), str(a["id"])),
-            "lines": lambda a: (-_num(a["lines"]), str(a["id"])),
-            "backlog": lambda a: (-_num(_backlog(a, "lines")), -_num(_backlog(a, "bytes")), str(a["id"]))}
+            "last_seen": lambda a: (-num(a["last_seen"]), str(a["id"])),
+            "lines": lambda a: (-num(a["lines"]), str(a["id"])),
+            "backlog": lambda a: (-num(_backlog(a, "lines")), -num(_backlog(a, "bytes")), str(a["id"]))}
     out.sort(key=keys[sort])
     return out
 
@@ -369,7 +329,7 @@ def _backlog(agent: Mapping[str, object], key: str) -> object:
     return backlog.get(key) if isinstance(backlog, dict) else None
 
 
-def _num(value: object) -> float:
+def num(value: object) -> float:
     return float(value) if isinstance(value, int | float) else 0.0
 
 
@@ -390,9 +350,9 @@ def fleet_summary(rows: Sequence[Mapping[str, object]], *, now: float,
     """Counts over ``rows`` (``read_agents``) for the metrics."""
     return FleetSummary(
         known=len(rows),
-        active={w: sum(1 for r in rows if now - _num(r["last_seen"]) <= w) for w in windows_s},
-        backlog_max_lines=int(max((_num(r["backlog_lines"]) for r in rows), default=0)),
-        backlog_max_bytes=int(max((_num(r["backlog_bytes"]) for r in rows), default=0)),
-        backlog_max_oldest_s=max((_num(r["backlog_oldest_s"]) for r in rows), default=0.0),
-        with_dead_letters=sum(1 for r in rows if _num(r["dead_letters"]) > 0),
+        active={w: sum(1 for r in rows if now - num(r["last_seen"]) <= w) for w in windows_s},
+        backlog_max_lines=int(max((num(r["backlog_lines"]) for r in rows), default=0)),
+        backlog_max_bytes=int(max((num(r["backlog_bytes"]) for r in rows), default=0)),
+        backlog_max_oldest_s=max((num(r["backlog_oldest_s"]) for r in rows), default=0.0),
+        with_dead_letters=sum(1 for r in rows if num(r["dead_letters"]) > 0),
     )

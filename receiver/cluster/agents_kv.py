@@ -4,7 +4,7 @@ An ingest node has no data dir, so it keeps its part of the table in JetStream: 
 and ingest node, ``<agent id, base64url>.<node>``, holding that node's cumulative row for the agent
 (JSON, ``receiver.agents.read_agents``' form). A node only ever writes its own keys, so no write
 races another; a reader (``spoolreceiver agents --nats``, ``GET /v1/agents``, the metrics) merges
-the rows of every node (``receiver.agents.merge``: counters summed, the newest report wins). The
+the rows of every node (``merge``: counters summed, the newest report wins). The
 node name holds the host, pid and start time: a restarted node starts new keys, and the bucket's
 TTL (30 days) drops those of nodes long gone.
 
@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -76,7 +76,7 @@ async def read_rows(js: JetStreamContext, stream_name: str) -> list[dict[str, ob
                     rows.append(json.loads(entry.value))
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
-    return agents.merge(rows)
+    return merge(rows)
 
 
 def read_from(urls: tuple[str, ...], stream_name: str) -> list[dict[str, object]]:
@@ -90,6 +90,50 @@ def read_from(urls: tuple[str, ...], stream_name: str) -> list[dict[str, object]
             await nc.close()
 
     return asyncio.run(read())
+
+
+def _apply(row: dict[str, object] | None, agent_id: str, p: agents.Pending) -> dict[str, object]:
+    """``row`` (``read_agents``' form, None for a new agent) with the changes ``p`` added: the
+    same rules as the SQLite upsert (counters add up, the newest report wins)."""
+    out: dict[str, object] = dict(row) if row is not None else {
+        "agent_id": agent_id, "first_seen": p.first_seen, "last_seen": p.last_seen, "version": None,
+        "host": None, "remote": None, **dict.fromkeys(agents.COUNTERS, 0),
+        **dict.fromkeys(agents.SUMMARY_KEYS.values()), "reported_at": None}
+    newer = p.last_seen >= agents.num(out["last_seen"])
+    out["first_seen"] = min(agents.num(out["first_seen"]), p.first_seen)
+    out["last_seen"] = max(agents.num(out["last_seen"]), p.last_seen)
+    if newer:
+        out["version"] = p.version or out["version"]
+        out["host"] = p.host or out["host"]
+        out["remote"] = p.remote or out["remote"]
+    for c in agents.COUNTERS:
+        out[c] = int(agents.num(out[c])) + p.counts[c]
+    if p.backlog and (p.reported_at or 0) >= agents.num(out["reported_at"]):
+        for column in agents.SUMMARY_KEYS.values():
+            out[column] = p.backlog.get(column)
+        out["reported_at"] = p.reported_at
+    return out
+
+
+def merge(rows: Sequence[Mapping[str, object]]) -> list[dict[str, object]]:
+    """Rows of the same agents kept apart (one per ingest node) -> one row per agent: counters
+    summed, first seen the earliest, the rest from the newest."""
+    out: dict[str, dict[str, object]] = {}
+    for r in sorted(rows, key=lambda r: agents.num(r["last_seen"])):
+        agent_id = str(r["agent_id"])
+        have = out.get(agent_id)
+        if have is None:
+            out[agent_id] = dict(r)
+            continue
+        for c in agents.COUNTERS:
+            have[c] = int(agents.num(have[c])) + int(agents.num(r[c]))
+        have["first_seen"] = min(agents.num(have["first_seen"]), agents.num(r["first_seen"]))
+        for key in ("last_seen", "version", "host", "remote"):
+            have[key] = r[key] if r[key] is not None else have[key]
+        if agents.num(r["reported_at"]) >= agents.num(have["reported_at"]) and r["reported_at"] is not None:
+            for column in (*agents.SUMMARY_KEYS.values(), "reported_at"):
+                have[column] = r[column]
+    return list(out.values())
 
 
 class KvAgentTable(agents.AgentTable):
@@ -110,7 +154,7 @@ class KvAgentTable(agents.AgentTable):
         return
 
     def _write(self, pending: Mapping[str, agents.Pending]) -> None:
-        changed = {agent_id: agents.apply(self._totals.get(agent_id), agent_id, p)
+        changed = {agent_id: _apply(self._totals.get(agent_id), agent_id, p)
                    for agent_id, p in pending.items()}
         self._run(self._put_all(changed))
         self._totals.update(changed)  # only once they are in the bucket: a failed flush is redone

@@ -66,8 +66,9 @@ class Agent:
                              ca_file=str(cfg.sender.ca_file) if cfg.sender.ca_file else None,
                              max_backoff_s=cfg.sender.max_backoff_s, failover_after=cfg.sender.failover_after,
                              balance=cfg.sender.balance,
-
                              identity=Identity(cfg.agent.id, __version__, self.spool.stats).headers)
+        self.heartbeat = Heartbeat(interval_s=cfg.sender.heartbeat_s, beat=self.sender.heartbeat,
+                                   last_request_s=self.sender.last_request_s, stopping=self.stopping)
         self.writer = SpoolWriter(self.spool, stopping=self.stopping, on_error=self._note_error)
         self._settings: dict[str, dict[str, Any]] = {k: dict(v) for k, v in cfg.collectors.items()}
         self.batchers = Batchers(
@@ -174,7 +175,8 @@ class Agent:
                             collectors_dir=str(self.cfg.agent.collectors_dir)),
             collectors=collectors,
             spool=self.spool.stats(),
-            sender={**self.sender.state(), **self.sender.stats()},
+            sender={**self.sender.state(), **self.sender.stats(),
+                    "heartbeats_sent": self.heartbeat.sent, "heartbeats_failed": self.heartbeat.failed},
             # records read (checkpoint lines not; over-long lines never reach a batcher)
             lines=LineCounts(read=totals["lines_read"] + sup.get("overlong_lines_total", 0),
                              spooled=totals["lines_spooled"], checkpoints=totals["checkpoints"],
@@ -307,9 +309,7 @@ class Agent:
             self._start_thread(self._send_loop, f"sender-{i}")
         self._start_thread(lambda: self.batchers.flush_loop(self.stopping), "flusher")
         if self.cfg.sender.heartbeat_s > 0:
-            beat = Heartbeat(interval_s=self.cfg.sender.heartbeat_s, beat=self.sender.heartbeat,
-                             last_request_s=self.sender.last_request_s, stopping=self.stopping)
-            self._start_thread(beat.run, "heartbeat")
+            self._start_thread(self.heartbeat.run, "heartbeat")
         self.writer.start()
         self.supervisor.start()
         log.info("agent running status=%s", self.status.url if self.status else "off")

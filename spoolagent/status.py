@@ -104,6 +104,11 @@ class _AgentCollector(Collector):
         yield counter("sender_requests", "HTTP requests the sender made (retries and reconnects included).",
                       sender.get("requests_total"))
         yield counter("sender_failovers", "Moves to the next URL in [sender] receivers.", sender.get("failovers"))
+        beats = CounterMetricFamily("spoolagent_heartbeats", "Heartbeats (PUT /v1/heartbeat) sent while idle, "
+                                    "by answer: ok (2xx) or failed.", labels=["result"])
+        beats.add_metric(["ok"], _num(sender.get("heartbeats_sent")))
+        beats.add_metric(["failed"], _num(sender.get("heartbeats_failed")))
+        yield beats
         yield counter("spool_errors", "Failed spool writes (disk full, I/O errors); retried.",
                       s.spool_errors)
         corrupt = s.spool_corrupt

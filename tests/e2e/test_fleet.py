@@ -74,6 +74,8 @@ def test_agents_listed_with_counts_and_a_stopped_one_goes_silent(
     assert "web-01" not in silent and "db-01" not in silent, silent
     beating = _agents(receiver)
     assert beating["web-01"]["heartbeats"] > 0 and beating["db-01"]["heartbeats"] > 0
+    assert fleet["web-01"].get_status()["sender"]["heartbeats_sent"] > 0
+    assert quiet.get_status()["sender"]["heartbeats_sent"] == 0
     text = httpx.get(receiver.url + "/metrics", timeout=10).text
     assert re.search(r'^spoolreceiver_agents_known 4\.0$', text, re.M), text
 

@@ -5,7 +5,8 @@ instead of appended to files. ``receiver.ingest.Ingestor`` drives it exactly as 
 - ``lookup(batch_id)``: always None: an ingest node keeps no state; the stream's duplicate window
   and the writer's dedup index answer resends;
 - ``submit(batch) -> Future[Stored]``: thread-safe, never blocks; the batch's messages
-  (``message.split``) are published concurrently on the event loop, and the future resolves once
+  (``message.split``) are published on the event loop, the partitions concurrently and the
+  pieces of one partition in order, and the future resolves once
   every one is acknowledged by the stream (stored on a quorum of replicas): ``duplicate`` when
   every message was a duplicate within the window. It fails with StorageUnavailable (503 +
   Retry-After) when the stream is unavailable, has no quorum or is full; the agent keeps the batch
@@ -92,8 +93,12 @@ class StreamDestination:
         await self._refresh()
         messages = message.split(batch, self._partitions, self._nc.max_payload)
         started = time.monotonic()
-        try:
-            acks = await asyncio.gather(*(self._publish_one(m) for m in messages))
+        by_partition: dict[int, list[message.Message]] = {}
+        for m in messages:
+            by_partition.setdefault(m.partition, []).append(m)
+        try:  # partitions at once; the pieces of one partition in order, so its lines keep theirs
+            acks = [a for part in await asyncio.gather(
+                *(self._publish_in_order(ms) for ms in by_partition.values())) for a in part]
         except StorageUnavailable:
             self._metrics.stream_errors.inc()
             raise
@@ -101,6 +106,9 @@ class StreamDestination:
         self._metrics.messages.inc(len(messages))
         duplicate = batch.batch_id is not None and all(a.duplicate for a in acks)
         return Stored(batch.stored, batch.rejected, duplicate)
+
+    async def _publish_in_order(self, messages: list[message.Message]) -> list[api.PubAck]:
+        return [await self._publish_one(m) for m in messages]
 
     async def _publish_one(self, m: message.Message) -> api.PubAck:
         headers = {message.FORMAT_HEADER: message.FORMAT}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import re
 from collections.abc import Callable
 
@@ -142,3 +143,21 @@ def test_cluster_metrics_are_the_documented_ones(
     documented = set(re.findall(r"^\| `(spoolreceiver_(?:stream|writer)_[a-z_]+)`",
                                 (ROOT / "docs" / "scaling.md").read_text(), re.M))
     assert exposed == documented
+
+
+def test_a_batch_over_max_payload_is_split_not_refused(
+        ingest_factory: Callable[..., IngestProc], writer_factory: Callable[..., WriterProc],
+        stream_name: str) -> None:
+    node = ingest_factory(stream_name)
+    w = writer_factory(stream_name)
+    # ~3 MiB of hex (compresses to ~1.6 MiB): over the servers' 1 MiB max_payload
+    data = b"".join(os.urandom(32).hex().encode() + b"\n" for _ in range(48_000))
+    body = b"".join(b"big " + DAY.encode() + b" " + line for line in data.splitlines(keepends=True))
+    r = httpx.put(f"{node.url}/v1/batches/big-1", content=body, timeout=60)
+    assert r.status_code == 201 and r.json()["stored"] == 48_000, r.text
+    again = httpx.put(f"{node.url}/v1/batches/big-1", content=body, timeout=60)
+    assert again.status_code == 200 and again.json()["duplicate"] is True  # every piece a duplicate
+    target = w.data_dir / f"big_{DAY}.dat"
+    wait_until(lambda: target.exists() and target.stat().st_size == len(data), 30,
+               what="every piece stored")
+    assert target.read_bytes() == data  # the pieces in order: the batch's lines keep theirs

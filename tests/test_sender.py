@@ -479,11 +479,13 @@ def test_dead_receiver_backs_off_and_logs_a_summary(servers: MakeServer, senders
         t.join(10)
         assert "error" not in out, out
     attempts = sender.stats()["batches_retried"]
-    # two threads, dozens of failed attempts: one WARNING at the start, a summary per period
-    assert len(messages(caplog, "send failed")) == 1
+    # two threads, dozens of failed attempts: one WARNING at the start, a summary per period (and
+    # on a loaded machine perhaps a second: the other thread's 503, sent before the switch to 201,
+    # answered after the first thread's success ended the episode)
+    assert 1 <= len(messages(caplog, "send failed")) <= 2
     summaries = messages(caplog, "send still failing")
     assert 1 <= len(summaries) < attempts / 4
-    assert len(messages(caplog, "send recovered")) == 1
+    assert len(messages(caplog, "send recovered")) == len(messages(caplog, "send failed"))
 
 
 def test_closed_sender_raises_receiver_unavailable(servers: MakeServer,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -46,7 +45,7 @@ from receiver.lifecycle import Lifecycle
 from receiver.metrics import Metrics
 from receiver.store import PartitionedStore
 from receiver.tcp import LineServer
-from spoolcore import sdnotify
+from spoolcore import proc, sdnotify
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +125,7 @@ def _metrics_dir() -> Path:
     root = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
     for old in root.glob(f"{_METRICS_PREFIX}*"):
         pid = old.name[len(_METRICS_PREFIX):]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not proc.pid_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     mine = root / f"{_METRICS_PREFIX}{os.getpid()}"
     shutil.rmtree(mine, ignore_errors=True)
@@ -134,22 +133,9 @@ def _metrics_dir() -> Path:
     return mine
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _write_ready(path: Path | None, ready: dict[str, object]) -> None:
-    if path is None:
-        return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(ready))
-    os.replace(tmp, path)  # atomic: a reader sees the whole file or none
+    if path is not None:
+        proc.write_json(path, ready)
 
 
 def _ssl_context(cfg: ReceiverConfig) -> ssl.SSLContext | None:

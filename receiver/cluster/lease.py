@@ -33,6 +33,7 @@ from nats.js.kv import KeyValue
 
 from receiver.cluster import stream
 from receiver.errors import ReceiverError
+from spoolcore import proc
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class Holder:
 
     def replaceable_by(self, me: Holder) -> bool:
         """True if this holder is ``me`` restarted (see the module docstring)."""
-        return self.host == me.host and (self.pid == me.pid or not _pid_alive(self.pid))
+        return self.host == me.host and (self.pid == me.pid or not proc.pid_alive(self.pid))
 
 
 def me(name: str | None) -> Holder:
@@ -178,14 +179,3 @@ class Leases:
 class _Lost(Exception):
     pass
 
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

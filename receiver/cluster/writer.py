@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -46,6 +45,7 @@ from receiver.dedup import DedupIndex
 from receiver.errors import ConfigError, ReceiverError, RetryableError
 from receiver.lifecycle import Lifecycle
 from receiver.store import Batch, PartitionedStore
+from spoolcore import proc
 
 log = logging.getLogger(__name__)
 
@@ -266,8 +266,9 @@ async def _serve(cfg: WriterConfig, store: PartitionedStore, dedup: DedupIndex) 
                 loop.add_signal_handler(sig, writer.stop)
             http = _metrics_server(cfg.listen, registry)
             purger = asyncio.create_task(_purge(dedup, cfg.dedup_retention_s))
-            _write_ready(cfg.ready_file, {"pid": os.getpid(), "partitions": partitions,
-                                          "http": http[1] if http else None})
+            if cfg.ready_file is not None:
+                proc.write_json(cfg.ready_file, {"pid": os.getpid(), "partitions": partitions,
+                                                 "http": http[1] if http else None})
             log.info("writer running partitions=%s stream=%s data_dir=%s", partitions, cfg.stream,
                      cfg.data_dir)
             try:
@@ -319,14 +320,6 @@ def _metrics_server(listen: Endpoint | None, registry: prometheus_client.Collect
     server.add_sockets(socks)
     host, port = socks[0].getsockname()[:2]
     return server, f"{host}:{port}"
-
-
-def _write_ready(path: Path | None, ready: dict[str, object]) -> None:
-    if path is None:
-        return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(ready))
-    os.replace(tmp, path)  # atomic: a reader sees the whole file or none
 
 
 def run(cfg: WriterConfig) -> int:

@@ -167,16 +167,19 @@ _NOT_COLLECTING = {"exited": "exited 13, not restarted until its file or setting
 def _collectors_line(collectors: list[dict[str, Any]]) -> str:
     """``collectors 3 running, 1 exited; not collecting: tail (exited 13, ...)``: a collector that
     stopped shows in the top lines, not only in the table below."""
+    from rich.markup import escape as esc
+
     counts: dict[str, int] = {}
     for c in collectors:
         counts[c["state"]] = counts.get(c["state"], 0) + 1
     line = "collectors " + (", ".join(f"{n} {st}" for st, n in sorted(counts.items())) or "none")
-    down = [f"{c['name']} ({_NOT_COLLECTING[c['state']]}; last exit {c.get('last_exit')}, "
-            f"restarts {c.get('restarts', 0)})" for c in collectors if c["state"] in _NOT_COLLECTING]
+    down = [esc(f"{c['name']} ({_NOT_COLLECTING[c['state']]}; last exit {c.get('last_exit')}, "
+                   f"restarts {c.get('restarts', 0)})") for c in collectors if c["state"] in _NOT_COLLECTING]
     return line + (f"; [red]not collecting[/]: {', '.join(down)}" if down else "")
 
 
 def _print_status(s: dict[str, Any]) -> None:
+    from rich.markup import escape as esc  # "[sender] timeout_s" is text, not a style tag
     from rich.table import Table
 
     con = console()  # piped or logged: one line per fact, not cut at 80 columns
@@ -199,16 +202,16 @@ def _print_status(s: dict[str, Any]) -> None:
               f"rejected {ln['rejected']}, dropped {sp.get('dropped_lines', 0)}")
     con.print(_collectors_line(s["collectors"]))
     if se.get("state") in _PAUSED:
-        con.print(f"[red]sender paused[/] {_PAUSED[se['state']]}; batches stay in the spool")
+        con.print(f"[red]sender paused[/] {esc(_PAUSED[se['state']])}; batches stay in the spool")
     # the newer of the agent's last error and the sender's: a receiver that has been failing for
     # minutes shows here, not only in --json
     errors = [(s.get("last_error_s") or 0.0, s.get("last_error")),
               (se.get("last_error_s") or 0.0, se.get("last_error") and f"sender: {se['last_error']}")]
     when, last = max((e for e in errors if e[1]), default=(0.0, None), key=lambda e: e[0])
     if last:
-        con.print(f"[red]last error[/] {last} ({age(time.time() - (when or time.time()))} ago)")
+        con.print(f"[red]last error[/] {esc(last)} ({age(time.time() - (when or time.time()))} ago)")
     if s.get("restart_needed"):
-        con.print(f"[yellow]restart needed[/] a reload read changed {', '.join(s['restart_needed'])}: "
+        con.print(f"[yellow]restart needed[/] a reload read changed {esc(', '.join(s['restart_needed']))}: "
                   "only a restart applies them")
     t = Table("collector", "interval", "state", "pid", "restarts", "last exit", "spooled")
     for c in s["collectors"]:

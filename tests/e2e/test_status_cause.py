@@ -67,3 +67,18 @@ def test_interval_collector_whose_output_waits_is_not_shown_as_running(
     wait_until(waiting, 60, what="the interval collector exited with its output waiting")
     row = next(ln for ln in a.cli("status").stdout.splitlines() if ln.lstrip("│ ").startswith("burst"))
     assert "exited, output waits" in row, row
+
+
+def test_reload_names_what_needs_a_restart(agent_factory: Callable[..., AgentProc]) -> None:
+    # finding 5: a changed [spool] (or [sender] timeout_s) was logged as a reload and ignored
+    import signal
+
+    a = agent_factory([f"http://127.0.0.1:{_free_port()}"], spool='max_bytes = "64MiB"',
+                      sender="max_backoff_s = 1\ntimeout_s = 10").start()
+    a.config.write_text(a.config.read_text().replace('max_bytes = "64MiB"', 'max_bytes = "128MiB"')
+                        .replace("timeout_s = 10", "timeout_s = 5"))
+    a.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    wait_until(lambda: "need a restart" in a.log_text(), 10, what="the reload's warning")
+    assert a.get_status()["restart_needed"] == ["[sender] timeout_s", "[spool]"]
+    text = a.cli("status").stdout
+    assert "restart needed" in text and "[sender] timeout_s, [spool]" in text, text

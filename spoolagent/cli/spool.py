@@ -80,6 +80,13 @@ def cmd_stats(args: argparse.Namespace, state_dir: Path) -> int:
 
 
 def _describe(b: BatchInfo) -> str:
+    """The batch's error, escaped for rich: "[Errno 111]" is text, and a "[/...]" would raise."""
+    from rich.markup import escape
+
+    return escape(_error_text(b))
+
+
+def _error_text(b: BatchInfo) -> str:
     if b.state == "failed":
         # reason: the stable code (http_413, unreadable_row); last_error: the text. Spools from
         # before the codes kept the text in reason.

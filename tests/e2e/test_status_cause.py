@@ -34,7 +34,8 @@ def test_outage_shows_last_error_and_persisted_attempts(agent_factory: Callable[
     text = a.cli("status").stdout
     assert "last error sender:" in text and "ConnectError" in text, text
     listed = a.cli("spool", "ls", "--state", "inflight").stdout
-    assert "ConnectError" in listed, listed
+    assert "ConnectError: [Errno 111]" in listed, listed  # rich markup escaped, not swallowed
+    assert "[Errno 111]" in text, text
     # the attempts survive a restart (they are in the spool, not only in memory)
     assert a.stop() == 0
     rows = js(a, "spool", "ls")

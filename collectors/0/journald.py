@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Any
 
-from spoolagent_collectors.lib.common import err, stop_on_signals
+from spoolagent_collectors.lib.common import die_with_parent, err, stop_on_signals
 
 from spoolagent import protocol
 
@@ -191,8 +191,10 @@ class Follower:
 
     def run(self, wake_r: int) -> tuple[int | None, bool]:
         """Relay until stopped or journalctl exits. Returns (its exit code or None, any entry)."""
+        # journalctl dies with us even when we are SIGKILLed alone (not our process group)
         proc = subprocess.Popen(_command(self.cfg, self.reader.cursor), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                preexec_fn=die_with_parent())
         assert proc.stdout is not None and proc.stderr is not None
         out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
         rest, got_any, last_cp = b"", False, time.monotonic()

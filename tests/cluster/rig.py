@@ -41,11 +41,12 @@ def free_ports(n: int) -> list[int]:
 
 class NatsNode:
     def __init__(self, base: Path, name: str, client: int, route: int, monitor: int,
-                 routes: str) -> None:
+                 routes: str, sync_always: bool = False) -> None:
         self.name, self.client, self.route, self.monitor = name, client, route, monitor
         self.store = base / name
         self.log_path = base / f"{name}.log"
         self.routes = routes
+        self.sync_always = sync_always
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -56,6 +57,10 @@ class NatsNode:
         cmd = [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.client), "-m", str(self.monitor),
                "-js", "-sd", str(self.store), "--server_name", self.name, "--cluster_name", "t",
                "--cluster", f"nats://127.0.0.1:{self.route}", "--routes", self.routes]
+        if self.sync_always:  # fsync every write (no command-line flag for it: a config file)
+            conf = self.store.with_suffix(".conf")
+            conf.write_text("jetstream { sync_interval: always }\n")
+            cmd += ["-c", str(conf)]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(),
                                          start_new_session=True)
@@ -82,12 +87,12 @@ class NatsNode:
 class NatsCluster:
     """Three JetStream nodes clustered on loopback. ``urls`` is what clients are given."""
 
-    def __init__(self, base: Path, n: int = 3) -> None:
+    def __init__(self, base: Path, n: int = 3, *, sync_always: bool = False) -> None:
         base.mkdir(parents=True, exist_ok=True)
         ports = free_ports(3 * n)
         routes = ",".join(f"nats://127.0.0.1:{ports[3 * i + 1]}" for i in range(n))
         self.nodes = [NatsNode(base, f"n{i}", ports[3 * i], ports[3 * i + 1], ports[3 * i + 2],
-                               routes) for i in range(n)]
+                               routes, sync_always) for i in range(n)]
 
     @property
     def urls(self) -> str:

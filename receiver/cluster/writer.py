@@ -207,12 +207,23 @@ class Writer:
                 batches.append((m, message.decode(msg_id, m.data)))
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("undecodable message dropped partition=%d id=%s err=%s", p, msg_id, exc)
-                await m.term()
+                with contextlib.suppress(nats.errors.Error):
+                    await m.term()
         # the lease is checked right before writing: a writer that lost it writes nothing more
         # (its messages stay unacknowledged and go to the partition's new holder)
         if not self._leases.held(p):
             return
-        submitted = [(m, b, self._store.submit(b)) for m, b in batches]
+        submitted = []
+        for m, b in batches:
+            try:
+                submitted.append((m, b, self._store.submit(b)))
+            except ValueError as exc:  # a file name outside the data dir: never from an ingest node
+                log.error("message refused, dropped partition=%d id=%s err=%s", p, b.batch_id, exc)
+                with contextlib.suppress(nats.errors.Error):
+                    await m.term()
+            except RetryableError as exc:  # the store is closing: the next holder stores the rest
+                log.warning("store closing partition=%d id=%s err=%s", p, b.batch_id, exc)
+                break
         for m, b, future in submitted:
             try:
                 stored = await asyncio.wrap_future(future)

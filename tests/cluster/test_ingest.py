@@ -3,6 +3,7 @@ standalone receiver, stream init/status, a writer turning the stream back into t
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 import json
@@ -11,6 +12,7 @@ import re
 from collections.abc import Callable
 
 import httpx
+import nats
 
 from receiver.cluster import message
 from receiver.cluster.cli import parse_partitions
@@ -161,3 +163,28 @@ def test_a_batch_over_max_payload_is_split_not_refused(
     wait_until(lambda: target.exists() and target.stat().st_size == len(data), 30,
                what="every piece stored")
     assert target.read_bytes() == data  # the pieces in order: the batch's lines keep theirs
+
+
+def test_writer_drops_messages_no_ingest_node_wrote_and_goes_on(
+        nats_cluster: NatsCluster, ingest_factory: Callable[..., IngestProc],
+        writer_factory: Callable[..., WriterProc], stream_name: str) -> None:
+    w = writer_factory(stream_name)
+    p = partition_of("ok", 4)
+
+    async def publish_hostile() -> None:
+        nc = await nats.connect(nats_cluster.urls.split(","))
+        try:
+            js = nc.jetstream()
+            await js.publish(f"{stream_name}.p{p}", b"not zstd at all")
+            await js.publish(f"{stream_name}.p{p}", message.encode({"../escape.dat": b"x\n"}))
+        finally:
+            await nc.close()
+
+    asyncio.run(publish_hostile())
+    node = ingest_factory(stream_name)
+    body = _body(b"ok " + DAY.encode() + b" after the hostile ones")
+    assert httpx.put(f"{node.url}/v1/batches/ok-1", content=body, timeout=30).status_code == 201
+    wait_until(lambda: (w.data_dir / f"ok_{DAY}.dat").exists(), 30, what="the good batch stored")
+    log = w.log_text()
+    assert "undecodable message dropped" in log and "message refused, dropped" in log
+    assert not (w.data_dir.parent / "escape.dat").exists()

@@ -102,6 +102,7 @@ async def _agent(i: int, a: argparse.Namespace, host: str, port: int, texts: lis
     rnd = random.Random(i)
     due = time.monotonic() + (0 if a.backlog else rnd.uniform(0, a.interval))
     batches = 0
+    summary_at, summary = -1.0, ""
     try:
         while True:
             if a.backlog:
@@ -118,9 +119,11 @@ async def _agent(i: int, a: argparse.Namespace, host: str, port: int, texts: lis
             restart = rnd.random() < a.restart
             extra = ""
             if a.identity:  # the real agent's identity headers (docs/protocol.md): the agent table's input
+                now = time.monotonic()
+                if now - summary_at >= 1.0:  # as the agent: the spool summary is read at most once a second
+                    summary_at, summary = now, f"lines={a.lines}, bytes={len(body)}, oldest-s=0.050, dead=0"
                 extra = (f"Spoolagent-Id: sim-{i:05d}\r\nSpoolagent-Version: 0.1.0\r\n"
-                         f"Spoolagent-Host: sim-{i:05d}.bench\r\nSpoolagent-Spool: lines={a.lines}, "
-                         f"bytes={len(body)}, oldest-s=0.050, dead=0\r\n")
+                         f"Spoolagent-Host: sim-{i:05d}.bench\r\nSpoolagent-Spool: {summary}\r\n")
             while True:
                 try:
                     await conn.send(batch_id, body, extra)

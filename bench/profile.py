@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("scenario", choices=["e2e", "drain", "receiver", "cpu"])
     ap.add_argument("--lines", type=int, default=1_000_000)
-    ap.add_argument("--compression", default="gzip")
+    ap.add_argument("--compression", default="zstd", choices=["zstd", "gzip", "none"],
+                    help="the agent's [sender] compression (default zstd, as the agent's own default)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "spoolagent-bench-profile")
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)

@@ -1,18 +1,17 @@
 """The sender: ships spooled batches to the receiver over HTTP and says how that is going.
 
-Owns the HTTP client (one shared httpx.Client: keep-alive pool, TLS, timeouts), the retry policy
-(tenacity: exponential backoff with jitter, Retry-After, stop and wake on shutdown), failover
-across the configured receivers, the sender's state and counters, and the summarised logging of a
-receiver that keeps failing.
+Owns the HTTP client (one shared httpx.Client: keep-alive pool, TLS, timeouts, the token), one
+attempt and what its answer means for the batch, and the retry policy (tenacity: exponential
+backoff with jitter, Retry-After, stop and wake on shutdown).
 
-The only module that imports httpx and tenacity; what an answer or an address means (status
-classes, Retry-After, the counts of a 2xx, URL checks) is in ``spoolagent.answers``. ``agent.py``
-wires it to the spool with plain callables.
+The only module that imports httpx and tenacity. What an answer or an address means (status
+classes, Retry-After, the counts of a 2xx, URL checks) is in ``spoolagent.answers``; the receivers
+list, failover, the sender's state and counters and the summarised failure log are in
+``spoolagent.delivery``. ``agent.py`` wires it to the spool with plain callables.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import random
 import re
@@ -34,6 +33,7 @@ from tenacity import (
 )
 
 from spoolagent import answers
+from spoolagent.delivery import Call, Delivery, SenderState
 from spoolagent.errors import BatchRejected, ConfigError, ReceiverRefused, ReceiverUnavailable
 
 log = logging.getLogger(__name__)
@@ -45,17 +45,6 @@ _MAX_ANSWER_BYTES = 64 * 1024
 _STALE_CONNECTION_ERRORS = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
-class SenderState(enum.Enum):
-    """What the sender is doing; ``state()["state"]`` carries the value."""
-
-    IDLE = "idle"          # nothing in flight
-    SENDING = "sending"    # at least one request in flight, none waiting to retry
-    BACKOFF = "backoff"    # at least one send waits before retrying a failed attempt
-    UNAUTHORIZED = "unauthorized"    # the receiver answered 401/403: fix the token, SIGHUP
-    MISCONFIGURED = "misconfigured"  # the receiver answered 404/405: fix the URL, SIGHUP
-    STOPPED = "stopped"    # closed
-
-
 @dataclass(frozen=True)
 class SendResult:
     """The receiver's answer to a batch it accepted (2xx)."""
@@ -65,21 +54,6 @@ class SendResult:
     rejected: int
     duplicate: bool
     receiver: str
-
-
-@dataclass
-class _Call:
-    """The retry context of one ``send()``: which receiver the last attempt went to and why it
-    failed."""
-
-    batch_id: str
-    attempts: int = 0
-    url_index: int = 0
-    url: str = ""
-    on_failure: Callable[[str], None] | None = None  # told each failed attempt (not rejections)
-    generation: int = 0  # of the receivers list the last attempt used (set_receivers bumps it)
-    last_error: str = ""
-    retry_after_s: float | None = None
 
 
 def _read_capped(resp: httpx.Response) -> bytes:
@@ -111,40 +85,22 @@ class Sender:
         # "spread": this agent prefers one receiver at random (kept across reloads), so a fleet
         # spreads over several receivers without a load balancer; failover goes on in list order
         self._spread = random.randrange(1 << 30) if balance == "spread" else 0
-        self._urls = self._balanced(answers.check_urls(urls))
+        self._closed = threading.Event()
+        self._delivery = Delivery(self._balanced(answers.check_urls(urls)), closed=self._closed,
+                                  failover_after=failover_after,
+                                  log_summary_every_s=log_summary_every_s)
         self._stopping = stopping
         self._max_backoff_s = max_backoff_s
         self._initial_backoff_s = initial_backoff_s
-        self._failover_after = max(1, failover_after)
-        self._log_summary_every_s = log_summary_every_s
         self._timeout_s, self._pool = timeout_s, max(1, in_flight)
+        self._lock = threading.Lock()    # the client, the token, _last_request_s
         self._client = self._make_client(ca_file)
         # the agent's id, version and spool summary (docs/protocol.md), read once per request
         self._identity = identity or dict
         self._last_request_s: float | None = None  # monotonic: when a request last started
         self._sleep_on_event = sleep_using_event(stopping)
-        self._lock = threading.Lock()
-        self._closed = threading.Event()
-        self._current = 0                # index into _urls, shared by all threads
-        self._generation = 0             # bumped when a reload replaces _urls
         self._auth: dict[str, str] = {}  # per request, so set_token() takes effect at once
         self.set_token(token)
-        self._refused: SenderState | None = None  # the last answer was a 401/403/404/405
-        self._consecutive_failures = 0   # against _urls[_current]
-        self._sending = 0
-        self._backing_off = 0
-        self._retry_delay_s = 0.0
-        self._last_success_s: float | None = None
-        self._last_error: str | None = None
-        self._last_error_s: float | None = None
-        # failure log summary: one WARNING when failing starts, then one line per period
-        self._failing_since: float | None = None
-        self._failed_attempts = 0
-        self._failed_since_summary = 0
-        self._last_summary = 0.0
-        self._stats = {"batches_sent": 0, "batches_duplicate": 0, "batches_retried": 0,
-                       "batches_failed": 0, "lines_sent": 0, "bytes_sent": 0,
-                       "requests_total": 0, "reconnects": 0, "failovers": 0}
 
     # -- public surface --------------------------------------------------------------------
 
@@ -165,7 +121,7 @@ class Sender:
         headers = {}
         if encoding and encoding != "identity":
             headers["Content-Encoding"] = encoding
-        call = _Call(batch_id, on_failure=on_failure)
+        call = Call(batch_id, on_failure=on_failure)
         retrying = Retrying(
             retry=retry_if_exception_type(ReceiverUnavailable),
             wait=self._wait_for(call),
@@ -184,7 +140,7 @@ class Sender:
         with self._lock:
             self._auth = auth
         if token:
-            answers.warn_cleartext(self._urls)
+            answers.warn_cleartext(self._delivery.urls())
 
     def _make_client(self, ca_file: str | None) -> httpx.Client:
         try:
@@ -224,16 +180,12 @@ class Sender:
         if balance is not None and (balance == "spread") != bool(self._spread):
             self._spread = random.randrange(1, 1 << 30) if balance == "spread" else 0
         new = self._balanced(answers.check_urls(urls))
+        if not self._delivery.set_urls(new):
+            return
         with self._lock:
-            if new == self._urls:
-                return
-            self._urls = new
-            if self._auth:
-                answers.warn_cleartext(new)
-            self._generation += 1
-            self._current = 0
-            self._consecutive_failures = 0
-            self._refused = None
+            auth = self._auth
+        if auth:
+            answers.warn_cleartext(new)
 
     def heartbeat(self) -> int:
         """``PUT {url}/v1/heartbeat`` (no body; the identity headers) to the current receiver, once.
@@ -242,14 +194,14 @@ class Sender:
         ``timeout_s``; thread-safe. Raises ReceiverUnavailable (connection failed, or closed).
         It never retries, fails over or touches the counters: the next heartbeat is the retry.
         """
+        if self._closed.is_set():
+            raise ReceiverUnavailable("sender is closed")
+        url = self._delivery.current_url()
         with self._lock:
-            if self._closed.is_set():
-                raise ReceiverUnavailable("sender is closed")
-            url = self._urls[self._current]
-            auth = self._auth
+            auth, client = self._auth, self._client
             self._last_request_s = time.monotonic()
         try:
-            resp = self._client.put(f"{url}/v1/heartbeat", content=b"", headers={**self._identity(), **auth})
+            resp = client.put(f"{url}/v1/heartbeat", content=b"", headers={**self._identity(), **auth})
         except httpx.RequestError as exc:
             raise ReceiverUnavailable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from exc
         except RuntimeError as exc:  # the client was closed under us: shutdown
@@ -264,26 +216,7 @@ class Sender:
 
     def state(self) -> dict[str, object]:
         """A JSON-ready snapshot for /status. Thread-safe, never blocks on the network."""
-        with self._lock:
-            if self._closed.is_set():
-                state = SenderState.STOPPED
-            elif self._refused is not None:
-                state = self._refused
-            elif self._backing_off:
-                state = SenderState.BACKOFF
-            elif self._sending:
-                state = SenderState.SENDING
-            else:
-                state = SenderState.IDLE
-            return {
-                "receiver": self._urls[self._current],
-                "state": state.value,
-                "last_success_s": self._last_success_s,
-                "last_error": self._last_error,
-                "last_error_s": self._last_error_s,
-                "retry_delay_s": self._retry_delay_s if self._backing_off else 0.0,
-                "consecutive_failures": self._consecutive_failures,
-            }
+        return self._delivery.state()
 
     def stats(self) -> dict[str, int]:
         """Counters since start (for /metrics). Thread-safe.
@@ -291,8 +224,7 @@ class Sender:
         batches_retried counts failed attempts that were retried; batches_failed counts
         rejected batches; requests_total counts HTTP requests, reconnects included.
         """
-        with self._lock:
-            return dict(self._stats)
+        return self._delivery.stats()
 
     def close(self) -> None:
         """Close the connection pool; later sends raise ReceiverUnavailable and no send retries.
@@ -302,7 +234,8 @@ class Sender:
             if self._closed.is_set():
                 return
             self._closed.set()
-        self._client.close()
+            client = self._client
+        client.close()
 
     def _balanced(self, urls: tuple[str, ...]) -> tuple[str, ...]:
         first = self._spread % len(urls)
@@ -310,27 +243,22 @@ class Sender:
 
     # -- one attempt -----------------------------------------------------------------------
 
-    def _attempt(self, call: _Call, body: bytes, headers: dict[str, str],
+    def _attempt(self, call: Call, body: bytes, headers: dict[str, str],
                  lines: int) -> SendResult:
         call.attempts += 1
         call.retry_after_s = None
         if call.attempts > 1 and self._stopping.is_set():
             # tenacity makes one more attempt after an interrupted sleep; shutdown wins over it
             raise ReceiverUnavailable(f"stopping; last error: {call.last_error}")
-        with self._lock:
-            if self._closed.is_set():
-                raise ReceiverUnavailable("sender is closed")
-            index = self._current
-            self._sending += 1
-            auth = self._auth
-            url = call.url = self._urls[index]
-            call.url_index, call.generation = index, self._generation
+        url = self._delivery.start(call)  # raises once closed
         try:
+            with self._lock:
+                auth = self._auth
             status, reason, retry_after, answer = self._request(
                 f"{url}/v1/batches/{call.batch_id}", body, {**headers, **auth})
         except httpx.RequestError as exc:
             message = f"{type(exc).__name__}: {exc}".rstrip(": ")
-            self._failed(call, index, message, None)
+            self._failed(call, message, None)
             raise ReceiverUnavailable(message) from exc
         except RuntimeError as exc:
             if not self._closed.is_set():
@@ -338,33 +266,36 @@ class Sender:
             # httpx refuses to send on a client close() shut under us: shutdown, not a fault
             raise ReceiverUnavailable("sender is closed") from exc
         finally:
-            with self._lock:
-                self._sending -= 1
+            self._delivery.finish()
         if 200 <= status < 300:
-            return self._succeeded(call, index, status, answer, lines, len(body))
+            stored, rejected, duplicate = answers.counts(answer, lines, status)
+            self._delivery.succeeded(call, lines, len(body), duplicate)
+            return SendResult(status=status, stored=stored, rejected=rejected,
+                              duplicate=duplicate, receiver=call.url)
         message = f"{status} {reason}: {answers.excerpt(answer)}".rstrip(": ")
         refused = answers.REFUSED_STATES.get(status)
         if refused is not None:
-            self._failed(call, index, message, None, SenderState(refused))
+            self._failed(call, message, None, SenderState(refused))
             raise ReceiverRefused(message, state=refused)
         if 400 <= status < 500 and status not in (408, 429):
-            self._rejected(call, index, status, message)
+            self._delivery.rejected(call, status, message)
             raise BatchRejected(message, status=status)
         # 5xx, 408, 429, and whatever else (a 3xx from a misconfigured URL must not dead-letter
         # every batch; it is retried and its log line tells the operator)
-        self._failed(call, index, message, retry_after)
+        self._failed(call, message, retry_after)
         raise ReceiverUnavailable(message, retry_after_s=retry_after)
 
     def _request(self, target: str, body: bytes,
                  headers: dict[str, str]) -> tuple[int, str, float | None, bytes]:
         headers = {**headers, **self._identity()}
         for tries in (1, 2):
+            self._delivery.count("requests_total")
             with self._lock:
-                self._stats["requests_total"] += 1
                 self._last_request_s = time.monotonic()
+                client = self._client
             try:
                 # stream + capped read: the answer is always read (or cut) and closed here
-                with self._client.stream("PUT", target, content=body, headers=headers) as resp:
+                with client.stream("PUT", target, content=body, headers=headers) as resp:
                     answer = _read_capped(resp)
                     retry_after = answers.parse_retry_after(resp.headers.get("Retry-After"), time.time())
                     return resp.status_code, resp.reason_phrase, retry_after, answer
@@ -372,21 +303,18 @@ class Sender:
                 if tries == 2:
                     raise
                 log.debug("send reconnect target=%s err=%s: %s", target, type(exc).__name__, exc)
-                with self._lock:
-                    self._stats["reconnects"] += 1
+                self._delivery.count("reconnects")
         raise AssertionError("unreachable")
 
     # -- retry policy ----------------------------------------------------------------------
 
-    def _wait_for(self, call: _Call) -> Callable[[RetryCallState], float]:
+    def _wait_for(self, call: Call) -> Callable[[RetryCallState], float]:
         exponential = wait_exponential_jitter(multiplier=self._initial_backoff_s,
                                               max=self._max_backoff_s,
                                               jitter=self._initial_backoff_s)
 
         def wait(retry_state: RetryCallState) -> float:
-            with self._lock:
-                moved_on = not self._is_current(call)
-            if moved_on:
+            if self._delivery.moved_on(call):
                 # failed over (by us or another thread): try the next receiver soon
                 return random.uniform(0.0, self._initial_backoff_s)
             if call.retry_after_s is not None:
@@ -399,96 +327,13 @@ class Sender:
         return wait
 
     def _backoff(self, delay_s: float) -> None:
-        with self._lock:
-            self._stats["batches_retried"] += 1
-            self._backing_off += 1
-            self._retry_delay_s = delay_s
-        try:
+        with self._delivery.backing_off(delay_s):
             self._sleep_on_event(delay_s)  # returns at once when `stopping` is set
-        finally:
-            with self._lock:
-                self._backing_off -= 1
 
-    # -- bookkeeping (all under the lock, so two failing threads log once) -----------------
-
-    def _failed(self, call: _Call, index: int, message: str, retry_after: float | None,
+    def _failed(self, call: Call, message: str, retry_after: float | None,
                 refused: SenderState | None = None) -> None:
-        url = call.url
         call.last_error = message
         call.retry_after_s = retry_after
         if call.on_failure is not None:
-            call.on_failure(message)  # outside the lock: the agent writes it to the spool
-        now = time.monotonic()
-        with self._lock:
-            self._last_error = f"{url}: {message}"
-            self._last_error_s = time.time()
-            if self._is_current(call):
-                if refused is not None and refused != self._refused:
-                    log.error("sender paused state=%s receiver=%s err=%s: every batch would get "
-                              "this answer, so batches stay in the spool and are retried with "
-                              "backoff; fix [sender] %s and reload (SIGHUP)", refused.value, url,
-                              message, "token_file" if refused is SenderState.UNAUTHORIZED
-                              else "receivers")
-                self._refused = refused
-            self._failed_attempts += 1
-            if self._failing_since is None:
-                self._failing_since = now
-                self._last_summary = now
-                self._failed_since_summary = 0
-                log.warning("send failed batch=%s receiver=%s attempt=%d err=%s",
-                            call.batch_id, url, call.attempts, message)
-            else:
-                self._failed_since_summary += 1
-                if now - self._last_summary >= self._log_summary_every_s:
-                    log.warning("send still failing receiver=%s failed_attempts=%d "
-                                "failing_for_s=%.0f err=%s", url, self._failed_since_summary,
-                                now - self._failing_since, message)
-                    self._last_summary = now
-                    self._failed_since_summary = 0
-            if not self._is_current(call):
-                return  # a late failure against a receiver we already left
-            self._consecutive_failures += 1
-            if self._consecutive_failures >= self._failover_after and len(self._urls) > 1:
-                self._current = (index + 1) % len(self._urls)
-                self._consecutive_failures = 0
-                self._stats["failovers"] += 1
-                log.warning("receiver failover from=%s to=%s after_failures=%d err=%s",
-                            url, self._urls[self._current], self._failover_after, message)
-
-    def _is_current(self, call: _Call) -> bool:
-        """The last attempt went to the current receiver. Called under the lock."""
-        return call.generation == self._generation and call.url_index == self._current
-
-    def _answered(self, call: _Call) -> None:
-        """The receiver answered (2xx or a rejection): it is up. Called under the lock."""
-        if self._is_current(call):
-            self._consecutive_failures = 0
-            self._refused = None
-        if self._failing_since is not None:
-            log.info("send recovered receiver=%s failed_attempts=%d failing_for_s=%.1f",
-                     call.url, self._failed_attempts,
-                     time.monotonic() - self._failing_since)
-            self._failing_since = None
-            self._failed_attempts = 0
-
-    def _succeeded(self, call: _Call, index: int, status: int, answer: bytes, lines: int,
-                   size: int) -> SendResult:
-        stored, rejected, duplicate = answers.counts(answer, lines, status)
-        with self._lock:
-            self._answered(call)
-            self._last_success_s = time.time()
-            self._stats["batches_sent"] += 1
-            self._stats["batches_duplicate"] += int(duplicate)
-            self._stats["lines_sent"] += lines
-            self._stats["bytes_sent"] += size
-        return SendResult(status=status, stored=stored, rejected=rejected, duplicate=duplicate,
-                          receiver=call.url)
-
-    def _rejected(self, call: _Call, index: int, status: int, message: str) -> None:
-        with self._lock:
-            self._answered(call)
-            self._last_error = f"{call.url}: batch={call.batch_id} rejected: {message}"
-            self._last_error_s = time.time()
-            self._stats["batches_failed"] += 1
-        log.error("send rejected batch=%s receiver=%s status=%d err=%s",
-                  call.batch_id, call.url, status, message)
+            call.on_failure(message)  # outside any lock: the agent writes it to the spool
+        self._delivery.failed(call, message, refused)

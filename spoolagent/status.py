@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 SnapshotFn = Callable[[], Snapshot]
 
 
-# the values of sender.SenderState (not imported: this module imports nothing from the package;
-# tests/test_status.py pins that the two agree)
+# the values of delivery.SenderState (not imported: this module imports nothing from the package;
+# tests/test_sender.py pins that the two agree)
 _SENDER_STATES = ("idle", "sending", "backoff", "unauthorized", "misconfigured", "stopped")
 # the values of collect.states.CollectorState, likewise
 _COLLECTOR_STATES = ("starting", "running", "backoff", "waiting", "stopping", "stopped", "disabled",

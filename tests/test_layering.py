@@ -2,7 +2,8 @@
 list their imports; this test is where the rules live).
 
 - spoolagent: ``cli -> agent -> {collect, spool, sender, status, heartbeat} -> core`` where core is
-  ``protocol, config, collector_settings, answers, errors, runtime, snapshot`` and the root;
+  ``protocol, config, collector_settings, answers, delivery, errors, runtime, snapshot`` and the
+  root;
   nothing imports upward, and collect, spool, sender, status and heartbeat never import each
   other.
 - ``spoolagent`` and ``receiver`` never import each other.
@@ -24,7 +25,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CORE = {"protocol", "config", "collector_settings", "answers", "errors", "runtime", "snapshot", ""}
+CORE = {"protocol", "config", "collector_settings", "answers", "delivery", "errors", "runtime",
+        "snapshot", ""}
 PARTS = {"collect", "spool", "sender", "status", "heartbeat"}
 OWNERS = {"persistqueue": {"spoolagent.spool.queue"}, "httpx": {"spoolagent.sender"},
           "tenacity": {"spoolagent.sender"}}

@@ -27,6 +27,8 @@ from typing import Any
 
 import pytest
 
+from spoolagent import status
+from spoolagent.delivery import SenderState
 from spoolagent.errors import BatchRejected, ConfigError, ReceiverUnavailable
 from spoolagent.sender import Sender, SendResult
 from tests.conftest import ReceiverProc, wait_until
@@ -626,3 +628,8 @@ def test_token_over_plain_http_off_loopback_is_warned_about(senders: MakeSender,
         assert caplog.text.count("clear text") == 1 and "receiver=http://10.0.0.5:8016" in caplog.text
         s.set_receivers(["http://logs.example:8016"])
     assert "receiver=http://logs.example:8016" in caplog.text and "secret" not in caplog.text
+
+
+def test_status_names_every_sender_state() -> None:
+    # status.py spells the states out rather than import them; the gauge must cover each one
+    assert status._SENDER_STATES == tuple(s.value for s in SenderState)

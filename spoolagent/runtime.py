@@ -7,10 +7,11 @@ where its status endpoint listens. The one place that names the file.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from spoolcore import proc
 
 RUNTIME_FILE = "agent.json"
 
@@ -22,10 +23,7 @@ def path(state_dir: Path) -> Path:
 
 def write(state_dir: Path, info: Mapping[str, Any]) -> None:
     """Replace the runtime file atomically (a reader never sees half of it). Raises OSError."""
-    target = path(state_dir)
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dict(info)))
-    os.replace(tmp, target)
+    proc.write_json(path(state_dir), dict(info))
 
 
 def read(state_dir: Path) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from spoolagent import __version__, config, runtime
 from spoolagent.cli import preflight
 from spoolagent.cli.output import EXIT_BUSY, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, age, console, size
 from spoolagent.errors import ConfigError, SpoolBusy, SpoolError
-from spoolcore import logfmt
+from spoolcore import logfmt, proc
 
 DEFAULT_CONFIG = os.environ.get("SPOOLAGENT_CONFIG", "/etc/spoolagent/agent.toml")
 
@@ -103,11 +103,11 @@ def _agent_status(state_dir: Path, timeout_s: float = 3.0) -> tuple[dict[str, An
         return None, f"cannot read {rt}: {exc}"
     pid: Any = info.get("pid")
     try:
-        os.kill(int(pid), 0)
-    except (TypeError, ValueError, ProcessLookupError):
+        alive = proc.pid_alive(int(pid))
+    except (TypeError, ValueError, OverflowError):  # no pid, or not one
+        alive = False
+    if not alive:
         return None, f"the agent is not running (pid {pid} in {rt} is gone; it did not stop cleanly)"
-    except PermissionError:
-        pass
     url = info.get("status_url")
     if not url:
         return None, f"the agent (pid {pid}) runs with its status endpoint switched off ([status] listen = \"\")"

@@ -1,6 +1,6 @@
 """What the receivers' addresses and answers mean, for the sender: which status codes pause the
 sender, Retry-After, the counts in a 2xx answer, an excerpt of an error answer for the log, and
-the checks of ``[sender] receivers``.
+the checks of ``[sender] receivers`` (and whether any needs TLS).
 
 Pure functions, no I/O but a log line; imports only ``spoolagent.errors`` (never httpx: that stays
 in ``sender.py``).
@@ -71,6 +71,11 @@ def check_urls(urls: Sequence[str]) -> tuple[str, ...]:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"sender.receivers: {url!r} is not an http:// or https:// URL")
     return tuple(u.rstrip("/") for u in urls)
+
+
+def needs_tls(urls: Sequence[str]) -> bool:
+    """Some receiver is https:// (the scheme compared as ``check_urls`` does: case-insensitively)."""
+    return any(urlsplit(url).scheme == "https" for url in urls)
 
 
 def excerpt(data: bytes) -> str:

@@ -590,6 +590,23 @@ def test_set_ca_file_applies_new_trust_to_the_next_attempt(servers: MakeServer, 
     assert out["result"].status == 201 and len(srv.seen) == 1
 
 
+def test_a_reload_that_adds_the_first_https_receiver_loads_the_system_cas(
+        servers: MakeServer, senders: MakeSender, stopping: threading.Event,
+        tls_files: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 17: a plain-http sender loads no CA at all; the first https:// receiver a reload adds
+    # gets the system's CAs (here the test CA, through OpenSSL's SSL_CERT_FILE), not a client
+    # that trusts nothing
+    ca, cert, key = tls_files
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    srv = servers(tls=ctx)
+    sender = senders(f"http://127.0.0.1:{free_port()}")
+    sender.set_receivers([srv.url])
+    stopping.set()  # one attempt, no retries
+    assert sender.send("b1", BODY, "identity").status == 201
+
+
 # -- the real receiver ----------------------------------------------------------------------
 
 def test_against_the_real_receiver(receiver_factory: Callable[..., ReceiverProc],

@@ -465,8 +465,8 @@ def test_stop_kills_a_collector_that_ignores_sigterm_after_grace(
     assert time.monotonic() - t0 < 0.5
 
 
-def test_fast_stop_skips_the_grace_period(coll_dir: Path, rec: Recorder,
-                                          make_sup: Factory) -> None:
+def _start_stubborn(coll_dir: Path, rec: Recorder, make_sup: Factory) -> tuple[Supervisor, int]:
+    """A supervisor with a 30 s grace running one collector that ignores SIGTERM; and its pid."""
     write(coll_dir, 0, "stubborn.py", """
         import os, signal, time
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -475,7 +475,12 @@ def test_fast_stop_skips_the_grace_period(coll_dir: Path, rec: Recorder,
     """)
     sup = make_sup(stop_grace_s=30.0)
     wait_until(lambda: rec.lines("stubborn"), 10)
-    pid = int(rec.lines("stubborn")[0])
+    return sup, int(rec.lines("stubborn")[0])
+
+
+def test_fast_stop_skips_the_grace_period(coll_dir: Path, rec: Recorder,
+                                          make_sup: Factory) -> None:
+    sup, pid = _start_stubborn(coll_dir, rec, make_sup)
     t0 = time.monotonic()
     sup.stop(fast=True)
     assert time.monotonic() - t0 < 5.0
@@ -484,15 +489,7 @@ def test_fast_stop_skips_the_grace_period(coll_dir: Path, rec: Recorder,
 
 def test_hurry_during_stop_skips_the_rest_of_the_grace(coll_dir: Path, rec: Recorder,
                                                        make_sup: Factory) -> None:
-    write(coll_dir, 0, "stubborn.py", """
-        import os, signal, time
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print(os.getpid(), flush=True)
-        time.sleep(60)
-    """)
-    sup = make_sup(stop_grace_s=30.0)
-    wait_until(lambda: rec.lines("stubborn"), 10)
-    pid = int(rec.lines("stubborn")[0])
+    sup, pid = _start_stubborn(coll_dir, rec, make_sup)
     t0 = time.monotonic()
     stopper = threading.Thread(target=sup.stop)
     stopper.start()

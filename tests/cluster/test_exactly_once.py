@@ -129,6 +129,10 @@ def test_a_writer_that_lost_its_lease_writes_nothing_more(
     put = _putter(node.url)
     put("before")
     wait_until(lambda: (old.data_dir / f"lease_{DAY}.dat").exists(), 30, what="the old writer")
+    # frozen only after its ack: a message stored but not yet acknowledged would go to the new
+    # writer too, and a writer on another data dir stores it again (docs/scaling.md, limits)
+    wait_until(lambda: not any(p["waiting"] for p in _status(nats_cluster, stream_name)["parts"]),
+               30, interval_s=0.2, what="the old writer's ack of the first batch")
     old.signal(signal.SIGSTOP)  # frozen past its lease TTL (6 s): the lease expires
     try:
         wait_until(lambda: not any(p["holder"] for p in _status(nats_cluster, stream_name)["parts"]),

@@ -18,12 +18,18 @@ import datetime
 import json
 import os
 from collections.abc import Mapping
-from typing import Any
 
 from spoolagent.errors import InvalidLine
 from spoolcore import lines
 from spoolcore.lines import is_valid_date as is_valid_date
 from spoolcore.lines import is_valid_prod as is_valid_prod
+
+# typing only for annotations: a collector runs on every host and typing costs ~0.5 MiB of RSS
+# (type checkers treat any name TYPE_CHECKING as true)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 
 CHECKPOINT_PREFIX = b"!checkpoint "
 DEFAULT_MAX_LINE_BYTES = 1024 * 1024

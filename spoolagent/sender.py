@@ -21,20 +21,25 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-import httpx
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception_type,
-    sleep_using_event,
-    stop_any,
-    stop_when_event_set,
-    wait_exponential_jitter,
-)
-
 from spoolagent import answers
 from spoolagent.delivery import Call, Delivery, SenderState
 from spoolagent.errors import BatchRejected, ConfigError, ReceiverRefused, ReceiverUnavailable
+from spoolcore import imports
+
+# httpx loads its command-line client and tenacity its tornado support whenever they are installed
+# (both are, for spoolagent's CLI and the receiver); the agent uses neither (spoolcore.imports)
+with imports.without("httpx._main", "tornado"):
+    import httpx
+    from tenacity import (
+        RetryCallState,
+        Retrying,
+        retry_if_exception_type,
+        sleep_using_event,
+        stop_any,
+        stop_when_event_set,
+        wait_exponential_jitter,
+    )
+
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ list their imports; this test is where the rules live).
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,3 +124,33 @@ def test_the_rule_itself(module: str, target: str, allowed: bool) -> None:
     mine, theirs = _part(module), _part(target)
     assert mine is not None and theirs is not None
     assert _allowed(mine, theirs) is allowed
+
+
+# What a long-running process must not load: each costs RSS on every host of a fleet and none is
+# used there (spoolcore/imports.py, status/metrics.py, collectors/lib/tail_token.py say why).
+AGENT_NEVER_LOADS = {"asyncio", "tornado", "rich", "click", "pygments", "prometheus_client"}
+TAIL_NEVER_LOADS = {"_hashlib", "hashlib", "typing", "asyncio", "sqlite3", "spoolagent.agent"}
+
+
+def _loaded_by(code: str) -> set[str]:
+    """The modules a fresh interpreter has loaded after running ``code``."""
+    out = subprocess.run([sys.executable, "-c", f"{code}\nimport sys\nprint(repr(sorted(sys.modules)))"],
+                         capture_output=True, text=True, timeout=60, check=True, cwd=ROOT)
+    loaded: list[str] = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    return set(loaded)
+
+
+def test_the_running_agent_loads_no_unused_extras() -> None:
+    # what `spoolagent run` imports; prometheus_client comes at the first scrape of /metrics
+    assert _loaded_by("import spoolagent.cli.commands, spoolagent.agent") & AGENT_NEVER_LOADS == set()
+    # once they are imported, the extras themselves still import normally (the same process may run
+    # a receiver: the tests do)
+    assert {"tornado", "prometheus_client"} <= _loaded_by(
+        "import spoolagent.agent, spoolagent.status.metrics, tornado")
+
+
+def test_the_tail_collector_loads_only_what_it_needs() -> None:
+    tail = ROOT / "collectors" / "0" / "tail.py"
+    # as the supervisor runs it, short of main() (runpy would load typing itself)
+    code = f"p = {str(tail)!r}\nexec(compile(open(p).read(), p, 'exec'), {{'__name__': 'tail'}})"
+    assert _loaded_by(code) & TAIL_NEVER_LOADS == set()

@@ -27,10 +27,10 @@ from typing import Any
 
 import pytest
 
-from spoolagent import status
 from spoolagent.delivery import SenderState
 from spoolagent.errors import BatchRejected, ConfigError, ReceiverUnavailable
 from spoolagent.sender import Sender, SendResult
+from spoolagent.status import metrics
 from tests.conftest import ReceiverProc, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -649,4 +649,4 @@ def test_token_over_plain_http_off_loopback_is_warned_about(senders: MakeSender,
 
 def test_status_names_every_sender_state() -> None:
     # status.py spells the states out rather than import them; the gauge must cover each one
-    assert status._SENDER_STATES == tuple(s.value for s in SenderState)
+    assert metrics.SENDER_STATES == tuple(s.value for s in SenderState)

@@ -9,10 +9,16 @@ glob added later starts its files by ``start_at`` instead of from the token.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
+
+try:
+    # hashlib's blake2b is this builtin; importing hashlib itself loads OpenSSL (~3.6 MiB of RSS in
+    # a collector that runs on every host) for hashes the tail never uses
+    from _blake2 import blake2b
+except ImportError:  # an interpreter built without it: hashlib falls back the same way
+    from hashlib import blake2b
 
 FP_MAX = 1024  # bytes hashed to tell a file from another that got its inode
 # (dev, ino) -> (fp_len, fp, offset, path)
@@ -26,12 +32,12 @@ def fingerprint(fd: int, n: int) -> str | None:
     head = os.pread(fd, n, 0)
     if len(head) < n:
         return None
-    return hashlib.blake2b(head, digest_size=8).hexdigest()
+    return blake2b(head, digest_size=8).hexdigest()
 
 
 def glob_key(pattern: str) -> str:
     """A short stable key for a glob pattern."""
-    return hashlib.blake2b(pattern.encode("utf-8", "surrogateescape"), digest_size=4).hexdigest()
+    return blake2b(pattern.encode("utf-8", "surrogateescape"), digest_size=4).hexdigest()
 
 
 def encode(glob_keys: Sequence[str], files: Sequence[Sequence[int | str]]) -> str:

@@ -28,9 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from persistqueue import SQLiteAckQueue
-from persistqueue.exceptions import Empty
-
 from spoolagent.errors import SpoolBusy, SpoolError
 from spoolagent.spool import _pq
 from spoolagent.spool._pq import ACK_FAILED, QUEUE_TABLE, UNACK
@@ -51,7 +48,14 @@ from spoolagent.spool.format import (
 from spoolagent.spool.lock import release_lock, take_lock
 from spoolagent.spool.ready import ReadySignal
 from spoolagent.spool.salvage import move_if_damaged
+from spoolcore import imports
 from spoolcore.sqlite import immediate, is_busy
+
+# persist-queue tries its async queues (asyncio, then aiofiles) and its MySQL queue on every import;
+# the spool uses neither (spoolcore.imports)
+with imports.without("persistqueue.async_queue", "persistqueue.async_sqlqueue", "persistqueue.mysqlqueue"):
+    from persistqueue import SQLiteAckQueue
+    from persistqueue.exceptions import Empty
 
 __all__ = ["Spool", "SpooledBatch", "WhenFull"]
 

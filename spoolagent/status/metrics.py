@@ -1,21 +1,14 @@
-"""The agent's status endpoint: ``GET /metrics`` (Prometheus text) and ``GET /status`` (JSON).
+"""The agent's Prometheus metrics, rendered from a snapshot at scrape time.
 
-Both are rendered from one ``snapshot()`` callable returning a ``snapshot.Snapshot`` (agent.py passes
-``Agent.snapshot``), so the
-parts keep plain counters and never import prometheus_client. Runs a small threaded HTTP server on
-its own daemon thread.
+Loaded by the status server at the first ``GET /metrics``, not at start: prometheus_client and its
+exposition cost ~4 MiB of RSS (a tenth of the agent), on every host of a fleet, and many fleets
+never scrape their agents. docs/metrics.md is the table of every metric.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-import socket
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -23,17 +16,15 @@ from prometheus_client.registry import Collector
 
 from spoolagent.snapshot import Snapshot
 
-log = logging.getLogger(__name__)
-
 SnapshotFn = Callable[[], Snapshot]
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-
-# the values of delivery.SenderState (not imported: this module imports nothing from the package;
-# tests/test_sender.py pins that the two agree)
-_SENDER_STATES = ("idle", "sending", "backoff", "unauthorized", "misconfigured", "stopped")
+# the values of delivery.SenderState (not imported: the status part imports nothing from the other
+# parts; tests/test_sender.py pins that the two agree)
+SENDER_STATES = ("idle", "sending", "backoff", "unauthorized", "misconfigured", "stopped")
 # the values of collect.states.CollectorState, likewise
-_COLLECTOR_STATES = ("starting", "running", "backoff", "waiting", "stopping", "stopped", "disabled",
-                     "exited", "failed")
+COLLECTOR_STATES = ("starting", "running", "backoff", "waiting", "stopping", "stopped", "disabled",
+                    "exited", "failed")
 
 
 def _free_bytes(path: str) -> int | None:
@@ -143,15 +134,15 @@ class _AgentCollector(Collector):
         sender_state = GaugeMetricFamily("spoolagent_sender_state", "1 for the sender's current state "
                                          "(idle, sending, backoff, unauthorized, misconfigured, stopped).",
                                          labels=["state"])
-        for name in _SENDER_STATES:
+        for name in SENDER_STATES:
             sender_state.add_metric([name], 1.0 if sender.get("state") == name else 0.0)
         yield sender_state
         yield gauge("sender_last_success_timestamp_seconds", "Unix time of the last acknowledged batch "
                     "(0: none yet).", sender.get("last_success_s"))
         c_state = GaugeMetricFamily("spoolagent_collector_state", "1 for the collector's current state "
-                                    f"({', '.join(_COLLECTOR_STATES)}).", labels=["collector", "state"])
+                                    f"({', '.join(COLLECTOR_STATES)}).", labels=["collector", "state"])
         for c in s.collectors:
-            for name in _COLLECTOR_STATES:
+            for name in COLLECTOR_STATES:
                 c_state.add_metric([c["name"], name], 1.0 if c.get("state") == name else 0.0)
         yield c_state
         restarts = CounterMetricFamily("spoolagent_collector_restarts", "Collector restarts.", labels=["collector"])
@@ -174,90 +165,14 @@ class _AgentCollector(Collector):
                       sup.get("stderr_lines_suppressed_total"))
 
 
-class StatusServer:
-    """Serves /metrics and /status on ``listen`` (``HOST:PORT``, port 0 picks one; see ``url``).
+def registry(snapshot: SnapshotFn) -> CollectorRegistry:
+    """The agent's metrics plus the process_* ones (CPU seconds, RSS, start time, open fds)."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_AgentCollector(snapshot))
+    ProcessCollector(registry=reg)
+    return reg
 
-    ``start()`` binds (raises OSError if the address is taken) and serves on a daemon thread;
-    ``stop()`` blocks until the server thread ends. Thread-safe snapshot access is the caller's.
-    """
 
-    def __init__(self, listen: str, snapshot: SnapshotFn) -> None:
-        host, _, port = listen.rpartition(":")
-        self._addr = (host.strip("[]"), int(port))
-        self.snapshot = snapshot
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_AgentCollector(snapshot))
-        # process_cpu_seconds_total, process_resident_memory_bytes, process_start_time_seconds, ...
-        ProcessCollector(registry=self.registry)
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self.url = ""
-
-    def start(self) -> None:
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-                path = self.path.split("?", 1)[0]
-                try:
-                    if path == "/metrics":
-                        body, ctype = generate_latest(outer.registry), "text/plain; version=0.0.4; charset=utf-8"
-                    elif path == "/status":
-                        body = json.dumps(outer.snapshot().to_json(), default=str).encode()
-                        ctype = "application/json"
-                    elif path in ("/", "/healthz"):
-                        body, ctype = b"ok\n", "text/plain"
-                    else:
-                        self.send_error(404, "try /status or /metrics")
-                        return
-                except Exception:
-                    log.exception("status request failed path=%s", path)
-                    self.send_error(500)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                log.debug("status request %s", format % args)
-
-        self._server = ThreadingHTTPServer(self._addr, Handler)
-        self._server.daemon_threads = True
-        host, port = str(self._server.server_address[0]), int(self._server.server_address[1])
-        self.url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
-        self._server.timeout = None  # handle_request blocks until a connection: no idle wake-ups
-        self._stopped = False
-        self._thread = threading.Thread(target=self._serve, name="status", daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        # not serve_forever: it wakes every poll_interval (0.5 s) to look for a shutdown request
-        server = self._server
-        assert server is not None
-        while not self._stopped:
-            server.handle_request()
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._stopped = True
-            try:  # a shut-down listening socket wakes the blocked select (Linux)...
-                self._server.socket.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            if self._thread is not None and self._thread.is_alive():
-                self._poke()  # ... elsewhere a connection does
-        if self._thread is not None:
-            self._thread.join(5)
-        if self._server is not None:
-            self._server.server_close()
-
-    def _poke(self) -> None:
-        assert self._server is not None
-        host, port = str(self._server.server_address[0]), int(self._server.server_address[1])
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-        try:
-            socket.create_connection((host, port), timeout=1.0).close()
-        except OSError:
-            pass
+def render(reg: CollectorRegistry) -> bytes:
+    """The Prometheus text exposition of ``reg``."""
+    return generate_latest(reg)

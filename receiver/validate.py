@@ -145,42 +145,42 @@ class LineChecker:
                 if carry:
                     segment = b"".join([*carry, segment])
                     carry = []
-                n_lines = segment.count(b"\n")
-                stored += self._check_segment(segment, True, n_lines, line_no, groups, sample)
+                n_stored, n_lines = self._check_segment(segment, True, line_no, groups, sample)
+                stored += n_stored
                 line_no += n_lines
                 start = cut + 1
         if carry:
-            last = b"".join(carry)
-            stored += self._check_segment(last, False, last.count(b"\n") + 1, line_no, groups, sample)
+            stored += self._check_segment(b"".join(carry), False, line_no, groups, sample)[0]
         parts = {name: b"".join(group) for name, group in groups.items()}
         return CheckedBody(parts, stored, sample.kept, sample.omitted, sample.omitted_bytes)
 
-    def _check_segment(self, body: bytes, ends_nl: bool, n_lines: int, first: int,
-                       groups: dict[str, list[bytes]], sample: _Sample) -> int:
-        """Judge the ``n_lines`` lines of ``body`` (numbered from ``first`` + 1), append the data of
-        the valid ones to ``groups`` and put the invalid ones in ``sample``; the count of valid
-        lines."""
+    def _check_segment(self, body: bytes, ends_nl: bool, first: int,
+                       groups: dict[str, list[bytes]], sample: _Sample) -> tuple[int, int]:
+        """Judge the lines of ``body`` (numbered from ``first`` + 1), append the data of the valid
+        ones to ``groups`` and put the invalid ones in ``sample``; (valid lines, lines)."""
+        has_nul = b"\x00" in body
+        maybe_long = len(body) > self.max_line_bytes
+        if not (has_nul or maybe_long):
+            fast = self._check_one_prefix(body, ends_nl)
+            if fast is not None:
+                name, data, n_lines = fast
+                groups.setdefault(name, []).append(data)
+                return n_lines, n_lines
+        n_lines = body.count(b"\n") + (0 if ends_nl else 1)
         # nothing but empty lines: counted in C, not a loop (the first byte spares the usual body
         # the strip's copy)
         if body[:1] == b"\n" and not body.strip(b"\n"):
             sample.add_empty(first + 1, n_lines)
-            return 0
+            return 0, n_lines
         if sample.full and b" " not in body:  # no line can be valid, none more is kept: count them
             sample.omitted += n_lines
             sample.omitted_bytes += len(body) - body.count(b"\n")
-            return 0
-        has_nul = b"\x00" in body
-        maybe_long = len(body) > self.max_line_bytes
-        if not (has_nul or maybe_long):
-            fast = self._check_one_prefix(body, n_lines, ends_nl)
-            if fast is not None:
-                name, data = fast
-                groups.setdefault(name, []).append(data)
-                return n_lines
-        return self._check_lines(body, ends_nl, has_nul, maybe_long, first, groups, sample)
+            return 0, n_lines
+        return self._check_lines(body, ends_nl, has_nul, maybe_long, first, groups, sample), n_lines
 
-    def _check_one_prefix(self, body: bytes, n_lines: int, ends_nl: bool) -> tuple[str, bytes] | None:
-        """The fast path: every line starts with the first line's valid ``PROD DATE ``."""
+    def _check_one_prefix(self, body: bytes, ends_nl: bool) -> tuple[str, bytes, int] | None:
+        """The fast path: every line starts with the first line's valid ``PROD DATE ``; then
+        (file name, the DATA of every line with its newline, lines). ``body`` holds no NUL."""
         sp = body.find(b" ")
         if sp <= 0:
             return None
@@ -190,16 +190,22 @@ class LineChecker:
         name, _reason = self._judge(prefix[:-1], sp)
         if name is None:
             return None
-        # every line after the first begins right after a newline; the replace removes the prefix
-        # from those that begin with it, so its length change counts them. All of them begin with
-        # it (so none is empty either) exactly when that count is n_lines - 1.
-        stripped = body.replace(b"\n" + prefix, b"\n")
-        if (len(body) - len(stripped)) // len(prefix) != n_lines - 1:
+        # Every line after the first begins right after a newline, so splitting at newline +
+        # prefix cuts the body into the lines that begin with it, prefix and newline removed.
+        # Joined again with NUL (the body has none), a newline left over means a line that does
+        # not begin with the prefix (an empty line included): then the slow path judges them.
+        # Each step is one C call over the body: no count of its newlines, no Python object
+        # per line but the split's (measured: 0.58 ms per 512 KiB batch, where counting the
+        # newlines and a replace took 1.0 ms).
+        parts = body.split(b"\n" + prefix)
+        joined = b"\x00".join(parts)
+        nl = joined.find(b"\n")
+        if nl != (len(joined) - 1 if ends_nl else -1):
             return None
-        data = stripped[len(prefix):]
+        data = joined[len(prefix):].replace(b"\x00", b"\n")
         if not ends_nl:
             data += b"\n"
-        return name, data
+        return name, data, len(parts)
 
     def _check_lines(self, body: bytes, ends_nl: bool, has_nul: bool, maybe_long: bool, first: int,
                      groups: dict[str, list[bytes]], sample: _Sample) -> int:

@@ -191,6 +191,33 @@ def test_config_errors_are_all_named_at_once(tmp_path: Path) -> None:
 
 
 
+_same_prefix_line = st.sampled_from([
+    b"web 2026-01-01 a", b"web 2026-01-01 ", b"web 2026-01-01", b"web 2026-01-01x", b"",
+    b"web 2026-01-01 web 2026-01-01 nested", b"web 2026-01-02 b", b"webx 2026-01-01 c",
+    b"we 2026-01-01 d", b"web 2026-01-01 \x00", b"web 2026-01-01 \xff\r", b" web 2026-01-01 e",
+    b"web 2026-01-01 " + b"y" * 60])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_same_prefix_line, min_size=1, max_size=30), st.booleans(), st.booleans())
+def test_fast_path_agrees_with_spoolagent_protocol(lines: list[bytes], final_newline: bool,
+                                                   lead: bool) -> None:
+    """Bodies whose lines mostly share one prefix (the fast path's case), with the lines that
+    must send it to the slow path mixed in: the same files, counts and reasons as the reference."""
+    if lead:
+        lines = [b"web 2026-01-01 first", *lines]
+    payload = b"\n".join(lines) + (b"\n" if final_newline else b"")
+    if not final_newline and lines[-1] == b"":
+        return  # a trailing empty line without a newline is no line at all
+    checked = LineChecker(64).check(payload)
+    ref_files, ref_reasons = _reference(lines, 64)
+    assert _as_files(checked.parts) == ref_files
+    assert [r.reason for r in checked.rejected] == ref_reasons
+    assert [r.line_no for r in checked.rejected] == [
+        i + 1 for i, line in enumerate(lines) if _reference([line], 64)[1]]
+    assert checked.stored == sum(len(v) for v in ref_files.values())
+
+
 def test_check_chunks_across_segments_counts_every_line_and_keeps_a_bounded_sample() -> None:
     kinds = [b"web 2026-01-01 v%d", b"", b"x%d", b"bad 2026-13-01 %d", b"app 2026-01-02 w%d"]
     lines = [kinds[i % 5].replace(b"%d", str(i).encode()) for i in range(200_000)]

@@ -122,12 +122,28 @@ def new_batch_id() -> str:
     return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
 
 
+# zstd level 1, one compressor per thread (a ZstdCompressor is not thread-safe; a new one per
+# batch cost ~0.2 ms of setup at level 3). Level 1 against level 3 on the loghub samples: 13.1x
+# against 12.5x smaller, and 0.53 against 0.79 ms per 512 KiB batch (issue 17: the spool writer's
+# compression was 12 % of the agent's CPU end to end).
+ZSTD_LEVEL = 1
+_zstd = threading.local()
+
+
+def _zstd_compressor() -> zstandard.ZstdCompressor:
+    c: zstandard.ZstdCompressor | None = getattr(_zstd, "c", None)
+    if c is None:
+        c = _zstd.c = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return c
+
+
 def compress(raw: bytes, encoding: str) -> bytes:
+    """``raw`` compressed as ``encoding`` (one whole frame or member). Thread-safe."""
     if encoding == "gzip":
         c = zlib.compressobj(3, zlib.DEFLATED, 31)  # level 3: ~3 ms per MiB of logs, near level 6
         return c.compress(raw) + c.flush()
     if encoding == "zstd":
-        return zstandard.ZstdCompressor(level=3).compress(raw)
+        return _zstd_compressor().compress(raw)
     if encoding == "identity":
         return raw
     raise ValueError(f"unknown encoding {encoding!r}")
@@ -194,7 +210,7 @@ def decode_row(row: bytes, pqid: int | None = None) -> tuple[RowHeader, bytes]:
 def make_row(collector: str, lines: Sequence[bytes], encoding: str,
              checkpoint: str | None = None) -> tuple[RowHeader, bytes]:
     """A new batch: (header with a fresh batch id, encoded row)."""
-    raw = b"\n".join(lines) + b"\n" if lines else b""
+    raw = b"\n".join([*lines, b""]) if lines else b""  # one copy of the lines, not two
     header = RowHeader(new_batch_id(), collector, len(lines), encoding, checkpoint, time.time(),
                        count_prods(lines, raw))
     return header, encode_row(header, compress(raw, encoding))

@@ -70,7 +70,7 @@ class SenderSection:
     ca_file: Path | None = None
     compression: str = "zstd"
     timeout_s: float = 10.0
-    in_flight: int = 2
+    in_flight: int = 4
     max_backoff_s: float = 30.0
     failover_after: int = 3
     balance: str = "ordered"  # or "spread": prefer one of receivers at random
@@ -302,7 +302,7 @@ def from_dict(data: Mapping[str, Any], *, path: Path | None = None, check_paths:
     ca_file = _resolve(base, se.get("ca_file", "", _typed(str, "a path")))
     compression = se.get("compression", "zstd", _choice(_COMPRESSIONS))
     timeout_s = se.get("timeout_s", 10.0, parse_duration)
-    in_flight = se.get("in_flight", 2, _positive_int)
+    in_flight = se.get("in_flight", 4, _positive_int)
     max_backoff_s = se.get("max_backoff_s", 30.0, parse_duration)
     failover_after = se.get("failover_after", 3, _positive_int)
     balance = se.get("balance", "ordered", _choice(("ordered", "spread")))

@@ -82,6 +82,11 @@ def test_receiver_down_lines_pile_up_then_arrive_exactly_once(
     _assert_exactly_once(r.data_dir, "ck", 3000)
 
 
+def _spool_settled(a: AgentProc) -> bool:
+    spool = a.get_status()["spool"]
+    return bool(spool["ready_batches"] == 0 and spool["inflight_batches"] == 0)
+
+
 def test_inflight_batch_resent_with_same_id_after_kill(
         receiver: ReceiverProc, agent_factory: Callable[..., AgentProc]) -> None:
     proxy = HttpFaultProxy(receiver.url, mode="hold")
@@ -97,7 +102,9 @@ def test_inflight_batch_resent_with_same_id_after_kill(
         proxy.mode = "pass"
         a.start()
         wait_until(lambda: count_lines(receiver.data_dir) >= 2000, 30, what="all lines")
-        wait_until(lambda: a.get_status()["spool"]["ready_batches"] == 0, 10)
+        # nothing ready nor in flight: every resend answered (the senders take the held batches
+        # at once, so "nothing ready" alone comes before their answers)
+        wait_until(lambda: _spool_settled(a), 10, what="every resend answered")
         resent = proxy.batch_ids()[len(held):]
         assert set(held) <= set(resent), f"held {held} not resent with the same ids: {resent}"
         _assert_exactly_once(receiver.data_dir, "ck", 2000)

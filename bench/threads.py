@@ -1,0 +1,131 @@
+"""``python -m bench.threads [--rate 1000] [--seconds 20]``: where the CPU of a busy agent goes, per
+thread. The ``cpu`` scenario's busy phase (a writer appends ``rate`` lines/s to one file in 10 ms
+ticks, the bundled tail follows it, default config), then per thread of the agent and of each
+collector: CPU (``/proc/PID/task/TID/schedstat``, nanoseconds, not the 10 ms ticks of ``stat``)
+and voluntary context switches (wake-ups), both per second of the window. Thread names come from
+``py-spy dump`` when py-spy is installed (Python 3.11 does not name OS threads); else the tid.
+``--profile`` also records every process with py-spy during the window and summarises it.
+Imports bench modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.pipeline import LINE_BYTES, WARMUP_LINE, _fresh, _Writer
+from bench.profile import Spy, summarize
+from bench.runners import Agent, Receiver, comm, descendants, wait_for
+
+_PYSPY_THREAD = re.compile(r"^Thread (?:0x[0-9A-Fa-f]+|(\d+)) .*?\"([^\"]*)\"")
+
+
+def _tasks(pid: int) -> dict[int, tuple[int, int]]:
+    """tid -> (CPU ns, voluntary context switches), for the threads of ``pid`` still alive."""
+    out: dict[int, tuple[int, int]] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                ns = int(f.read().split()[0])
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                vol = next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches:"))
+        except (OSError, ValueError, StopIteration):
+            continue
+        out[int(tid)] = (ns, vol)
+    return out
+
+
+def _names(pid: int) -> dict[int, str]:
+    """tid -> Python thread name, from ``py-spy dump`` (empty without py-spy or ptrace rights)."""
+    exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    try:
+        text = subprocess.run([exe, "dump", "--pid", str(pid), "--native"], capture_output=True,
+                              text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    names: dict[int, str] = {}
+    tid = None
+    for line in text.splitlines():
+        m = _PYSPY_THREAD.match(line)
+        if m:
+            tid = m.group(1)
+            if tid is not None:
+                names[int(tid)] = m.group(2)
+    return names
+
+
+def measure(work: Path, rate: int, seconds: float, compression: str | None, profile: bool = False) -> str:
+    run = _fresh(work / "threads")
+    log = run / "app.log"
+    log.write_bytes(WARMUP_LINE)
+    rcv = Receiver(run / "data").start()
+    agent = Agent(run / "agent", rcv.http, paths=[str(log)], compression=compression)
+    try:
+        agent.start()
+        assert agent.proc is not None
+        wait_for(lambda: rcv.stored_bytes() >= LINE_BYTES, 60, "the warm-up line")
+        writer = _Writer(log, rate, stamped=False)
+        writer.start()
+        time.sleep(2.0)  # steady state
+        pids = descendants(agent.proc.pid)
+        spies = [Spy(pid, run / f"profile-{pid}.txt", rate=200) for pid in pids] if profile else []
+        before = {pid: _tasks(pid) for pid in pids}
+        t0 = time.monotonic()
+        time.sleep(seconds)
+        after = {pid: _tasks(pid) for pid in pids}
+        elapsed = time.monotonic() - t0
+        for spy in spies:
+            spy.stop()
+        names = {pid: _names(pid) for pid in pids}
+        writer.stop_event.set()
+        writer.join()
+        out = [f"{rate} lines/s for {elapsed:.1f} s (CPU in % of a core, wake-ups per second)"]
+        for pid in pids:
+            rows = []
+            for tid, (ns1, vol1) in after[pid].items():
+                ns0, vol0 = before[pid].get(tid, (0, 0))
+                rows.append(((ns1 - ns0) / 1e9 / elapsed * 100, (vol1 - vol0) / elapsed,
+                             names[pid].get(tid, str(tid))))
+            total = sum(r[0] for r in rows)
+            out.append(f"\n{comm(pid)} (pid {pid}): {total:.2f} %")
+            for pct, wake, name in sorted(rows, reverse=True):
+                if pct >= 0.005 or wake >= 0.05:
+                    out.append(f"  {pct:6.2f} %  {wake:7.1f}/s  {name}")
+        for spy in spies:
+            out.append(f"\n== py-spy, {comm(spy.pid)} (pid {spy.pid}; the profiler's own cost is in "
+                       f"the CPU figures above): {spy.out}")
+            out.append(summarize(spy.out, top=30))
+        return "\n".join(out)
+    finally:
+        agent.stop()
+        rcv.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rate", type=int, default=1000, help="lines per second (default 1000)")
+    ap.add_argument("--seconds", type=float, default=20.0, help="the measured window (default 20)")
+    ap.add_argument("--compression", default=None, choices=["zstd", "gzip", "none"],
+                    help="the agent's [sender] compression (default: the agent's own default)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also py-spy record every process during the window (200 Hz) and summarise")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "spoolagent-bench-threads")
+    args = ap.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    print(measure(args.work, args.rate, args.seconds, args.compression, args.profile))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -225,6 +225,7 @@ class Spool:
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         poller = False  # this get holds the one role that queries every _POLL_S
+        item = None
         try:
             while True:
                 generation = self._ready.generation
@@ -248,8 +249,8 @@ class Spool:
                     return None
                 poller = self._ready.wait(generation, remaining, poller, time.monotonic())
         finally:
-            if poller:
-                self._ready.release_poller()  # a waiting get takes the role over
+            if poller:  # a waiting get takes the role over, now or when it next waits
+                self._ready.release_poller(hand_over=item is None)
 
     def wake_getters(self) -> None:
         """Every waiting get looks again (the agent stops, or rows became ready elsewhere)."""

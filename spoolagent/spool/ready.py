@@ -61,9 +61,14 @@ class ReadySignal:
                 self._waiting -= 1
         return poller
 
-    def release_poller(self) -> None:
-        """A get that held the poller role returns: a waiting one takes it over."""
+    def release_poller(self, *, hand_over: bool) -> None:
+        """A get that held the poller role returns. ``hand_over``: it returns empty-handed (a
+        timeout, the agent stops), so a waiting get is woken to take the role over. A get that
+        returns a batch does not wake one: that getter was woken only to query SQLite and find
+        nothing (the batch is taken), one wasted wake-up and read transaction per batch (issue
+        17). The role is then free until a get next waits (the sender that took the batch, once
+        it is sent): rows another process made ready are seen after that send, not while it lasts."""
         with self._cond:
             self._poller_busy = False
-            if self._waiting:
+            if hand_over and self._waiting:
                 self._cond.notify()

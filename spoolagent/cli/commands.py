@@ -83,7 +83,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_OK
     from spoolagent.collect.supervisor import discover
 
-    found = discover(cfg.agent.collectors_dir)
+    found = discover(cfg.agent.collectors_dir, cfg.collectors)
     print(f"{cfg.path}: OK")
     print(f"  agent id       {cfg.agent.id}")
     print(f"  state dir      {cfg.agent.state_dir}")
@@ -231,7 +231,7 @@ def cmd_collectors(args: argparse.Namespace) -> int:
     status, _ = _agent_status(cfg.agent.state_dir)
     running = {c["name"]: c for c in (status or {}).get("collectors", [])}
     rows = []
-    for name, interval, path in discover(cfg.agent.collectors_dir):
+    for name, interval, path in discover(cfg.agent.collectors_dir, cfg.collectors):
         settings = dict(cfg.collectors.get(name, {}))
         c = running.get(name, {})
         rows.append({"name": name, "interval_s": interval, "path": str(path),

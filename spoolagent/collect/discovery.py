@@ -2,17 +2,21 @@
 
 Dotfiles, editor backups and autosaves, package-manager leftovers, directories, dangling symlinks
 and non-executables are skipped; NAME is the file name without its extension, and of two files
-with the same NAME the first in (interval, file name) order wins. Pure functions over the
-directory.
+with the same NAME the first in (interval, file name) order wins. A ``[collectors.NAME]`` table
+with ``use = "OTHER"`` adds an instance: OTHER's program once more, run as NAME. Pure functions
+over the directory and the settings.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from spoolagent.errors import CollectorFailed
 
@@ -80,8 +84,20 @@ def scan(collectors_dir: Path) -> tuple[list[Found], list[Path]]:
     return found, dups
 
 
-def discover(collectors_dir: Path) -> list[tuple[str, int, Path]]:
-    """The collectors in ``collectors_dir`` as (name, interval_s, path), in (interval, file name)
-    order. Pure: reads the directory, starts nothing. Raises CollectorFailed if it can't be listed.
-    """
-    return [(f.name, f.interval_s, f.path) for f in scan(collectors_dir)[0]]
+def instances(found: list[Found], settings: Mapping[str, Mapping[str, Any]]) -> list[Found]:
+    """``[collectors.NAME] use = "OTHER"``: OTHER's program once more, run as NAME with NAME's
+    settings, checkpoint and counters (config.py checked that NAME is not a program of its own)."""
+    programs = {f.name: f for f in found}
+    return [dataclasses.replace(programs[use], name=name) for name, table in settings.items()
+            if isinstance(use := table.get("use"), str) and use in programs and name not in programs]
+
+
+def discover(collectors_dir: Path,
+             settings: Mapping[str, Mapping[str, Any]] | None = None) -> list[tuple[str, int, Path]]:
+    """What the agent runs from ``collectors_dir`` as (name, interval_s, path): the programs in
+    (interval, file name) order, then the ``use`` instances that ``settings`` (the [collectors]
+    tables) make of them. Pure: reads the directory, starts nothing. Raises CollectorFailed if it
+    can't be listed."""
+    found = scan(collectors_dir)[0]
+    found += instances(found, settings or {})
+    return [(f.name, f.interval_s, f.path) for f in found]

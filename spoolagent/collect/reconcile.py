@@ -7,13 +7,12 @@ file stops it and forgets it once its run is over. Called on the supervisor thre
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from spoolagent.collect.discovery import Found
+from spoolagent.collect.discovery import Found, instances
 from spoolagent.collect.states import After, Backoff, Collector, CollectorState, change_state
 
 log = logging.getLogger(__name__)
@@ -28,7 +27,7 @@ def apply_scan(collectors: dict[str, Collector], found: list[Found],
                terminate: Callable[[Collector, float], bool]) -> None:
     """Update ``collectors`` in place from ``found`` (and the instances ``use`` makes of them);
     ``terminate`` SIGTERMs a run."""
-    found = found + _instances(found, settings)
+    found = found + instances(found, settings)
     seen: set[str] = set()
     for f in found:
         seen.add(f.name)
@@ -72,14 +71,6 @@ def apply_scan(collectors: dict[str, Collector], found: list[Found],
             log.info("collector removed name=%s; stopping pid=%d", name, c.run.pid)
             c.request(After.REMOVE)
             terminate(c, now)
-
-
-def _instances(found: list[Found], settings: Mapping[str, Mapping[str, Any]]) -> list[Found]:
-    """``[collectors.NAME] use = "OTHER"``: OTHER's program once more, run as NAME with NAME's
-    settings, checkpoint and counters (config.py checked that NAME is not a program of its own)."""
-    programs = {f.name: f for f in found}
-    return [dataclasses.replace(programs[use], name=name) for name, table in settings.items()
-            if isinstance(use := table.get("use"), str) and use in programs and name not in programs]
 
 
 def copy_settings(settings: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -95,6 +95,9 @@ def test_two_instances_of_the_bundled_tail_collector(receiver: ReceiverProc,
                          'multiline_start = "^\\\\S"\nmultiline_flush_s = 0.2\n')
     check = a.cli("check")
     assert check.returncode == 0, check.stdout + check.stderr
+    assert "(2 collectors)" in check.stdout  # the instance counts
+    listed = {r["name"]: r for r in json.loads(a.cli("collectors", "--json").stdout)["collectors"]}
+    assert listed["java"]["path"] == listed["tail"]["path"] and listed["java"]["config"]["prod"] == "java"
     a.start()
 
     def both() -> bool:
@@ -107,3 +110,5 @@ def test_two_instances_of_the_bundled_tail_collector(receiver: ReceiverProc,
     names = {c["name"]: c for c in a.get_status()["collectors"]}
     assert names["java"]["path"] == names["tail"]["path"] and names["java"]["pid"] != names["tail"]["pid"]
     assert json.loads(a.cli("status", "--json").stdout)["running"] is True
+    listed = {r["name"]: r for r in json.loads(a.cli("collectors", "--json").stdout)["collectors"]}
+    assert listed["java"]["pid"] == names["java"]["pid"] and listed["java"]["state"] == "running"

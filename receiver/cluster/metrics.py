@@ -6,7 +6,7 @@ lease state, messages stored and duplicated. Imports prometheus_client only.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -48,3 +48,6 @@ class WriterMetrics:
         self.lease_lost = Counter(
             "spoolreceiver_writer_leases_lost", "Partitions this writer stopped because its lease "
             "was lost or could not be renewed in time.", registry=registry)
+        # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...: what the
+        # receiver exposes for itself, so one dashboard row serves both
+        ProcessCollector(registry=registry)

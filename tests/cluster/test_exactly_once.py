@@ -53,6 +53,7 @@ def test_resend_after_the_duplicate_window_is_stored_once(
     assert first.status_code == 201, first.text
     wait_until(lambda: w.metric('spoolreceiver_writer_messages_total{result="stored"}') == 1, 30,
                what="the first copy stored")
+    assert w.metric("process_resident_memory_bytes") > 0  # the writer's process, as the receiver's
     # an agent that was down past the stream's duplicate window resends the batch: the stream
     # takes it as new (nothing can be polled for the window to pass: it is time)
     time.sleep(1.5)

@@ -25,7 +25,7 @@ import sys
 import time
 
 from spoolagent_collectors.lib import tail_token, tail_watch
-from spoolagent_collectors.lib.common import err, stop_on_signals
+from spoolagent_collectors.lib.common import Output, err, stop_on_signals
 from spoolagent_collectors.lib.tail_records import Pending, RecordCutter
 
 # SETTINGS: the keys this collector takes and their kinds; `spoolagent check` and every agent start
@@ -77,7 +77,7 @@ class Tailer:
     def __init__(self, cfg: Settings, token: str) -> None:
         self.cfg = cfg
         self.files: dict[tuple[int, int], Tracked] = {}
-        self.out_fd = sys.stdout.fileno()
+        self.out = Output(sys.stdout.fileno())  # flushed once per pass, before the wait
         self.out_bytes = 0  # printed since the last checkpoint
         self.last_token = ""
         self.last_cp = time.monotonic()
@@ -121,7 +121,7 @@ class Tailer:
         if self.out_bytes or self.state_changed or force:
             tok = self.token()
             if tok != self.last_token or self.out_bytes:
-                protocol.write_all(self.out_fd, protocol.format_checkpoint(tok))
+                self.out.write(protocol.format_checkpoint(tok))
                 self.last_token = tok
             self.out_bytes = 0
             self.state_changed = False
@@ -129,7 +129,7 @@ class Tailer:
 
     def _write(self, data: bytes) -> None:
         if data:
-            protocol.write_all(self.out_fd, data)
+            self.out.write(data)
             self.out_bytes += len(data)
 
     # --- files -------------------------------------------------------------------------------
@@ -266,7 +266,13 @@ class Tailer:
             return False
         got = 0
         while got < PASS_BUDGET and not self.stopping:
-            data = os.pread(f.fd, READ_CHUNK, f.read_off)
+            # no more than fstat saw: a pass's few KiB are a small allocation, not a 256 KiB
+            # buffer mapped, shrunk and unmapped (three syscalls and page faults per pass); what
+            # is appended meanwhile raises an event (or the poll finds it) for the next pass
+            want = min(READ_CHUNK, st.st_size - f.read_off)
+            if want <= 0:
+                break
+            data = os.pread(f.fd, want, f.read_off)
             if not data:
                 break
             f.read_off += len(data)
@@ -277,7 +283,7 @@ class Tailer:
             self._write(self.cutter.consume(f, data))
             if self.out_bytes >= CP_BYTES:
                 self.checkpoint()
-            if len(data) < READ_CHUNK:
+            if len(data) < want:
                 break
         if got >= PASS_BUDGET:
             self.more = True  # left data behind for fairness: the next pass starts at once
@@ -340,6 +346,7 @@ def main() -> int:
     # where this run starts, before any line: the agent then holds every line until a token
     # covers it, and a first run with start_at = "end" keeps its start position across a crash
     tailer.checkpoint(force=True)
+    tailer.out.flush()
     next_scan = time.monotonic() + cfg.glob_interval_s
     poll_s = POLL_MIN_S
     started = 0.0
@@ -365,11 +372,13 @@ def main() -> int:
                 timeout = min(timeout, tailer.last_cp + CP_INTERVAL_S - now)
             if tailer.more:
                 timeout = 0.0
+            tailer.out.flush()  # before sleeping: nothing printed waits in here
             rescan = tail_watch.wait(tailer.inotify, tailer.watched, wake_r, max(0.0, timeout))
             if rescan or (timed_scan and time.monotonic() >= next_scan):
                 tailer.scan()
                 next_scan = time.monotonic() + cfg.glob_interval_s
         tailer.checkpoint()
+        tailer.out.flush()
     except BrokenPipeError:  # the agent is gone: nobody to tell
         return 1
     return 0

@@ -1,5 +1,6 @@
 """What every bundled collector does the same way: report on stderr, stop on a signal without
-losing the wake-up (a self-pipe the main loop selects on), and take its own children down with it."""
+losing the wake-up (a self-pipe the main loop selects on), take its own children down with it,
+and write its stdout once per wake-up."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+
+from spoolagent import protocol
 
 _PR_SET_PDEATHSIG = 1
 
@@ -55,3 +58,31 @@ def die_with_parent() -> Callable[[], None] | None:
             os._exit(1)
 
     return _preexec
+
+
+class Output:
+    """A collector's stdout, written once per wake-up: what it prints waits here until ``flush``
+    (the main loop's, before it sleeps), or until ``flush_bytes`` wait (a busy file: the agent
+    works on them meanwhile). A pass's records and the checkpoint after them then go in one write,
+    and the agent's reader wakes once for them, not twice (issue 17). Not thread-safe."""
+
+    def __init__(self, fd: int, flush_bytes: int = 64 * 1024) -> None:
+        self.fd = fd
+        self.flush_bytes = flush_bytes
+        self._parts: list[bytes] = []
+        self._waiting = 0
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data`` after what waits; may write (and block on a full pipe)."""
+        self._parts.append(data)
+        self._waiting += len(data)
+        if self._waiting >= self.flush_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what waits, in order. Blocks while the pipe is full; raises BrokenPipeError once
+        the agent is gone."""
+        if self._parts:
+            data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+            self._parts, self._waiting = [], 0
+            protocol.write_all(self.fd, data)

@@ -18,6 +18,19 @@ _MONTHS = {m: i for i, m in enumerate(
      b"dec"), 1)}
 
 
+def _longest_line(buf: bytes, end: int) -> int:
+    """The length of the longest line in ``buf[:end]`` (lines end at newlines), found with
+    ``find`` rather than a list of lines."""
+    longest = start = 0
+    while start <= end:
+        nl = buf.find(b"\n", start, end)
+        if nl < 0:
+            nl = end
+        longest = max(longest, nl - start)
+        start = nl + 1
+    return longest
+
+
 class Pending:
     """A file's bytes read but not yet sent as records."""
 
@@ -127,13 +140,13 @@ class RecordCutter:
         recs: list[bytes] = []
         if nl >= 0:
             f.partial = buf[nl + 1 :]
-            lines = buf[:nl].split(b"\n")
             fast = self.ml_rx is None and self.date_rx is None
-            if fast and (nl <= f.limit or max(map(len, lines)) <= f.limit):
+            if fast and (nl <= f.limit or _longest_line(buf, nl) <= f.limit):
+                # no Python object per line: one replace puts the prefix after every newline
                 head, sep = self._prefix(f.prod)
-                recs.append(head + sep.join(lines) + b"\n")
+                recs.append(head + buf[:nl].replace(b"\n", sep) + b"\n")
             else:
-                for line in lines:
+                for line in buf[:nl].split(b"\n"):
                     self._line(f, line, recs)
         else:
             f.partial = buf

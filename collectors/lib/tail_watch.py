@@ -42,6 +42,8 @@ def wait(inotify: INotify | None, watched: set[str], wake_r: int, timeout_s: flo
 
 
 _EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
+_EVENT_MAX = _EVENT.size + 255 + 1  # the largest event: NAME_MAX and a NUL
+_READ_BYTES = 65536
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -92,7 +94,7 @@ class INotify:
         events: list[tuple[int, int, int, bytes]] = []
         while True:
             try:
-                data = os.read(self._fd, 65536)
+                data = os.read(self._fd, _READ_BYTES)
             except BlockingIOError:
                 return events
             off = 0
@@ -101,6 +103,11 @@ class INotify:
                 start = off + _EVENT.size
                 events.append((wd, mask, cookie, data[start:start + n].rstrip(b"\0")))
                 off = start + n
+            if len(data) <= _READ_BYTES - _EVENT_MAX:
+                # room for another event was left: the queue was empty (a read that would fail
+                # with EAGAIN costs a syscall and an exception per wake-up); later events wake
+                # the next select
+                return events
 
     def close(self) -> None:
         os.close(self._fd)

@@ -132,8 +132,10 @@ class Agent:
                 self._settle(self.spool.nack, batch.pqid, str(exc))
                 self.stopping.wait(1.0)
             else:
-                # ack only after a 2xx: a crash before this line resends the same id, and the receiver dedups
-                self._settle(self.spool.ack, batch.pqid)
+                # ack only after a 2xx: a crash before this line resends the same id, and the receiver
+                # dedups; the delete rides in the next put's commit (spool/acks.py), so a crash in
+                # the next ACK_DELAY_S resends it too
+                self._settle(self.spool.ack, batch.pqid, wait=False)
 
     def _settle(self, fn: Any, *args: Any, **kwargs: Any) -> None:
         """ack/nack/fail; after shutdown closed the spool, the row is already back to ready."""

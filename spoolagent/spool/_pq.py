@@ -39,3 +39,16 @@ def forget_unacked(q: Any, pqid: int) -> None:
     """Drop ``pqid`` from the library's in-memory map of in-flight rows: what its own ``ack``
     does, for a row we deleted ourselves."""
     getattr(q, UNACK_CACHE).pop(pqid, None)
+
+
+class RawBytes:
+    """The library's serializer for our rows: they are already bytes in the row format of
+    ``format`` (never the library's default, pickle)."""
+
+    @staticmethod
+    def dumps(value: bytes) -> bytes:
+        return value
+
+    @staticmethod
+    def loads(value: bytes) -> bytes:
+        return value

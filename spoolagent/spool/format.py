@@ -89,6 +89,21 @@ BEGIN DELETE FROM spool_batches WHERE pqid = OLD._id; END;
 
 
 @dataclass(frozen=True, slots=True)
+class SpooledBatch:
+    """A batch the live spool handed to a sender (``Spool.get``): row id, header, stored body."""
+
+    pqid: int
+    batch_id: str
+    collector: str
+    lines: int
+    body: bytes
+    encoding: str
+    checkpoint: str | None
+    created_s: float
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
 class RowHeader:
     batch_id: str
     collector: str

@@ -11,8 +11,9 @@ The only module that imports persistqueue (what it takes beyond the public API i
 
 Why some writes bypass the library: a put must insert the row, its metadata and its checkpoint
 in ONE transaction (a crash never leaves a row without metadata or a checkpoint ahead of its
-lines), so ``put`` inserts into the library's table on its own connection; the library does
-everything else (get, ack, nack, ack_failed, clear_acked_data, resume of in-flight rows).
+lines), so ``put`` inserts into the library's table on its own connection, and an ack deletes the
+row there too, riding in the next put's transaction when it may wait (``acks``); the library does
+the rest (get, nack, ack_failed, resume of in-flight rows).
 """
 
 from __future__ import annotations
@@ -24,19 +25,20 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spoolagent.errors import SpoolBusy, SpoolError
+from spoolagent.errors import SpoolError
 from spoolagent.spool import _pq
-from spoolagent.spool._pq import ACK_FAILED, QUEUE_TABLE, UNACK
+from spoolagent.spool._pq import QUEUE_TABLE, UNACK, RawBytes
+from spoolagent.spool.acks import PendingAcks
 from spoolagent.spool.bound import REFRESH_S, Bound, WhenFull
 from spoolagent.spool.file import file_bytes, query_stats
 from spoolagent.spool.format import (
     BUSY_TIMEOUT_S,
     DB_NAME,
     ENCODINGS,
+    SpooledBatch,
     check_schema,
     configure,
     connect,
@@ -47,7 +49,7 @@ from spoolagent.spool.format import (
 )
 from spoolagent.spool.lock import release_lock, take_lock
 from spoolagent.spool.ready import ReadySignal
-from spoolagent.spool.salvage import move_if_damaged
+from spoolagent.spool.salvage import fail_unreadable_head, open_moving_damaged
 from spoolcore import imports
 from spoolcore.sqlite import immediate, is_busy
 
@@ -64,31 +66,6 @@ log = logging.getLogger(__name__)
 # a get also sees rows that another process (spool import, retry-failed, salvage) made ready: one
 # getter queries this often while idle (the agent's own puts and nacks wake the getters at once)
 _POLL_S = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class SpooledBatch:
-    pqid: int
-    batch_id: str
-    collector: str
-    lines: int
-    body: bytes
-    encoding: str
-    checkpoint: str | None
-    created_s: float
-    attempts: int
-
-
-class _RawBytes:
-    """persist-queue serializer: rows are already bytes in our own format."""
-
-    @staticmethod
-    def dumps(value: bytes) -> bytes:
-        return value
-
-    @staticmethod
-    def loads(value: bytes) -> bytes:
-        return value
 
 
 class Spool:
@@ -115,25 +92,15 @@ class Spool:
         self._get_lock = threading.Lock()  # a get never races a drop_oldest delete
         self._ready = ReadySignal(_POLL_S)  # idle getters do not query
         self._inflight: dict[int, int] = {}  # pqid -> row bytes
+        self._acks = PendingAcks()  # delivered, row not deleted yet: rides in the next put
         self._closed = False
         state_dir.mkdir(parents=True, exist_ok=True)
         # the lock comes first: the library's auto_resume would resend a live agent's in-flight rows
         self._lock_fd = take_lock(state_dir)
-        self.moved_aside: Path | None = None  # where a damaged spool.db went at this start
         try:
-            try:
-                if move_corrupt_aside and self._path.exists():
-                    # a torn page deep in the file would pass the open and stop every get later:
-                    # SQLite's quick_check reads the whole file (~0.1 s per 200 MB when cached)
-                    self.moved_aside = move_if_damaged(self._path, None)
-                resumed = self._open(state_dir, busy_timeout_s)
-            except (SpoolError, sqlite3.DatabaseError) as exc:
-                if isinstance(exc, SpoolBusy) or not move_corrupt_aside:
-                    raise
-                self.moved_aside = move_if_damaged(self._path, exc)
-                if self.moved_aside is None:
-                    raise
-                resumed = self._open(state_dir, busy_timeout_s)
+            # where a damaged spool.db went at this start (None: it was sound)
+            resumed, self.moved_aside = open_moving_damaged(
+                self._path, lambda: self._open(state_dir, busy_timeout_s), move_corrupt_aside)
         except sqlite3.DatabaseError as exc:
             release_lock(self._lock_fd)
             raise SpoolError(f"{self._path} is corrupt ({exc}); move it aside to start with an "
@@ -155,7 +122,7 @@ class Spool:
                 f"SELECT count(*) FROM `{QUEUE_TABLE}` WHERE status = {UNACK}").fetchone()[0])
             q = self._q = SQLiteAckQueue(str(state_dir), auto_resume=True, db_file_name=DB_NAME,
                                          multithreading=True, timeout=busy_timeout_s,
-                                         serializer=_RawBytes)
+                                         serializer=RawBytes)
             # The library sets only journal_mode=WAL. Its connections write only state changes
             # whose loss is harmless: the in-flight mark of a get (reset to ready at start-up
             # anyway), nack, ack_failed. With synchronous=NORMAL a power cut can undo the last
@@ -195,7 +162,10 @@ class Spool:
             self._check_open()
             self._bound.refresh(self._db, older_than_s=REFRESH_S)
             if not dropping:
+                if self._bound.bytes + size > self._bound.max_bytes:
+                    self._commit_acks()  # delivered rows make room first
                 self._bound.wait_for_room(size, self._db, self._cond, self._stopping, self._check_open)
+            acked: list[int] = []
             try:
                 with immediate(self._db):
                     if dropping:
@@ -204,8 +174,14 @@ class Spool:
                     # the token is committed with its lines, so it is durable before the row
                     # can be acked and cleared
                     record_checkpoint(self._db, header, pqid)
-            except sqlite3.Error as exc:
-                raise SpoolError(f"cannot spool batch of {collector}: {exc}") from exc
+                    # the pending acks ride in this fsync'd commit instead of one each (``acks``)
+                    acked = self._acks.ride(self._db)
+            except BaseException as exc:
+                self._acks.restore(acked)
+                if isinstance(exc, sqlite3.Error):
+                    raise SpoolError(f"cannot spool batch of {collector}: {exc}") from exc
+                raise
+            self._forget(acked)
             self._bound.bytes += size
             if checkpoint is not None:
                 self._checkpoints[collector] = checkpoint
@@ -231,9 +207,14 @@ class Spool:
                 generation = self._ready.generation
                 self._check_open()
                 item = None
+                now = time.monotonic()
+                acks_due = self._acks.due_at()
+                if acks_due is not None and now >= acks_due:  # no put took them: commit them here
+                    with self._cond:
+                        self._commit_acks()
+                    acks_due = None
                 # idle agents: no query while nothing in this process made a row ready; only
                 # rows that another process made ready are looked for, every _POLL_S, by one getter
-                now = time.monotonic()
                 if self._ready.should_look(generation, now):
                     item = self._get_next()
                     if item is None:
@@ -244,10 +225,14 @@ class Spool:
                     return self._taken(int(item["pqid"]), item["data"])
                 if self._stopping.is_set():
                     return None
-                remaining = None if deadline is None else deadline - time.monotonic()
+                now = time.monotonic()
+                remaining = None if deadline is None else deadline - now
                 if remaining is not None and remaining <= 0:
                     return None
-                poller = self._ready.wait(generation, remaining, poller, time.monotonic())
+                if acks_due is not None:  # wake to commit them if no put comes first
+                    until = max(0.0, acks_due - now)
+                    remaining = until if remaining is None else min(remaining, until)
+                poller = self._ready.wait(generation, remaining, poller, now)
         finally:
             if poller:  # a waiting get takes the role over, now or when it next waits
                 self._ready.release_poller(hand_over=item is None)
@@ -273,18 +258,10 @@ class Spool:
     def _fail_head(self, exc: Exception) -> None:
         """The library could not read the oldest ready row: dead-letter it, so gets move on."""
         with self._cond:
-            r = self._db.execute(f"SELECT _id FROM `{QUEUE_TABLE}` WHERE status < 2 "
-                                 "ORDER BY _id LIMIT 1").fetchone()
-        if r is None:
+            failed = fail_unreadable_head(self._db, exc)
+        if failed is None:
             raise SpoolError(f"cannot read the spool: {exc}") from exc
-        reason = f"spool row {r[0]} is unreadable: {exc}"
-        with self._cond:
-            self._db.execute("UPDATE spool_batches SET http_status = 0, reason = ?, "
-                             "last_error = ?, failed_s = ? WHERE pqid = ?",
-                             ("unreadable_row", reason, time.time(), r[0]))
-            self._db.execute(f"UPDATE `{QUEUE_TABLE}` SET status = {ACK_FAILED} WHERE _id = ?", (r[0],))
-        log.error("unreadable spool row moved to failed pqid=%d err=%s", r[0], exc)
-        raise SpoolError(reason) from exc
+        raise SpoolError(failed) from exc
 
     def _taken(self, pqid: int, data: bytes) -> SpooledBatch:
         try:
@@ -311,16 +288,35 @@ class Spool:
             except sqlite3.Error as exc:
                 raise SpoolError(f"cannot {what} pqid={pqid}: {exc}") from exc
 
-    def ack(self, pqid: int) -> None:
-        """The batch was delivered: remove it (its checkpoint is already durable). Thread-safe."""
-        with self._settling("ack", pqid):
-            # Delivered: delete the row (the trigger takes its metadata) in one fsync'd
-            # commit. The library's ack is an UPDATE to "acked" and a commit, and clearing
-            # acked rows a second DELETE and commit: two fsyncs where one does.
-            self._db.execute(f"DELETE FROM `{QUEUE_TABLE}` WHERE _id = ?", (pqid,))
+    def ack(self, pqid: int, *, wait: bool = True) -> None:
+        """The batch was delivered: delete its row (its checkpoint is already durable).
+        Thread-safe. Raises SpoolError (closed, or SQLite failed: the ack stays pending).
+
+        ``wait``: return once the delete is committed (fsync'd), with any other pending ack.
+        Otherwise return at once: the delete rides in the next put's commit, or a get commits it
+        within ``acks.ACK_DELAY_S``; a crash before that sends the batch again with its id.
+        """
+        self._check_open()
+        self._acks.add(pqid)
+        if wait:
+            with self._settling("ack", pqid):
+                self._commit_acks()
+
+    def _commit_acks(self) -> None:
+        """Delete the rows of every pending ack in one fsync'd commit (the caller holds _cond).
+        Raises SpoolError; the acks then stay pending. (The library's ack is an UPDATE to
+        "acked", and clearing acked rows a second DELETE: two commits where one does; the
+        trigger takes a deleted row's metadata.)"""
+        if self._acks.due_at() is not None:
+            self._forget(self._acks.commit(self._db))
+
+    def _forget(self, acked: list[int]) -> None:
+        """After their delete is committed (the caller holds _cond)."""
+        for pqid in acked:
             _pq.forget_unacked(self._q, pqid)  # what the library's ack forgets too
             self._bound.bytes -= self._inflight.pop(pqid, 0)
-            self._cond.notify_all()
+        if acked:
+            self._cond.notify_all()  # a put waiting for room
 
     def note_attempt(self, pqid: int, error: str) -> None:
         """One failed send attempt of a batch in flight: attempts + 1 and the error kept, so
@@ -390,6 +386,10 @@ class Spool:
             self._closed = True
             self._cond.notify_all()
             try:
+                self._commit_acks()  # delivered: not resent
+            except SpoolError as exc:
+                log.error("cannot delete delivered batches; they are resent err=%s", exc)
+            try:
                 for pqid in list(self._inflight):
                     self._q.nack(id=pqid)
                 self._inflight.clear()
@@ -400,3 +400,4 @@ class Spool:
                 self._db.close()
                 release_lock(self._lock_fd)
         log.info("spool closed path=%s", self._path)
+

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from spoolagent.errors import SpoolBusy, SpoolError
+from spoolagent.spool.acks import ACK_DELAY_S
 from spoolagent.spool.file import BatchInfo, SpoolFile
 from spoolagent.spool.format import decompress, new_batch_id
 from spoolagent.spool.queue import Spool, SpooledBatch, WhenFull
@@ -210,6 +211,77 @@ def test_block_put_waits_for_ack_and_stopping_releases_it(open_spool) -> None:
     t2.join(5)
     assert len(done) == 2
     assert spool.stats()["bytes"] > 60_000
+
+
+def test_deferred_ack_rides_in_the_next_put(open_spool, tmp_path: Path) -> None:
+    spool = open_spool()
+    spool.put("c", make_lines(5))
+    b = spool.get(timeout_s=1)
+    assert b is not None
+    spool.ack(b.pqid, wait=False)
+    assert spool.stats()["inflight_batches"] == 1  # not deleted yet: no commit of its own
+    spool.put("c", make_lines(5, "2"))  # its commit deletes the delivered row
+    st = spool.stats()
+    assert (st["ready_batches"], st["inflight_batches"]) == (1, 0)
+    with SpoolFile(tmp_path / "state") as f:  # committed: another connection sees it
+        assert [i.state for i in f.batches()] == ["ready"]
+
+
+def test_deferred_ack_committed_by_a_waiting_get_when_no_put_comes(open_spool) -> None:
+    spool = open_spool()
+    spool.put("c", make_lines(5))
+    b = spool.get(timeout_s=1)
+    assert b is not None
+    spool.ack(b.pqid, wait=False)
+    # nothing ready: the get waits, and commits the ack once it is ACK_DELAY_S old
+    assert spool.get(timeout_s=ACK_DELAY_S + 2) is None
+    st = spool.stats()
+    assert (st["ready_batches"], st["inflight_batches"], st["bytes"]) == (0, 0, 0)
+
+
+def test_deferred_ack_committed_at_close(open_spool) -> None:
+    spool = open_spool()
+    spool.put("c", make_lines(5))
+    b = spool.get(timeout_s=1)
+    assert b is not None
+    spool.ack(b.pqid, wait=False)
+    spool.close()
+    st = open_spool().stats()
+    assert (st["ready_batches"], st["inflight_batches"]) == (0, 0)  # not resent
+
+
+CHILD_DEFERRED = r"""
+import json, sys, threading, time
+from pathlib import Path
+from spoolagent.spool.queue import Spool, WhenFull
+spool = Spool(Path(sys.argv[1]), max_bytes=1 << 30, when_full=WhenFull.BLOCK,
+              compression="zstd", stopping=threading.Event())
+bid = spool.put("c", [b"app 2024-05-01 line %d" % i for i in range(50)], checkpoint="tok")
+b = spool.get(1.0)
+spool.ack(b.pqid, wait=False)
+print(json.dumps({"id": bid}), flush=True)
+time.sleep(120)
+"""
+
+
+def test_deferred_ack_lost_in_a_crash_resends_the_batch_with_its_id(open_spool,
+                                                                    tmp_path: Path) -> None:
+    """A crash before a deferred ack is committed costs a resend (the receiver answers it as a
+    duplicate), never a line: the batch and its checkpoint were committed at its put."""
+    proc = subprocess.Popen([sys.executable, "-c", CHILD_DEFERRED, str(tmp_path / "state")],
+                            stdout=subprocess.PIPE, env=child_env())
+    try:
+        assert proc.stdout is not None
+        told = json.loads(proc.stdout.readline())
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    spool = open_spool()
+    assert spool.checkpoints() == {"c": "tok"}
+    b = spool.get(timeout_s=1)
+    assert b is not None and b.batch_id == told["id"] and b.lines == 50
 
 
 def test_drop_oldest_drops_ready_never_inflight(open_spool) -> None:

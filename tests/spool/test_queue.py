@@ -213,12 +213,17 @@ def test_block_put_waits_for_ack_and_stopping_releases_it(open_spool) -> None:
     assert spool.stats()["bytes"] > 60_000
 
 
-def test_deferred_ack_rides_in_the_next_put(open_spool, tmp_path: Path) -> None:
-    spool = open_spool()
+def _delivered_deferred(spool: Spool) -> None:
+    """One batch put, taken and acked without waiting for its delete."""
     spool.put("c", make_lines(5))
     b = spool.get(timeout_s=1)
     assert b is not None
     spool.ack(b.pqid, wait=False)
+
+
+def test_deferred_ack_rides_in_the_next_put(open_spool, tmp_path: Path) -> None:
+    spool = open_spool()
+    _delivered_deferred(spool)
     assert spool.stats()["inflight_batches"] == 1  # not deleted yet: no commit of its own
     spool.put("c", make_lines(5, "2"))  # its commit deletes the delivered row
     st = spool.stats()
@@ -229,10 +234,7 @@ def test_deferred_ack_rides_in_the_next_put(open_spool, tmp_path: Path) -> None:
 
 def test_deferred_ack_committed_by_a_waiting_get_when_no_put_comes(open_spool) -> None:
     spool = open_spool()
-    spool.put("c", make_lines(5))
-    b = spool.get(timeout_s=1)
-    assert b is not None
-    spool.ack(b.pqid, wait=False)
+    _delivered_deferred(spool)
     # nothing ready: the get waits, and commits the ack once it is ACK_DELAY_S old
     assert spool.get(timeout_s=ACK_DELAY_S + 2) is None
     st = spool.stats()
@@ -241,10 +243,7 @@ def test_deferred_ack_committed_by_a_waiting_get_when_no_put_comes(open_spool) -
 
 def test_deferred_ack_committed_at_close(open_spool) -> None:
     spool = open_spool()
-    spool.put("c", make_lines(5))
-    b = spool.get(timeout_s=1)
-    assert b is not None
-    spool.ack(b.pqid, wait=False)
+    _delivered_deferred(spool)
     spool.close()
     st = open_spool().stats()
     assert (st["ready_batches"], st["inflight_batches"]) == (0, 0)  # not resent

@@ -211,6 +211,7 @@ class Spool:
                 acks_due = self._acks.due_at()
                 if acks_due is not None and now >= acks_due:  # no put took them: commit them here
                     with self._cond:
+                        self._check_open()
                         self._commit_acks()
                     acks_due = None
                 # idle agents: no query while nothing in this process made a row ready; only

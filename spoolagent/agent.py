@@ -72,7 +72,7 @@ class Agent:
         self.writer = SpoolWriter(self.spool, stopping=self.stopping, on_error=self._note_error)
         self._settings: dict[str, dict[str, Any]] = {k: dict(v) for k, v in cfg.collectors.items()}
         self.batchers = Batchers(
-            put=self.writer.put, on_invalid=self.rejected.write,
+            put=self.writer.put, put_due=self.writer.put_due, on_invalid=self.rejected.write,
             settings=lambda name: self._settings.get(name, {}),
             checkpointing=lambda name: name in self.spool.checkpoints(),
             wait_spooled=self.writer.wait_spooled, max_lines=cfg.batch.max_lines,

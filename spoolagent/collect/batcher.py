@@ -40,7 +40,7 @@ class Batcher:
                  max_bytes: int, max_wait_s: float, max_held_bytes: int,
                  max_line_bytes: int = protocol.DEFAULT_MAX_LINE_BYTES,
                  raw_prod: str | None = None, checkpointing: bool = False,
-                 on_pending: Callable[[], None] | None = None) -> None:
+                 on_pending: Callable[[float], None] | None = None) -> None:
         """``checkpointing``: the collector has a committed token (it checkpointed in an earlier
         run), so its lines are held from the first one on: lines batched by time before its first
         checkpoint of this run would be read again from the older token after a crash."""
@@ -59,7 +59,7 @@ class Batcher:
         self._ready: list[bytes] = []
         self._ready_bytes = 0
         self._ready_since = 0.0
-        self._on_pending = on_pending        # told when a new batch starts filling (its clock starts)
+        self._on_pending = on_pending        # told when a new batch is due (its clock started)
         self._token: str | None = None       # newest token covering every ready line
         self._held: list[bytes] = []
         self._held_bytes = 0
@@ -204,22 +204,24 @@ class Batcher:
             for i in range(0, len(records), self.max_lines):
                 self._add(records[i : i + self.max_lines])
             return
-        if not self._ready:
-            self._mark_pending()
+        starting = not self._ready
         self._ready.extend(records)
         self._ready_bytes += size
         if len(self._ready) >= self.max_lines or self._ready_bytes >= self.max_bytes:
             self._flush()
+        elif starting:
+            self._mark_pending()
 
     def _checkpoint(self, token: str) -> None:
         self._checkpointing = self._seen_checkpoint = True
         if self._held:
-            if not self._ready:
-                # max_wait counts from when the first of these lines was read, not from the token
-                self._mark_pending(self._held_since)
+            starting = not self._ready
             self._ready.extend(self._held)
             self._ready_bytes += self._held_bytes
             self._held, self._held_bytes = [], 0
+            if starting:
+                # max_wait counts from when the first of these lines was read, not from the token
+                self._mark_pending(self._held_since)
         self._token = token
         if self._first_token and not self._ready:
             self._untokened = True  # nothing committed covers "where to start": commit it now
@@ -231,13 +233,13 @@ class Batcher:
 
     # -- output --------------------------------------------------------------------------------
 
-    def _flush(self) -> None:
+    def _flush(self, put: PutFn | None = None) -> None:
         if not self._ready and not (self._token is not None and self._untokened):
             # a token with no lines since the last committed one needs no row: that one resumes
             # at the same place
             return
         lines, token = self._ready, self._token
-        self._put(self.collector, lines, token)
+        (put or self._put)(self.collector, lines, token)
         if token is not None:
             self._first_token = False
         self._untokened = token is None and (self._untokened or bool(lines))
@@ -246,21 +248,26 @@ class Batcher:
         self._ready, self._ready_bytes, self._token = [], 0, None
 
     def _mark_pending(self, since: float | None = None) -> None:
+        """A new batch's lines are ready (called after they are in ``_ready``: the flusher, told
+        the batch's due time, may look at once)."""
         self._ready_since = time.monotonic() if since is None else since
         if self._on_pending is not None:
-            self._on_pending()
+            self._on_pending(self._ready_since + self.max_wait_s)
 
     def due_at(self) -> float | None:
         """When the ready lines must be put (monotonic), or None if none wait. Lock-free read."""
         return self._ready_since + self.max_wait_s if self._ready else None
 
-    def flush_due(self, now: float | None = None) -> None:
-        """Put ready lines older than ``max_wait_s``. Called by the agent's timer thread."""
+    def flush_due(self, now: float | None = None, put: PutFn | None = None) -> bool:
+        """Put ready lines older than ``max_wait_s`` (at ``now``), through ``put`` when given
+        (the flusher's own). Called by the agent's timer thread; True if it put a batch."""
         if not self._ready:
-            return
+            return False
         with self._lock:
             if self._ready and (now or time.monotonic()) - self._ready_since >= self.max_wait_s:
-                self._flush()
+                self._flush(put)
+                return True
+        return False
 
     def set_limits(self, *, max_lines: int, max_bytes: int, max_wait_s: float) -> None:
         """A reload changed [batch]: the next cut uses these. Thread-safe."""

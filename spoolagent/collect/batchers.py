@@ -10,6 +10,7 @@ from the newest committed token, with a fresh batcher); what a retired batcher c
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
@@ -19,6 +20,10 @@ from typing import Any
 from spoolagent.collect.batcher import Batcher, InvalidFn, PutFn
 
 log = logging.getLogger(__name__)
+
+# the flusher puts a batch up to this much (at most 5 % of max_wait) before it is due, so that one
+# wake-up per batch is enough when a collector's next batch starts as the last one is put
+EARLY_S = 0.01
 
 # counters summed over a collector's runs and over collectors (``lines_pending`` is a level)
 COUNTERS = ("lines_spooled", "lines_invalid", "lines_unprotected", "lines_discarded",
@@ -32,8 +37,12 @@ class Batchers:
 
     def __init__(self, *, put: PutFn, on_invalid: InvalidFn, settings: Callable[[str], Mapping[str, Any]],
                  checkpointing: Callable[[str], bool], wait_spooled: Callable[[], None],
-                 max_lines: int, max_bytes: int, max_wait_s: float, max_line_bytes: int) -> None:
+                 max_lines: int, max_bytes: int, max_wait_s: float, max_line_bytes: int,
+                 put_due: PutFn | None = None) -> None:
+        """``put_due``: the flusher's ``put`` for batches cut by age (default ``put``): the spool
+        writer commits them on the flusher's thread when it has nothing else to do."""
         self._put = put
+        self._put_due = put_due or put
         self._on_invalid = on_invalid
         self._settings = settings
         self._checkpointing = checkpointing
@@ -43,7 +52,11 @@ class Batchers:
         self._live: dict[str, Batcher] = {}
         self._lock = threading.Lock()
         self._retired: dict[str, dict[str, int]] = {}  # per collector: what its ended runs counted
-        self._pending = threading.Event()  # a batcher started a new batch: the flusher re-plans
+        self._pending = threading.Event()  # a batch is due before the flusher's wake-up: it re-plans
+        # when the flusher wakes next (monotonic; inf: not until told), None while it scans: a
+        # batcher wakes it only for a batch due before that (one wake-up per batch, not two)
+        self._plan_lock = threading.Lock()
+        self._planned: float | None = None
 
     def get(self, name: str) -> Batcher:
         """The running collector's batcher, made on first use."""
@@ -63,7 +76,7 @@ class Batchers:
         return Batcher(name, put=self._put, on_invalid=self._on_invalid, max_lines=self._max_lines,
                        max_bytes=self._max_bytes, max_wait_s=self._max_wait_s,
                        max_held_bytes=4 * self._max_bytes, max_line_bytes=self._max_line_bytes,
-                       raw_prod=raw_prod, on_pending=self._pending.set,
+                       raw_prod=raw_prod, on_pending=self._due,
                        # a token from an earlier run: hold lines until this run's first
                        checkpointing=self._checkpointing(name))
 
@@ -121,22 +134,44 @@ class Batchers:
         """Make the flusher look again now (the agent stops)."""
         self._pending.set()
 
+    def _due(self, due: float) -> None:
+        """A batcher's new batch must be put by ``due``: wake the flusher unless it wakes by then."""
+        with self._plan_lock:
+            wake = self._planned is None or due < self._planned
+        if wake:
+            self._pending.set()
+
     def flush_loop(self, stopping: threading.Event) -> None:
         """Put batches whose oldest line has waited ``max_wait_s``, until ``stopping``. Sleeps until
-        the next one is due or a batcher starts a new batch (no polling while idle). Blocks."""
+        the next one is due or a batcher starts a batch due earlier (no polling while idle). Blocks.
+
+        After it put a batch, it sleeps until a batch started now would be due rather than until
+        a batcher tells it of one: a collector printing steadily starts its next batch as the last
+        one is put, and that batch is then put with one wake-up of this thread instead of two (one
+        when it starts, one when it is due). A batch is put up to ``EARLY_S`` (at most 5 % of
+        ``max_wait_s``) before it is due, never after; with nothing due it sleeps without timeout.
+        """
         while not stopping.is_set():
+            with self._plan_lock:
+                self._planned = None  # scanning: a batch that starts meanwhile wakes us again
             self._pending.clear()
-            now, next_due = time.monotonic(), None
+            now, next_due, flushed = time.monotonic(), None, False
+            early = min(EARLY_S, self._max_wait_s / 20)
             for b in list(self._live.values()):
                 due = b.due_at()
                 if due is None:
                     continue
-                if due <= now:
+                if due <= now + early:
                     try:
-                        b.flush_due(now)
+                        flushed = b.flush_due(now + early, put=self._put_due) or flushed
                     except Exception:
                         log.exception("flush failed collector=%s", b.collector)
                 else:
                     next_due = due if next_due is None else min(next_due, due)
+            if next_due is None and flushed:
+                next_due = now + self._max_wait_s  # the next batch of a steady collector
+            with self._plan_lock:
+                # it wakes at next_due - early, and then puts every batch due by next_due
+                self._planned = math.inf if next_due is None else next_due
             # nothing pending: no timeout (a new batch, new limits or the stop set _pending)
-            self._pending.wait(None if next_due is None else max(0.0, next_due - time.monotonic()))
+            self._pending.wait(None if next_due is None else max(0.0, next_due - early - time.monotonic()))

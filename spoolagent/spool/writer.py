@@ -2,8 +2,11 @@
 
 Compressing and committing a batch (an fsync) then overlaps with reading the next one. The
 hand-over queue holds one batch, so a full spool or a slow disk still reaches the collectors
-through their pipes within a batch or two. A failing disk is retried (the collector waits), never
-dropped, except at shutdown after three attempts (logged as data lost).
+through their pipes within a batch or two. A batch the flusher cuts by age (``put_due``) is
+committed on the flusher's own thread when the writer has nothing to do: at low rates that saves
+a thread hand-off per batch, and the flusher has nothing to overlap with. A failing disk is
+retried (the collector waits), never dropped, except at shutdown after three attempts (logged as
+data lost).
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ class SpoolWriter:
         self._on_error = on_error
         self._q: queue.Queue[_Item | None] = queue.Queue(maxsize=1)
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # guards _queued
+        self._queued = 0  # batches handed over and not committed yet
+        self._writing = threading.Lock()  # held for each commit: the thread's and put_due's
         self.errors = 0  # failed spool writes (each retried)
 
     def start(self) -> None:
@@ -41,7 +47,26 @@ class SpoolWriter:
     def put(self, collector: str, lines: Sequence[bytes], checkpoint: str | None) -> object:
         """The batchers' ``put``: hand one batch over. Blocks while the writer is busy with the
         previous one (that is the back-pressure)."""
+        with self._lock:
+            self._queued += 1
         self._q.put((collector, list(lines), checkpoint))
+        return None
+
+    def put_due(self, collector: str, lines: Sequence[bytes], checkpoint: str | None) -> object:
+        """The flusher's ``put`` (a batch cut by age): committed on the caller's thread when
+        nothing is handed over and not committed yet (the writer thread is not woken for it), else
+        handed over behind the rest like ``put`` (a collector's batches stay in order: its
+        batcher's lock is held across either). Blocks for the commit."""
+        with self._lock:
+            inline = self._queued == 0 and self._thread is not None and not self._stopping.is_set()
+            if inline:
+                self._writing.acquire()  # free: the thread holds it only for a queued batch
+        if not inline:
+            return self.put(collector, lines, checkpoint)
+        try:
+            self._commit((collector, list(lines), checkpoint))
+        finally:
+            self._writing.release()
         return None
 
     def wait_spooled(self) -> None:
@@ -61,12 +86,18 @@ class SpoolWriter:
             try:
                 if item is None:
                     return
-                self._write(*item)
-            except Exception:
-                log.exception("data lost: cannot spool batch collector=%s lines=%d", item[0] if item else "?",
-                              len(item[1]) if item else 0)
+                with self._writing:
+                    self._commit(item)
+                with self._lock:
+                    self._queued -= 1
             finally:
                 self._q.task_done()
+
+    def _commit(self, item: _Item) -> None:
+        try:
+            self._write(*item)
+        except Exception:
+            log.exception("data lost: cannot spool batch collector=%s lines=%d", item[0], len(item[1]))
 
     def _write(self, collector: str, lines: Sequence[bytes], checkpoint: str | None) -> object:
         attempt = 0

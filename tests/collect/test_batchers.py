@@ -101,6 +101,45 @@ def test_the_flusher_puts_a_batch_once_it_is_due_and_stops_with_the_event() -> N
     assert s.batches == [("a", [rec(1)], None)]
 
 
+def test_the_flusher_puts_through_put_due_and_a_steady_collectors_batches_each_in_time() -> None:
+    s, due = Sink(), Sink()
+    bs = Batchers(put=s.put, put_due=due.put, on_invalid=s.bad, settings=lambda n: {},
+                  checkpointing=lambda n: False, wait_spooled=s.wait_spooled, max_lines=1000,
+                  max_bytes=100_000, max_wait_s=0.05, max_line_bytes=4096)
+    stopping = threading.Event()
+    t = threading.Thread(target=bs.flush_loop, args=(stopping,), daemon=True)
+    t.start()
+    try:
+        for i in range(3):  # each batch starts as the last one was put (the flusher planned ahead)
+            bs.feed("a", [rec(i)])
+            wait_until(lambda n=i: len(due.batches) == n + 1, timeout_s=10)
+    finally:
+        stopping.set()
+        bs.wake()
+        t.join(10)
+    assert not t.is_alive()
+    assert s.batches == [] and due.batches == [("a", [rec(i)], None) for i in range(3)]
+
+
+def test_a_batch_due_before_the_flushers_planned_wake_up_wakes_it() -> None:
+    s = Sink()
+    bs = make(s, max_wait_s=60.0)
+    stopping = threading.Event()
+    t = threading.Thread(target=bs.flush_loop, args=(stopping,), daemon=True)
+    t.start()
+    try:
+        bs.feed("a", [rec(1)])  # due in 60 s: the flusher plans to sleep until then
+        bs.get("b").max_wait_s = 0.0  # b's batches are due at once
+        bs.feed("b", [rec(2)])  # due long before the planned wake-up: it must wake the flusher
+        wait_until(lambda: ("b", [rec(2)], None) in s.batches, timeout_s=10)
+        assert ("a", [rec(1)], None) not in s.batches
+    finally:
+        stopping.set()
+        bs.wake()
+        t.join(10)
+    assert not t.is_alive()
+
+
 def test_new_limits_reach_running_and_later_batchers() -> None:
     s = Sink()
     bs = make(s)

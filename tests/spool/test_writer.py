@@ -48,3 +48,43 @@ def test_a_spool_that_keeps_failing_at_shutdown_is_given_up_on_and_reported(tmp_
     writer.close()  # returns: three attempts at shutdown, then the batch is logged as lost
     assert writer.errors == 3
     assert len(errors) == 3 and all(e.startswith("spool: ") for e in errors)
+
+
+def test_a_batch_put_due_while_the_writer_is_idle_is_committed_on_the_callers_thread(tmp_path: Path) -> None:
+    stopping = threading.Event()
+    spool = _spool(tmp_path, stopping)
+    writer = SpoolWriter(spool, stopping=stopping, on_error=lambda err: None)
+    writer.start()
+    try:
+        writer.put_due("c", [b"app 2026-11-30 aged"], "t1")
+        # committed when put_due returns: no hand-over to the writer thread, nothing to wait for
+        assert spool.checkpoints() == {"c": "t1"}
+        b = spool.get(timeout_s=0.0)
+        assert b is not None and b.body == b"app 2026-11-30 aged\n"
+    finally:
+        writer.close()
+        spool.close()
+
+
+def test_a_batch_put_due_behind_a_handed_over_one_is_committed_after_it(tmp_path: Path) -> None:
+    stopping = threading.Event()
+    spool = _spool(tmp_path, stopping)
+    writer = SpoolWriter(spool, stopping=stopping, on_error=lambda err: None)
+    # not started yet: the handed-over batch waits in the queue, so put_due must not overtake it
+    writer.put("c", [b"app 2026-11-30 first"], "t1")
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (writer.put_due("c", [b"app 2026-11-30 second"], "t2"), done.set()))
+    t.start()
+    writer.start()
+    try:
+        t.join(30)
+        assert done.is_set()
+        writer.wait_spooled()
+        assert spool.checkpoints() == {"c": "t2"}
+        got = []
+        while (b := spool.get(timeout_s=0.0)) is not None:
+            got.append(b.body)
+        assert got == [b"app 2026-11-30 first\n", b"app 2026-11-30 second\n"]
+    finally:
+        writer.close()
+        spool.close()

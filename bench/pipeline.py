@@ -16,6 +16,7 @@ Each function runs one round and returns a dict of figures. Imports bench.data, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -188,20 +190,33 @@ class _Writer(threading.Thread):
             os.close(fd)
 
 
-def cpu(work: Path, rate: int, seconds: float, idle_seconds: float,
-        compression: str | None) -> dict[str, Any]:
-    run = _fresh(work / "cpu")
-    log = run / "app.log"
+@contextlib.contextmanager
+def steady(work: Path, rate: int, compression: str | None) -> Iterator[tuple[Agent, Receiver, _Writer]]:
+    """A receiver, an agent whose tail follows one file, and a writer appending ``rate`` lines/s
+    to it, 2 s into the steady state; all stopped on exit."""
+    log = work / "app.log"
     log.write_bytes(WARMUP_LINE)
-    rcv = Receiver(run / "data").start()
-    agent = Agent(run / "agent", rcv.http, paths=[str(log)], compression=compression)
+    rcv = Receiver(work / "data").start()
+    agent = Agent(work / "agent", rcv.http, paths=[str(log)], compression=compression)
+    writer = _Writer(log, rate, stamped=False)
     try:
         agent.start()
-        assert agent.proc is not None
         wait_for(lambda: rcv.stored_bytes() >= LINE_BYTES, 60, "the warm-up line")
-        writer = _Writer(log, rate, stamped=False)
         writer.start()
         time.sleep(2.0)  # steady state
+        yield agent, rcv, writer
+    finally:
+        writer.stop_event.set()
+        if writer.is_alive():
+            writer.join()
+        agent.stop()
+        rcv.stop()
+
+
+def cpu(work: Path, rate: int, seconds: float, idle_seconds: float,
+        compression: str | None) -> dict[str, Any]:
+    with steady(_fresh(work / "cpu"), rate, compression) as (agent, rcv, writer):
+        assert agent.proc is not None
         tree = descendants(agent.proc.pid)
         c0, a0, t0 = cpu_s(tree), cpu_s([agent.proc.pid]), time.monotonic()
         time.sleep(seconds)
@@ -227,9 +242,6 @@ def cpu(work: Path, rate: int, seconds: float, idle_seconds: float,
                 "idle_wakeups_per_s": wake, "idle_wakeups_agent_only_per_s": wake_agent,
                 "agent_rss_mib": rss_mib(agent.proc.pid), "rss_total_mib": rss_total,
                 "rss_by_process": rss}
-    finally:
-        agent.stop()
-        rcv.stop()
 
 
 def latency(work: Path, rate: int, seconds: float, compression: str | None) -> dict[str, Any]:

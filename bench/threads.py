@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.pipeline import LINE_BYTES, WARMUP_LINE, _fresh, _Writer
+from bench.pipeline import _fresh, steady
 from bench.profile import Spy, summarize
-from bench.runners import Agent, Receiver, comm, descendants, wait_for
+from bench.runners import comm, descendants
 
 _PYSPY_THREAD = re.compile(r"^Thread (?:0x[0-9A-Fa-f]+|(\d+)) .*?\"([^\"]*)\"")
 
@@ -67,17 +67,8 @@ def _names(pid: int) -> dict[int, str]:
 
 def measure(work: Path, rate: int, seconds: float, compression: str | None, profile: bool = False) -> str:
     run = _fresh(work / "threads")
-    log = run / "app.log"
-    log.write_bytes(WARMUP_LINE)
-    rcv = Receiver(run / "data").start()
-    agent = Agent(run / "agent", rcv.http, paths=[str(log)], compression=compression)
-    try:
-        agent.start()
+    with steady(run, rate, compression) as (agent, _rcv, _writer):
         assert agent.proc is not None
-        wait_for(lambda: rcv.stored_bytes() >= LINE_BYTES, 60, "the warm-up line")
-        writer = _Writer(log, rate, stamped=False)
-        writer.start()
-        time.sleep(2.0)  # steady state
         pids = descendants(agent.proc.pid)
         spies = [Spy(pid, run / f"profile-{pid}.txt", rate=200) for pid in pids] if profile else []
         before = {pid: _tasks(pid) for pid in pids}
@@ -88,28 +79,24 @@ def measure(work: Path, rate: int, seconds: float, compression: str | None, prof
         for spy in spies:
             spy.stop()
         names = {pid: _names(pid) for pid in pids}
-        writer.stop_event.set()
-        writer.join()
-        out = [f"{rate} lines/s for {elapsed:.1f} s (CPU in % of a core, wake-ups per second)"]
-        for pid in pids:
-            rows = []
-            for tid, (ns1, vol1) in after[pid].items():
-                ns0, vol0 = before[pid].get(tid, (0, 0))
-                rows.append(((ns1 - ns0) / 1e9 / elapsed * 100, (vol1 - vol0) / elapsed,
-                             names[pid].get(tid, str(tid))))
-            total = sum(r[0] for r in rows)
-            out.append(f"\n{comm(pid)} (pid {pid}): {total:.2f} %")
-            for pct, wake, name in sorted(rows, reverse=True):
-                if pct >= 0.005 or wake >= 0.05:
-                    out.append(f"  {pct:6.2f} %  {wake:7.1f}/s  {name}")
-        for spy in spies:
-            out.append(f"\n== py-spy, {comm(spy.pid)} (pid {spy.pid}; the profiler's own cost is in "
-                       f"the CPU figures above): {spy.out}")
-            out.append(summarize(spy.out, top=30))
-        return "\n".join(out)
-    finally:
-        agent.stop()
-        rcv.stop()
+        comms = {pid: comm(pid) for pid in pids}
+    out = [f"{rate} lines/s for {elapsed:.1f} s (CPU in % of a core, wake-ups per second)"]
+    for pid in pids:
+        rows = []
+        for tid, (ns1, vol1) in after[pid].items():
+            ns0, vol0 = before[pid].get(tid, (0, 0))
+            rows.append(((ns1 - ns0) / 1e9 / elapsed * 100, (vol1 - vol0) / elapsed,
+                         names[pid].get(tid, "main" if tid == pid else str(tid))))
+        total = sum(r[0] for r in rows)
+        out.append(f"\n{comms[pid]} (pid {pid}): {total:.2f} %")
+        for pct, wake, name in sorted(rows, reverse=True):
+            if pct >= 0.005 or wake >= 0.05:
+                out.append(f"  {pct:6.2f} %  {wake:7.1f}/s  {name}")
+    for spy in spies:
+        out.append(f"\n== py-spy, {comms[spy.pid]} (pid {spy.pid}; the profiler's own cost is in the CPU figures "
+                   f"above): {spy.out}")
+        out.append(summarize(spy.out, top=30))
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from spoolagent.collect.batchers import COUNTERS, Batchers
@@ -37,6 +38,21 @@ def make(sink: Sink, settings: Mapping[str, Mapping[str, Any]] | None = None, *,
 
 def rec(i: int) -> bytes:
     return b"app %s line %d" % (today(), i)
+
+
+@contextlib.contextmanager
+def flushing(bs: Batchers) -> Iterator[None]:
+    """The flusher thread runs inside the block and must stop with its event."""
+    stopping = threading.Event()
+    t = threading.Thread(target=bs.flush_loop, args=(stopping,), daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stopping.set()
+        bs.wake()
+        t.join(10)
+    assert not t.is_alive()
 
 
 def test_counters_add_up_over_a_collectors_runs() -> None:
@@ -87,17 +103,9 @@ def test_a_collector_with_a_token_from_an_earlier_run_holds_lines_until_its_firs
 def test_the_flusher_puts_a_batch_once_it_is_due_and_stops_with_the_event() -> None:
     s = Sink()
     bs = make(s, max_wait_s=0.05)
-    stopping = threading.Event()
-    t = threading.Thread(target=bs.flush_loop, args=(stopping,), daemon=True)
-    t.start()
-    try:
+    with flushing(bs):
         bs.feed("a", [rec(1)])
         wait_until(lambda: len(s.batches) == 1, timeout_s=10)
-    finally:
-        stopping.set()
-        bs.wake()
-        t.join(10)
-    assert not t.is_alive()
     assert s.batches == [("a", [rec(1)], None)]
 
 
@@ -106,38 +114,22 @@ def test_the_flusher_puts_through_put_due_and_a_steady_collectors_batches_each_i
     bs = Batchers(put=s.put, put_due=due.put, on_invalid=s.bad, settings=lambda n: {},
                   checkpointing=lambda n: False, wait_spooled=s.wait_spooled, max_lines=1000,
                   max_bytes=100_000, max_wait_s=0.05, max_line_bytes=4096)
-    stopping = threading.Event()
-    t = threading.Thread(target=bs.flush_loop, args=(stopping,), daemon=True)
-    t.start()
-    try:
+    with flushing(bs):
         for i in range(3):  # each batch starts as the last one was put (the flusher planned ahead)
             bs.feed("a", [rec(i)])
             wait_until(lambda n=i: len(due.batches) == n + 1, timeout_s=10)
-    finally:
-        stopping.set()
-        bs.wake()
-        t.join(10)
-    assert not t.is_alive()
     assert s.batches == [] and due.batches == [("a", [rec(i)], None) for i in range(3)]
 
 
 def test_a_batch_due_before_the_flushers_planned_wake_up_wakes_it() -> None:
     s = Sink()
     bs = make(s, max_wait_s=60.0)
-    stopping = threading.Event()
-    t = threading.Thread(target=bs.flush_loop, args=(stopping,), daemon=True)
-    t.start()
-    try:
+    with flushing(bs):
         bs.feed("a", [rec(1)])  # due in 60 s: the flusher plans to sleep until then
         bs.get("b").max_wait_s = 0.0  # b's batches are due at once
         bs.feed("b", [rec(2)])  # due long before the planned wake-up: it must wake the flusher
         wait_until(lambda: ("b", [rec(2)], None) in s.batches, timeout_s=10)
         assert ("a", [rec(1)], None) not in s.batches
-    finally:
-        stopping.set()
-        bs.wake()
-        t.join(10)
-    assert not t.is_alive()
 
 
 def test_new_limits_reach_running_and_later_batchers() -> None:

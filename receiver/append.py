@@ -6,9 +6,13 @@
    holds across ``--processes`` and dies with its holder);
 2. roll back whatever a crashed holder left: an intent still recorded for a file means its append
    was never recorded as done, so the file is truncated to the size the intent recorded;
-3. record the intents (file, size before) durably, *before* appending;
+3. record the intents (file, size before) durably, *before* appending -- unless the file's intent
+   is there already with its size now (recorded by the previous round's commit, step 5): then this
+   step costs no SQLite transaction;
 4. append, then fsync every file (at once: the filesystem joins concurrent fsyncs);
-5. commit: the ids recorded as stored and the intents cleared in one SQLite transaction.
+5. commit: the ids recorded as stored and the intents cleared in one SQLite transaction; a file
+   that a batch queued for the next round appends to keeps an intent, recorded anew from its new
+   size (``next_files``): with a steady stream of batches a round commits once, not twice.
 
 A failure in 4 or 5 truncates the files back (and removes those it created) and raises
 StorageUnavailable; a crash is rolled back by the next holder of each file's lock or by
@@ -33,7 +37,7 @@ import fcntl
 import logging
 import os
 import signal
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -89,9 +93,11 @@ class Appender:
                 self._unlock(entries)
         return rolled
 
-    def append(self, ids: list[tuple[str, int, int]], parts: Mapping[str, bytes]) -> int:
+    def append(self, ids: list[tuple[str, int, int]], parts: Mapping[str, bytes],
+               next_files: Callable[[], Collection[str]] | None = None) -> int:
         """Append ``parts`` and record ``ids`` (id, stored, rejected), all or nothing. Returns the
-        fsyncs done. Raises StorageUnavailable with nothing left behind."""
+        fsyncs done. Raises StorageUnavailable with nothing left behind. ``next_files``: the files
+        the next round is known to append to, asked just before the commit (step 5)."""
         names = sorted(parts)
         label = ids[0][0] if ids else None
         groups = [names[i:i + self._max_open] for i in range(0, len(names), self._max_open)]
@@ -109,7 +115,11 @@ class Appender:
                 # mark stored only after fsync: a crash in between is rolled back, never kept;
                 # the files stay locked until here, or their intents would look abandoned
                 self._crash_point("before_mark")
-                self._journal.commit(ids, names)
+                # the next round's intents, while this one holds the locks: a wide round holds
+                # none any more, and leaves them to the next round
+                later = set(next_files()) if next_files is not None and not wide else set()
+                self._journal.commit(ids, names, {n: sizes[n] + len(parts[n])
+                                                  for n in names if n in later})
             except StorageUnavailable:
                 self._undo(label, held, sizes)
                 raise
@@ -123,8 +133,9 @@ class Appender:
                       parts: Mapping[str, bytes], sizes: dict[str, int]) -> None:
         """Steps 2-4 for the locked files of one group; their sizes before go into ``sizes``
         once their intents are durable."""
+        standing: dict[str, int] = {}
         try:
-            self._roll_back_left_intents(entries)
+            self._roll_back_left_intents(entries, standing)
             before = {e.name: os.fstat(e.fd).st_size for e in entries}
         except OSError as exc:
             raise StorageUnavailable(f"cannot roll back: {exc}",
@@ -132,8 +143,12 @@ class Appender:
         if not entries:
             return
         # the intent is durable before the first byte is appended: a crash from here on is
-        # rolled back by the next holder of each file's lock
-        self._journal.record_intents(label, before)
+        # rolled back by the next holder of each file's lock. One left at the size the file has
+        # now (the previous round's commit recorded it, or a crashed append was just rolled back
+        # to it) says the same thing already.
+        fresh = {name: size for name, size in before.items() if standing.get(name) != size}
+        if fresh:
+            self._journal.record_intents(label, fresh)
         sizes.update(before)
         self._crash_point("after_intent")
         try:
@@ -188,9 +203,11 @@ class Appender:
         for _ in self._fsync_pool.map(os.fsync, [e.fd for e in entries]):
             pass  # map re-raises the first OSError here
 
-    def _roll_back_left_intents(self, entries: list[OpenFile]) -> int:
-        """Truncate files whose intent is still recorded (the caller holds their locks). The
-        intents stay until replaced or dropped: a truncation lost to a power cut is redone."""
+    def _roll_back_left_intents(self, entries: list[OpenFile],
+                                standing: dict[str, int] | None = None) -> int:
+        """Truncate files whose intent is still recorded (the caller holds their locks); the size
+        each intent names goes into ``standing``. The intents stay until replaced or dropped: a
+        truncation lost to a power cut is redone."""
         if not entries:
             return 0
         by_name = {e.name: e for e in entries}
@@ -198,6 +215,8 @@ class Appender:
         for intent in self._journal.intents(by_name):
             entry = by_name[intent.file]
             size = os.fstat(entry.fd).st_size
+            if standing is not None:
+                standing[intent.file] = intent.size_before
             if size > intent.size_before:
                 os.ftruncate(entry.fd, intent.size_before)
                 if self._fsync:

@@ -207,15 +207,22 @@ class DedupIndex:
             self._write(lambda c: c.executemany(
                 "INSERT OR REPLACE INTO intents VALUES (?, ?, ?, ?, ?)", rows))
 
-    def commit(self, batches: Iterable[tuple[str, int, int]], files: Iterable[str]) -> None:
+    def commit(self, batches: Iterable[tuple[str, int, int]], files: Iterable[str],
+               next_sizes: Mapping[str, int] | None = None) -> None:
         """In one transaction: record every ``(batch_id, stored, rejected)`` as stored and clear the
-        intents of ``files``. Only after this returns are the appends kept by a crash."""
-        rows = [(batch_id, stored, rejected, time.time()) for batch_id, stored, rejected in batches]
-        names = [(name,) for name in files]
+        intents of ``files``, except those in ``next_sizes`` (file -> its size now): their intent
+        is recorded anew from that size, as the intent of the next append to them (the caller
+        holds their locks). Only after this returns are the appends kept by a crash."""
+        now = time.time()
+        rows = [(batch_id, stored, rejected, now) for batch_id, stored, rejected in batches]
+        next_sizes = next_sizes or {}
+        names = [(name,) for name in files if name not in next_sizes]
+        again = [(name, None, size, os.getpid(), now) for name, size in next_sizes.items()]
 
         def work(conn: sqlite3.Connection) -> None:
             conn.executemany("INSERT INTO batches VALUES (?, ?, ?, ?)", rows)
             conn.executemany("DELETE FROM intents WHERE file = ?", names)
+            conn.executemany("INSERT OR REPLACE INTO intents VALUES (?, ?, ?, ?, ?)", again)
 
         with self._errors("commit", rows[0][0] if rows else None):
             self._write(work)

@@ -23,7 +23,8 @@ Group commit: one committer thread per store takes every batch queued while the 
    (``receiver/append.py``): files locked in name order, what a crashed holder left rolled back,
    intents recorded durably, appended, every file fsynced once, then every id recorded and the
    intents cleared in one SQLite transaction -- all or nothing, in groups within the open-file
-   budget when a round touches more files;
+   budget when a round touches more files (a file the next queued batch appends to keeps an
+   intent from its new size, so a steady stream commits once per round);
 3. answers every request of the round.
 
 A failure (disk full, read-only, I/O error) leaves nothing of the round behind and fails every
@@ -328,7 +329,12 @@ class PartitionedStore:
             b = request.batch
             if b.batch_id is not None:
                 ids.append((b.batch_id, b.stored, b.rejected))
-        return self._appender.append(ids, joined)
+        return self._appender.append(ids, joined, self._queued_files)
+
+    def _queued_files(self) -> set[str]:
+        """The files the batches queued for the next round append to."""
+        with self._cond:
+            return {name for request in self._queue for name in request.batch.parts}
 
     def _report(self, stats: RoundStats) -> None:
         if self._on_round is not None:

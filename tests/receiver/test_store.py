@@ -7,14 +7,15 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
+from receiver.append import Appender
 from receiver.dedup import DedupIndex
 from receiver.errors import StorageUnavailable
-from receiver.store import PartitionedStore
+from receiver.store import Batch, PartitionedStore
 from tests.conftest import child_env
 
 
@@ -128,6 +129,50 @@ def test_names_outside_the_data_dir_are_refused(opened: tuple[PartitionedStore, 
     for name in ("../x.dat", "/etc/passwd", ".receiver/state.sqlite3", "a/b.dat", "_rejected/../x"):
         with pytest.raises(ValueError):
             store.append(None, {name: b"x\n"}, 1, 0)
+
+
+class _CountingIndex(DedupIndex):
+    """A DedupIndex that counts its intent transactions (step 3 of a round)."""
+
+    recorded = 0
+
+    def record_intents(self, batch_id: str | None, sizes: Mapping[str, int]) -> None:
+        self.recorded += 1
+        super().record_intents(batch_id, sizes)
+
+
+def test_a_steady_stream_records_its_intents_in_the_previous_rounds_commit(data_dir: Path) -> None:
+    dedup = _CountingIndex(data_dir / ".receiver", fsync=False)
+    dedup.create()
+    # one batch per round, all queued before the committer starts: each commit sees the next one
+    store = PartitionedStore(data_dir, dedup, fsync=False, max_round_bytes=1)
+    store.create()
+    try:
+        futures = [store.submit(Batch(f"s{i}", {"a_2026-01-01.dat": b"line %d\n" % i}, 1, 0))
+                   for i in range(3)]
+        store.start()
+        assert [f.result(timeout=10).duplicate for f in futures] == [False] * 3
+        assert (data_dir / "a_2026-01-01.dat").read_bytes() == b"line 0\nline 1\nline 2\n"
+        assert dedup.recorded == 1  # rounds 2 and 3 appended under the intent round 1 and 2 left
+        assert dedup.intents() == []  # the last round had nothing queued after it
+    finally:
+        store.close()
+    # the intent a commit leaves for the next round is an intent like any other: bytes a holder
+    # that crashed mid-append left after it are rolled back by the next holder
+    appender = Appender(data_dir, dedup, fsync=False, max_open_files=8)
+    try:
+        appender.append([("u", 1, 0)], {"a_2026-01-01.dat": b"line 3\n"}, lambda: {"a_2026-01-01.dat"})
+        kept = (data_dir / "a_2026-01-01.dat").read_bytes()
+        assert [(i.file, i.size_before) for i in dedup.intents()] == [("a_2026-01-01.dat", len(kept))]
+        with open(data_dir / "a_2026-01-01.dat", "ab") as f:
+            f.write(b"torn li")  # appended, never recorded: the crashed holder's
+        appender.append([("v", 1, 0)], {"a_2026-01-01.dat": b"line 4\n"})
+        assert (data_dir / "a_2026-01-01.dat").read_bytes() == kept + b"line 4\n"
+        assert dedup.recorded == 2 and dedup.intents() == []  # u's own; v appended under u's
+        assert dedup.lookup("u") is not None and dedup.lookup("v") is not None
+    finally:
+        appender.close()
+        dedup.close()
 
 
 def _open_fds() -> int:

@@ -4,9 +4,12 @@ An ack is a DELETE in an fsync'd transaction. While collectors are busy the spoo
 put (also fsync'd) every few milliseconds, so a sender's ack waits here and rides in the next put's
 transaction: one fsync per batch instead of two. When no put comes (a backlog draining, an agent
 going quiet) a getter commits the pending acks once the oldest is ``delay_s`` old, all in one
-transaction. What a crash can cost: the batches acked in the last ``delay_s`` are sent again with
-their ids, and the receiver answers them as duplicates; no line is lost, since a batch's lines and
-checkpoint were committed at its put. Thread-safe; never blocks on SQLite (the Spool commits).
+transaction: one getter, the watcher (the first to wait while acks are pending: the sender that
+just acked), not every idle sender thread waking for the same deadline. A watcher that takes a
+batch instead commits them when it next gets, after that send. What a crash can cost: the
+batches acked in the last ``delay_s`` (plus that send) are sent again with their ids, and the
+receiver answers them as duplicates; no line is lost, since a batch's lines and checkpoint were
+committed at its put. Thread-safe; never blocks on SQLite (the Spool commits).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class PendingAcks:
         self._lock = threading.Lock()
         self._pqids: list[int] = []
         self._oldest_s = 0.0  # monotonic time the oldest pending ack was added
+        self._watcher: int | None = None  # thread ident of the getter that wakes for due_at()
 
     def add(self, pqid: int) -> None:
         with self._lock:
@@ -44,6 +48,7 @@ class PendingAcks:
         """Every pending ack; the caller deletes their rows (or ``restore``s them on failure)."""
         with self._lock:
             pqids, self._pqids = self._pqids, []
+            self._watcher = None
             return pqids
 
     def restore(self, pqids: list[int]) -> None:
@@ -58,6 +63,16 @@ class PendingAcks:
         """When the pending acks must be committed without waiting for a put (monotonic), or None
         if none is pending. Lock-free read."""
         return self._oldest_s + self.delay_s if self._pqids else None
+
+    def watched_by(self, ident: int) -> bool:
+        """Whether the getter ``ident`` is the one to wake at ``due_at()``: the first to ask while
+        acks are pending, until they are committed."""
+        with self._lock:
+            if not self._pqids:
+                return False
+            if self._watcher is None:
+                self._watcher = ident
+            return self._watcher == ident
 
     def ride(self, db: sqlite3.Connection) -> list[int]:
         """Inside the caller's transaction: delete the rows of every pending ack; returns them

@@ -230,7 +230,8 @@ class Spool:
                 remaining = None if deadline is None else deadline - now
                 if remaining is not None and remaining <= 0:
                     return None
-                if acks_due is not None:  # wake to commit them if no put comes first
+                # wake to commit them if no put comes first (one getter does; see acks.py)
+                if acks_due is not None and self._acks.watched_by(threading.get_ident()):
                     until = max(0.0, acks_due - now)
                     remaining = until if remaining is None else min(remaining, until)
                 poller = self._ready.wait(generation, remaining, poller, now)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from spoolagent.errors import SpoolBusy, SpoolError
-from spoolagent.spool.acks import ACK_DELAY_S
+from spoolagent.spool.acks import ACK_DELAY_S, PendingAcks
 from spoolagent.spool.file import BatchInfo, SpoolFile
 from spoolagent.spool.format import decompress, new_batch_id
 from spoolagent.spool.queue import Spool, SpooledBatch, WhenFull
@@ -239,6 +239,43 @@ def test_deferred_ack_committed_by_a_waiting_get_when_no_put_comes(open_spool) -
     assert spool.get(timeout_s=ACK_DELAY_S + 2) is None
     st = spool.stats()
     assert (st["ready_batches"], st["inflight_batches"], st["bytes"]) == (0, 0, 0)
+
+
+def test_one_getter_watches_the_ack_deadline_not_every_idle_sender() -> None:
+    acks = PendingAcks()
+    assert not acks.watched_by(1)  # nothing pending: nobody needs to wake
+    acks.add(7)
+    assert acks.watched_by(2)  # the first to ask (the sender that acked, back in its get)
+    assert not acks.watched_by(1) and acks.watched_by(2)  # the other idle senders sleep on
+    acks.add(8)
+    assert acks.watched_by(2) and not acks.watched_by(3)
+    assert acks.take() == [7, 8]  # committed (ridden by a put): the role ends with them
+    acks.add(9)
+    assert acks.watched_by(3)
+
+
+def test_the_acking_sender_commits_its_ack_while_another_sender_waits(open_spool) -> None:
+    stopping = threading.Event()
+    spool = open_spool(stopping=stopping)
+    got: list[SpooledBatch | None] = []
+    idle = threading.Thread(target=lambda: got.append(spool.get(timeout_s=None)))
+    idle.start()  # an idle sender, waiting with no deadline
+    try:
+        spool.put("c", make_lines(5))
+        wait_until(lambda: got, 5, what="the idle sender taking the batch")
+        batch = got.pop()
+        assert batch is not None
+        idle = threading.Thread(target=lambda: got.append(spool.get(timeout_s=None)))
+        idle.start()  # it waits again; the batch is acked by this thread, the watcher
+        spool.ack(batch.pqid, wait=False)
+        assert spool.get(timeout_s=ACK_DELAY_S + 2) is None
+        st = spool.stats()
+        assert (st["ready_batches"], st["inflight_batches"], st["bytes"]) == (0, 0, 0)
+    finally:
+        stopping.set()
+        spool.wake_getters()
+        idle.join(5)
+    assert got == [None]
 
 
 def test_deferred_ack_committed_at_close(open_spool) -> None:

@@ -13,7 +13,8 @@ acknowledged only after the store's round covering it is fsynced and its id reco
 
 A partition is written only while this writer holds its lease (``lease``): checked before every
 write; a lost lease cancels the partition's consumer at once, and the writer takes the partition
-back once its lease is free again.
+back once its lease is free again. A late lease (renewals failing for ``ttl - margin``, e.g. during a
+NATS election) stops its consumer too; it starts again once a renewal succeeds.
 Imports stream, message, lease, metrics, store, dedup, errors (and nats, tornado).
 """
 
@@ -137,17 +138,23 @@ class Writer:
         for p in await self._leases.renew():
             self._lose(p)
         for p, task in list(self._consumers.items()):
-            if not task.done() or self._leases.held(p) or self._stopping.is_set():
+            if not task.done() or self._stopping.is_set():
                 continue
-            try:
-                await self._leases.acquire(p)
-            except ReceiverError as exc:  # LeaseHeld or still unreachable: try again later
-                if self._waiting.get(p) != str(exc):  # once per reason, not every round
-                    log.info("partition not taken back yet partition=%d err=%s", p, exc)
-                    self._waiting[p] = str(exc)
-                continue
-            self._waiting.pop(p, None)
-            log.info("lease taken back partition=%d", p)
+            # A consumer stops as soon as its lease is not ``held``: lost, or only late (renewals
+            # failed for ``ttl - margin``, e.g. through a NATS election). A late lease that the
+            # next renewal kept is still ours: its consumer starts again without an acquire.
+            if self._leases.held(p):
+                log.info("partition resumed, its lease renewed in time partition=%d", p)
+            else:
+                try:
+                    await self._leases.acquire(p)
+                except ReceiverError as exc:  # LeaseHeld or still unreachable: try again later
+                    if self._waiting.get(p) != str(exc):  # once per reason, not every round
+                        log.info("partition not taken back yet partition=%d err=%s", p, exc)
+                        self._waiting[p] = str(exc)
+                    continue
+                self._waiting.pop(p, None)
+                log.info("lease taken back partition=%d", p)
             self._metrics.lease.labels(str(p)).set(1)
             self._consumers[p] = asyncio.create_task(self._consume(p), name=f"consume-p{p}")
 

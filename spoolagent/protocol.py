@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from spoolagent.errors import InvalidLine
 from spoolcore import lines
@@ -81,6 +81,55 @@ def format_checkpoint(token: str | bytes) -> bytes:
 def today() -> bytes:
     """The agent's local date as DATE bytes (the wall clock decides only this)."""
     return datetime.date.today().isoformat().encode("ascii")
+
+
+class Records:
+    """Complete record lines on their way from a collector's reader to the spool, without a Python
+    object per line: runs of lines joined, each line ending in a newline (``runs``), how many lines
+    (``lines``) and bytes (``size``) they hold, and lines per PROD (``prods``: the spool row's
+    header). ``len()`` is the line count. One owner at a time (not thread-safe): a batcher fills
+    one and hands it to the spool whole.
+    """
+
+    __slots__ = ("runs", "lines", "size", "prods")
+
+    def __init__(self) -> None:
+        self.runs: list[bytes] = []
+        self.lines = 0
+        self.size = 0
+        self.prods: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return self.lines
+
+    def add(self, run: bytes, lines: int, prod: str) -> None:
+        """Append ``lines`` lines of one PROD, joined in ``run`` (each ending in a newline)."""
+        self.runs.append(run)
+        self.lines += lines
+        self.size += len(run)
+        self.prods[prod] = self.prods.get(prod, 0) + lines
+
+    def extend(self, other: Records) -> None:
+        """Append every line of ``other`` (left as it is: drop it afterwards)."""
+        self.runs += other.runs
+        self.lines += other.lines
+        self.size += other.size
+        for prod, n in other.prods.items():
+            self.prods[prod] = self.prods.get(prod, 0) + n
+
+    def joined(self) -> bytes:
+        """Every line, each ending in a newline: one copy (none for a single run)."""
+        return self.runs[0] if len(self.runs) == 1 else b"".join(self.runs)
+
+    @classmethod
+    def of(cls, lines: Iterable[bytes]) -> Records:
+        """Records from separate lines (without newlines), counted per line: a line without a
+        space counts under its whole text. For callers that hold lines, not the reader path."""
+        r = cls()
+        for line in lines:
+            sep = line.find(b" ")
+            r.add(line + b"\n", 1, (line[:sep] if sep >= 0 else line).decode("utf-8", "replace"))
+        return r
 
 
 # -- the collector side of the contract ----------------------------------------------------------

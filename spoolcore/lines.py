@@ -87,9 +87,52 @@ def split_record(line: bytes, max_line_bytes: int) -> tuple[bytes, bytes, bytes]
     return prod, date, rest[1:]
 
 
-def share_prefix(joined: bytes, prefix: bytes, n_lines: int) -> bool:
-    """True if every one of the ``n_lines`` lines of ``joined`` (joined with newlines, the first
-    known to start with ``prefix``) starts with ``prefix``: each line after the first begins right
-    after a newline, so counting ``newline + prefix`` counts them, with no Python object per line.
-    ``prefix`` must not contain a newline."""
-    return joined.count(b"\n" + prefix) == n_lines - 1
+def share_prefix(joined: bytes, prefix: bytes, n_lines: int, start: int = 0, end: int | None = None) -> bool:
+    """True if every one of the ``n_lines`` lines of ``joined[start:end]`` (joined with newlines,
+    a last newline or not, the first line known to start with ``prefix``) starts with ``prefix``:
+    each line after the first begins right after a newline, so counting ``newline + prefix`` counts
+    them, with no Python object per line (and no copy of the slice). ``prefix`` must not contain a
+    newline."""
+    return joined.count(b"\n" + prefix, start, len(joined) if end is None else end) == n_lines - 1
+
+
+def line_end(run: bytes, k: int, n: int) -> int:
+    """The offset just past the ``k``-th newline of ``run``, which holds ``n`` newlines
+    (``0 < k <= n``): a few counts instead of a loop per line. Each guess interpolates from the
+    lines' average length between two offsets whose newline counts are known; the last few lines
+    are walked with ``find``."""
+    lo, lo_k, hi, hi_k = 0, 0, len(run), n  # run[:lo] holds lo_k newlines, run[:hi] hi_k
+    for _ in range(4):
+        if hi_k - lo_k <= 32:
+            break
+        guess = lo + (hi - lo) * (k - lo_k) // (hi_k - lo_k)
+        c = lo_k + run.count(b"\n", lo, guess)
+        if c < k:
+            lo, lo_k = guess, c
+        else:
+            hi, hi_k = guess, c
+    pos = lo
+    for _ in range(k - lo_k):
+        pos = run.index(b"\n", pos) + 1
+    return pos
+
+
+def find_line(run: bytes, prefix: bytes, start: int = 0, end: int | None = None) -> int:
+    """The offset of the first line of ``run[start:end]`` that begins with ``prefix`` (lines begin
+    at ``start`` and after each newline), or -1. ``prefix`` should begin with a byte that log data
+    seldom holds (``!`` of ``!checkpoint``): that byte is found with memchr, far faster than a
+    search for the whole prefix; after a few hits that are not line starts it searches for
+    newline + prefix instead."""
+    if end is None:
+        end = len(run)
+    first, misses = prefix[:1], 0
+    at = run.find(first, start, end)
+    while at >= 0:
+        if (at == start or run[at - 1] == 0x0A) and run.startswith(prefix, at, end):
+            return at
+        misses += 1
+        if misses > 8:
+            at = run.find(b"\n" + prefix, at, end)
+            return at + 1 if at >= 0 else -1
+        at = run.find(first, at + 1, end)
+    return -1

@@ -9,14 +9,31 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from spoolagent.protocol import Records
+
 ROOT = Path(__file__).resolve().parent.parent
 LOGHUB = ROOT.parent / "shared" / "data" / "loghub"
+
+
+def run_of(lines: Sequence[bytes]) -> tuple[bytes, int]:
+    """Lines as the collector's reader hands them over (``on_lines(run, n)``): joined, each ending
+    in a newline, and their count."""
+    return b"".join(line + b"\n" for line in lines), len(lines)
+
+
+def lines_of(records: Records | Sequence[bytes]) -> list[bytes]:
+    """A batch's lines without their newlines (a batcher puts Records)."""
+    if not isinstance(records, Records):
+        return list(records)
+    joined = records.joined()
+    assert joined.count(b"\n") == records.lines == sum(records.prods.values())
+    return joined.split(b"\n")[:-1] if joined else []
 
 
 def wait_until(cond: Callable[[], Any], timeout_s: float = 10.0, interval_s: float = 0.02,

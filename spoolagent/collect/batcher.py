@@ -17,15 +17,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 
 from spoolagent import protocol
 from spoolagent.errors import InvalidLine
-from spoolcore.lines import share_prefix
+from spoolagent.protocol import Records
+from spoolcore.lines import NUL_BYTE, find_line, line_end, over_limit, share_prefix
 
 log = logging.getLogger(__name__)
 
-PutFn = Callable[[str, Sequence[bytes], "str | None"], object]
+PutFn = Callable[[str, Records, "str | None"], object]
 InvalidFn = Callable[[str, bytes, str], None]
 
 
@@ -52,17 +53,16 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.max_held_bytes = max_held_bytes
         self.max_line_bytes = max_line_bytes
-        self._raw_prefix_prod = raw_prod.encode("ascii") if raw_prod is not None else None
+        self._raw = raw_prod is not None
+        self._raw_prod = raw_prod or ""
         self._raw_prefix = b""
         self._raw_date = b""
         self._lock = threading.Lock()
-        self._ready: list[bytes] = []
-        self._ready_bytes = 0
+        self._ready = Records()
         self._ready_since = 0.0
         self._on_pending = on_pending        # told when a new batch is due (its clock started)
         self._token: str | None = None       # newest token covering every ready line
-        self._held: list[bytes] = []
-        self._held_bytes = 0
+        self._held = Records()
         self._held_since = 0.0
         self._checkpointing = checkpointing
         self._seen_checkpoint = False  # a !checkpoint line in this run
@@ -71,7 +71,7 @@ class Batcher:
         # with no line before it (a start position such as "the end of the file" must survive a
         # crash before the first line, or a restart would start somewhere else)
         self._first_token = not checkpointing
-        self._valid_prefixes: set[bytes] = set()
+        self._valid_prefixes: dict[bytes, str] = {}  # b"PROD DATE" judged valid -> PROD
         # counters, read without the lock by stats()
         self.lines_spooled = 0
         self.lines_invalid = 0
@@ -83,32 +83,16 @@ class Batcher:
 
     # -- input ---------------------------------------------------------------------------------
 
-    def feed(self, lines: Sequence[bytes]) -> None:
-        """Take complete stdout lines (without newline). Blocks while the spool is full."""
+    def feed(self, run: bytes, lines: int) -> None:
+        """Take ``lines`` complete stdout lines joined in ``run``, each ending in a newline, none
+        over ``max_line_bytes`` (``pump_stdout`` hands longer ones to ``on_overlong``). Blocks while
+        the spool is full."""
         with self._lock:
-            self.lines_read += len(lines)  # checkpoint lines are taken off in _take_checkpoint
-            if self._raw_prefix_prod is None:
-                self._feed_records(lines)
-                return
-            today = protocol.today()
-            if today != self._raw_date:
-                self._raw_date = today
-                self._raw_prefix = self._raw_prefix_prod + b" " + today + b" "
-            records: list[bytes] = []
-            for line in lines:
-                if line[:12] == protocol.CHECKPOINT_PREFIX:
-                    if records:
-                        self._add(records)
-                        records = []
-                    self._take_checkpoint(line)
-                    continue
-                if len(line) + len(self._raw_prefix) > self.max_line_bytes or b"\x00" in line:
-                    self._invalid(line, "NUL byte in line" if b"\x00" in line else
-                                  f"line of {len(line)} bytes is over the limit of {self.max_line_bytes}")
-                    continue
-                records.append(self._raw_prefix + line)
-            if records:
-                self._add(records)
+            self.lines_read += lines  # checkpoint lines are taken off in _take_checkpoint
+            if not self._raw:
+                self._feed_records(run, lines)
+            else:
+                self._feed_raw(run, lines)
 
     def _take_checkpoint(self, line: bytes) -> None:
         self.checkpoints += 1
@@ -117,97 +101,150 @@ class Batcher:
         if token:
             self._checkpoint(token.decode("utf-8", "replace"))
 
-    def _feed_records(self, lines: Sequence[bytes]) -> None:
-        """Protocol-format lines: the checkpoint lines are found with a few searches of the joined
-        chunk (a checkpoint is rare, a line is not), and the records between them are checked a
-        whole run at a time (see ``_check_run``)."""
-        joined = b"\n".join(lines)
-        at = joined.find(protocol.CHECKPOINT_PREFIX)
-        if at < 0:
-            self._check_run(lines, joined)
-            return
+    def _take_checkpoints(self, run: bytes, start: int, end: int) -> int:
+        """The checkpoint lines in ``run[start:end]``, in order; returns how many."""
+        lines = run[start:end - 1].split(b"\n")
+        for line in lines:
+            self._take_checkpoint(line)
+        return len(lines)
+
+    def _stretches(self, run: bytes, n: int) -> Iterator[tuple[int, int, int]]:
+        """``(start, end, lines)`` of each stretch of record lines in ``run`` (``n`` lines), in
+        order; the checkpoint lines between them are taken as the caller reaches them. They are
+        found with memchr (``find_line``): a checkpoint is rare, a line is not."""
         start = 0
-        while at >= 0:
-            if at == 0 or joined[at - 1] == 0x0A:  # only at the start of a line
-                i = joined.count(b"\n", 0, at)
-                if i > start:
-                    self._check_run(lines[start:i], None)
-                self._take_checkpoint(lines[i])
-                start = i + 1
-            at = joined.find(protocol.CHECKPOINT_PREFIX, at + 1)
-        if start < len(lines):
-            self._check_run(lines[start:], None)
+        while start < len(run):
+            at = find_line(run, protocol.CHECKPOINT_PREFIX, start)
+            end = len(run) if at < 0 else at
+            if end > start:
+                lines = n if at < 0 else _lines_before(run, start, at, n)
+                yield start, end, lines
+                n -= lines
+            if at < 0:
+                return
+            # this checkpoint line and any that follow it at once
+            start = run.index(b"\n", at) + 1
+            while run.startswith(protocol.CHECKPOINT_PREFIX, start):
+                start = run.index(b"\n", start) + 1
+            n -= self._take_checkpoints(run, at, start)
 
-    def _check_run(self, lines: Sequence[bytes], joined: bytes | None) -> None:
-        """Check and add a run of record lines. Fast path, with no Python object per line: no NUL
-        anywhere, none over the size cap, and every line begins with the first line's (valid,
-        cached) ``PROD DATE `` -- counted as occurrences of newline + prefix in the joined run."""
-        if joined is None:
-            joined = b"\n".join(lines)
-        first = lines[0]
-        sep = first.find(b" ")
-        head = first[: sep + 12] if sep > 0 else b""
-        if (len(head) == sep + 12 and head[-1] == 0x20 and head[:-1] in self._valid_prefixes
-                and b"\x00" not in joined
-                and (len(joined) <= self.max_line_bytes or max(map(len, lines)) <= self.max_line_bytes)
-                and share_prefix(joined, head, len(lines))):
-            self._add(lines if isinstance(lines, list) else list(lines), len(joined) + 1)
-            return
-        records = [line for line in lines if self._valid(line)]
+    def _feed_records(self, run: bytes, n: int) -> None:
+        """Protocol-format lines: each stretch between checkpoint lines is checked whole
+        (``_take_run``); one that fails the check is judged line by line."""
+        for start, end, lines in self._stretches(run, n):
+            if not self._take_run(run, start, end, lines):
+                self._take_lines(run[start:end - 1].split(b"\n"))
+
+    def _take_run(self, run: bytes, start: int, end: int, n: int) -> bool:
+        """Add the ``n`` record lines of ``run[start:end]`` if they pass the fast check, with no
+        Python object per line: no NUL anywhere and every line begins with the first line's
+        (valid, cached) ``PROD DATE `` -- counted as occurrences of newline + prefix in the run
+        (``share_prefix``). False (nothing added) if they do not."""
+        sep = run.find(b" ", start, start + 130)
+        if sep < 0:
+            return False
+        prod = self._valid_prefixes.get(run[start:sep + 11])
+        if (prod is None or run[sep + 11:sep + 12] != b" " or run.find(b"\x00", start, end) >= 0
+                or not share_prefix(run, run[start:sep + 12], n, start, end)):
+            return False
+        self._add(run if start == 0 and end == len(run) else run[start:end], n, prod)
+        return True
+
+    def _take_lines(self, lines: list[bytes]) -> None:
+        """Judge each line, add the valid ones (runs of one PROD), report the others."""
+        good: list[bytes] = []
+        good_prod = ""
+        for line in lines:
+            prod = self._valid(line)
+            if prod is None:
+                continue
+            if good and prod != good_prod:
+                self._add(b"\n".join([*good, b""]), len(good), good_prod)
+                good = []
+            good.append(line)
+            good_prod = prod
+        if good:
+            self._add(b"\n".join([*good, b""]), len(good), good_prod)
+
+    def _feed_raw(self, run: bytes, n: int) -> None:
+        """Raw-format lines: each gets the collector's ``PROD`` and today's ``DATE`` in front, in
+        one ``replace`` over the run unless it holds a NUL or may hold a line that the prefix
+        pushes over the size cap (then line by line)."""
+        today = protocol.today()
+        if today != self._raw_date:
+            self._raw_date = today
+            self._raw_prefix = b"%s %s " % (self._raw_prod.encode("ascii"), today)
+        prefix, prod = self._raw_prefix, self._raw_prod
+        for start, end, lines in self._stretches(run, n):
+            if end - start - 1 + len(prefix) <= self.max_line_bytes and run.find(b"\x00", start, end) < 0:
+                self._add(prefix + run[start:end - 1].replace(b"\n", b"\n" + prefix) + b"\n", lines, prod)
+            else:
+                self._take_raw_lines(run[start:end - 1].split(b"\n"), prefix, prod)
+
+    def _take_raw_lines(self, lines: list[bytes], prefix: bytes, prod: str) -> None:
+        records = []
+        for line in lines:
+            if len(line) + len(prefix) > self.max_line_bytes or b"\x00" in line:
+                self._invalid(line, NUL_BYTE if b"\x00" in line else over_limit(len(line), self.max_line_bytes))
+                continue
+            records.append(prefix + line)
         if records:
-            self._add(records)
+            self._add(b"\n".join([*records, b""]), len(records), prod)
 
-    def _valid(self, line: bytes) -> bool:
+    def _valid(self, line: bytes) -> str | None:
+        """The PROD of a valid record line; None (reported) for an invalid one."""
         # fast path: a (prod, date) prefix seen before needs no regex or calendar check
         sep = line.find(b" ")
         prefix = line[: sep + 11] if sep > 0 else b""
-        if (prefix in self._valid_prefixes and (len(line) == len(prefix) or line[len(prefix)] == 0x20)
+        prod = self._valid_prefixes.get(prefix)
+        if (prod is not None and (len(line) == len(prefix) or line[len(prefix)] == 0x20)
                 and len(line) <= self.max_line_bytes and b"\x00" not in line):
-            return True
+            return prod
         try:
             protocol.validate_record(line, self.max_line_bytes)
         except InvalidLine as exc:
             self._invalid(line, str(exc))
-            return False
+            return None
         if len(self._valid_prefixes) > 10000:
             self._valid_prefixes.clear()
-        self._valid_prefixes.add(prefix)
-        return True
+        prod = self._valid_prefixes[prefix] = line[:sep].decode("ascii")
+        return prod
 
     def _invalid(self, line: bytes, reason: str) -> None:
         self.lines_invalid += 1
         self._on_invalid(self.collector, line, reason)
 
-    def _add(self, records: list[bytes], size: int = -1) -> None:
-        if size < 0:
-            size = sum(map(len, records)) + len(records)
+    def _add(self, run: bytes, n: int, prod: str) -> None:
+        """Add ``n`` valid record lines of ``prod`` (``run``: joined, each ending in a newline)."""
         if self._checkpointing:
-            if not self._held:
+            if not self._held.lines:
                 self._held_since = time.monotonic()
-            self._held.extend(records)
-            self._held_bytes += size
-            if self._held_bytes > self.max_held_bytes:
+            self._held.add(run, n, prod)
+            if self._held.size > self.max_held_bytes:
                 # past the cap: spool what is ready (with its token), then the held lines without one
-                n = len(self._held)
+                held = self._held.lines
                 self._flush()
-                self._ready, self._ready_bytes = self._held, self._held_bytes
+                self._ready, self._held = self._held, Records()
                 self._mark_pending()
-                self._held, self._held_bytes = [], 0
-                self.lines_unprotected += n
+                self.lines_unprotected += held
                 log.warning("checkpoint cap reached collector=%s lines=%d cap_bytes=%d: spooled without a "
-                            "checkpoint, a restart may repeat them", self.collector, n, self.max_held_bytes)
+                            "checkpoint, a restart may repeat them", self.collector, held, self.max_held_bytes)
                 self._flush()  # with a pending token that does not cover them, if one was waiting
                 self._untokened = True  # no committed token covers them: commit the next at once
             return
-        if len(records) > self.max_lines:
-            # one large read: cut it into batches of max_lines (no token to keep together here)
-            for i in range(0, len(records), self.max_lines):
-                self._add(records[i : i + self.max_lines])
+        while self._ready.lines + n > self.max_lines:
+            # one large read: cut at max_lines (no token to keep together here)
+            room = self.max_lines - self._ready.lines
+            if room > 0:
+                cut = line_end(run, room, n)
+                self._ready.add(run[:cut], room, prod)
+                run, n = run[cut:], n - room
+            self._flush()
+        if not n:
             return
-        starting = not self._ready
-        self._ready.extend(records)
-        self._ready_bytes += size
-        if len(self._ready) >= self.max_lines or self._ready_bytes >= self.max_bytes:
+        starting = not self._ready.lines
+        self._ready.add(run, n, prod)
+        if self._ready.lines >= self.max_lines or self._ready.size >= self.max_bytes:
             self._flush()
         elif starting:
             self._mark_pending()
@@ -217,15 +254,14 @@ class Batcher:
         if self._held:
             starting = not self._ready
             self._ready.extend(self._held)
-            self._ready_bytes += self._held_bytes
-            self._held, self._held_bytes = [], 0
+            self._held = Records()
             if starting:
                 # max_wait counts from when the first of these lines was read, not from the token
                 self._mark_pending(self._held_since)
         self._token = token
         if self._first_token and not self._ready:
             self._untokened = True  # nothing committed covers "where to start": commit it now
-        if len(self._ready) >= self.max_lines or self._ready_bytes >= self.max_bytes or self._untokened:
+        if self._ready.lines >= self.max_lines or self._ready.size >= self.max_bytes or self._untokened:
             # the last case: the lines this token covers were already spooled without a token
             # (batched by time before the collector's first checkpoint, or past the cap); commit
             # the token now, or a restart resumes from an older one and repeats them
@@ -245,7 +281,7 @@ class Batcher:
         self._untokened = token is None and (self._untokened or bool(lines))
         self.lines_spooled += len(lines)
         self.batches_spooled += 1
-        self._ready, self._ready_bytes, self._token = [], 0, None
+        self._ready, self._token = Records(), None
 
     def _mark_pending(self, since: float | None = None) -> None:
         """A new batch's lines are ready (called after they are in ``_ready``: the flusher, told
@@ -287,13 +323,13 @@ class Batcher:
                 # may not resume from one: spool them (a restart may repeat them, never lose them)
                 self._ready.extend(self._held)
                 self.lines_unprotected += len(self._held)
-                self._held, self._held_bytes = [], 0
+                self._held = Records()
             self._flush()
             if self._held:
                 self.lines_discarded += len(self._held)
                 log.info("collector=%s exited with %d lines after its last checkpoint; they are read "
                          "again from the checkpoint", self.collector, len(self._held))
-            self._held, self._held_bytes = [], 0
+            self._held = Records()
             self._checkpointing = False
             self._token = None
 
@@ -308,3 +344,11 @@ class Batcher:
             "lines_read": self.lines_read,
             "lines_pending": len(self._ready) + len(self._held),
         }
+
+
+def _lines_before(run: bytes, start: int, at: int, n: int) -> int:
+    """The lines of ``run[start:at]``, where ``run[start:]`` holds ``n``: whichever side of ``at``
+    is shorter is counted (a checkpoint line usually ends a collector's write)."""
+    if at - start <= len(run) - at:
+        return run.count(b"\n", start, at)
+    return n - run.count(b"\n", at)

@@ -89,9 +89,10 @@ class Batchers:
                 b.set_limits(max_lines=max_lines, max_bytes=max_bytes, max_wait_s=max_wait_s)
         self._pending.set()
 
-    def feed(self, name: str, lines: list[bytes]) -> None:
-        """The supervisor's ``on_lines``. Blocks while the spool is full."""
-        self.get(name).feed(lines)
+    def feed(self, name: str, run: bytes, lines: int) -> None:
+        """The supervisor's ``on_lines``: ``lines`` lines joined in ``run`` (``Batcher.feed``).
+        Blocks while the spool is full."""
+        self.get(name).feed(run, lines)
 
     def retire(self, name: str) -> None:
         """The collector exited: put its ready lines, wait until they are committed (its next run

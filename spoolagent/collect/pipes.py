@@ -1,7 +1,7 @@
-"""Reading a collector's pipes: stdout into lists of complete lines, stderr into the log.
+"""Reading a collector's pipes: stdout into runs of complete lines, stderr into the log.
 
-Owns line splitting (chunks of 256 KiB, never a Python object per line before the split), the
-over-long line rule, and rate-limited stderr logging.
+Owns cutting stdout into lines (chunks of 256 KiB cut at their last newline, never a Python object
+per line), the over-long line rule, and rate-limited stderr logging.
 """
 
 from __future__ import annotations
@@ -34,23 +34,26 @@ class Counters:
 
 
 def pump_stdout(fd: int, name: str, *, max_line_bytes: int, head_bytes: int,
-                on_lines: Callable[[list[bytes]], None],
+                on_lines: Callable[[bytes, int], None],
                 on_overlong: Callable[[int, bytes], None],
-                counters: Counters) -> None:
-    """Read ``fd`` to EOF in chunks and hand over complete lines (without the newline), in order.
+                counters: Counters, read_bytes: int = READ_CHUNK_BYTES) -> None:
+    """Read ``fd`` to EOF in chunks of ``read_bytes`` and hand over complete lines, in order, as
+    runs: ``on_lines(run, n)`` where ``run`` is ``n`` lines joined, each ending in a newline, none
+    over ``max_line_bytes``. A run is cut out of a chunk whole (find, rfind and one count), never
+    split into a Python object per line.
 
     Blocks; runs in the collector's reader thread. ``on_lines`` may block, and then nothing is read:
     the pipe fills and the collector waits in write(), which is the back-pressure we want.
     A line over ``max_line_bytes`` is never buffered whole: its size and first ``head_bytes`` go
     to ``on_overlong`` and the rest is skipped up to the next newline. An unterminated last line
-    is handed over at EOF. Callback exceptions are logged and reading goes on.
+    is handed over at EOF (with a newline). Callback exceptions are logged and reading goes on.
     """
     parts: list[bytes] = []  # the current unterminated line, in pieces (joined once, on "\n")
     parts_len = 0
     skipping = -1  # >= 0 while inside an over-long line: its length so far
     head = b""
     while True:
-        chunk = os.read(fd, READ_CHUNK_BYTES)
+        chunk = os.read(fd, read_bytes)
         if not chunk:
             break
         counters.add("bytes_read_total", len(chunk))
@@ -62,39 +65,46 @@ def pump_stdout(fd: int, name: str, *, max_line_bytes: int, head_bytes: int,
             _deliver_overlong(name, on_overlong, counters, skipping + nl, head)
             skipping = -1
             chunk = chunk[nl + 1:]
-            if not chunk:
-                continue
-        nl = chunk.find(b"\n")
-        if nl < 0:
-            parts.append(chunk)
-            parts_len += len(chunk)
+        last = chunk.rfind(b"\n")
+        if last < 0:
+            if chunk:
+                parts.append(chunk)
+                parts_len += len(chunk)
             if parts_len > max_line_bytes:
                 head = b"".join(parts)[:head_bytes]
                 skipping, parts, parts_len = parts_len, [], 0
             continue
-        lines = chunk.split(b"\n")
-        if parts:
-            parts.append(lines[0])
-            lines[0] = b"".join(parts)
-            parts, parts_len = [], 0
-        tail = lines.pop()
-        if len(lines[0]) > max_line_bytes or len(chunk) > max_line_bytes:
-            _deliver_checked(name, lines, max_line_bytes, head_bytes, on_lines, on_overlong, counters)
-        elif lines:
-            _deliver(name, on_lines, counters, lines)
-        if tail:
-            if len(tail) > max_line_bytes:
-                skipping, head = len(tail), tail[:head_bytes]
+        first = chunk.find(b"\n")
+        start = 0
+        if parts_len + first > max_line_bytes:  # the line that ends first is over-long
+            line_head = b"".join([*parts, chunk[:min(first, head_bytes)]])[:head_bytes]
+            _deliver_overlong(name, on_overlong, counters, parts_len + first, line_head)
+            parts, parts_len, start = [], 0, first + 1
+        if start <= last:
+            if last - first - 1 > max_line_bytes:
+                # a line after the first may be over-long too (max_line_bytes < read_bytes): per line
+                _deliver_checked(name, b"".join([*parts, chunk[start:last]]).split(b"\n"),
+                                 max_line_bytes, head_bytes, on_lines, on_overlong, counters)
+            elif parts:
+                run = b"".join([*parts, memoryview(chunk)[:last + 1]])
+                _deliver(name, on_lines, counters, run, run.count(b"\n"))
             else:
-                parts, parts_len = [tail], len(tail)
+                run = chunk if start == 0 and last == len(chunk) - 1 else chunk[start:last + 1]
+                _deliver(name, on_lines, counters, run, run.count(b"\n"))
+        parts, parts_len = [], 0
+        tail = chunk[last + 1:]
+        if len(tail) > max_line_bytes:
+            skipping, head = len(tail), tail[:head_bytes]
+        elif tail:
+            parts, parts_len = [tail], len(tail)
     if skipping >= 0:
         _deliver_overlong(name, on_overlong, counters, skipping, head)
     elif parts:
-        _deliver(name, on_lines, counters, [b"".join(parts)])
+        _deliver(name, on_lines, counters, b"".join([*parts, b"\n"]), 1)
 
 
 def _deliver_checked(name: str, lines: list[bytes], max_line_bytes: int, head_bytes: int,
-                     on_lines: Callable[[list[bytes]], None],
+                     on_lines: Callable[[bytes, int], None],
                      on_overlong: Callable[[int, bytes], None], counters: Counters) -> None:
     good: list[bytes] = []
     for line in lines:
@@ -102,22 +112,22 @@ def _deliver_checked(name: str, lines: list[bytes], max_line_bytes: int, head_by
             good.append(line)
             continue
         if good:  # keep the order: the lines before the over-long one go first
-            _deliver(name, on_lines, counters, good)
+            _deliver(name, on_lines, counters, b"\n".join([*good, b""]), len(good))
             good = []
         _deliver_overlong(name, on_overlong, counters, len(line), line[:head_bytes])
     if good:
-        _deliver(name, on_lines, counters, good)
+        _deliver(name, on_lines, counters, b"\n".join([*good, b""]), len(good))
 
 
-def _deliver(name: str, on_lines: Callable[[list[bytes]], None], counters: Counters,
-             lines: list[bytes]) -> None:
-    counters.add("lines_read_total", len(lines))
+def _deliver(name: str, on_lines: Callable[[bytes, int], None], counters: Counters,
+             run: bytes, n: int) -> None:
+    counters.add("lines_read_total", n)
     try:
-        on_lines(lines)
+        on_lines(run, n)
     except Exception:
         # a reader that died would leave the collector blocked on a full pipe forever
         counters.add("callback_errors_total")
-        log.exception("on_lines failed name=%s lines=%d (lost)", name, len(lines))
+        log.exception("on_lines failed name=%s lines=%d (lost)", name, n)
 
 
 def _deliver_overlong(name: str, on_overlong: Callable[[int, bytes], None], counters: Counters,

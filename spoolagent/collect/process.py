@@ -185,7 +185,7 @@ class Run:
     supervisor thread only; the events and fields may be read from any thread."""
 
     def __init__(self, name: str, proc: subprocess.Popen[bytes], *,
-                 on_lines: Callable[[list[bytes]], None],
+                 on_lines: Callable[[bytes, int], None],
                  on_overlong: Callable[[int, bytes], None],
                  on_exit: Callable[[int], None], wake: Callable[[], None],
                  max_line_bytes: int, head_bytes: int, counters: Counters,

@@ -59,17 +59,18 @@ _POLL_S = 0.25  # exit detection without a pidfd, for a process that exits while
 class Supervisor:
     """Runs the collectors of ``collectors_dir`` and hands their stdout lines to ``on_lines``.
 
-    Callbacks run on the collector's stdout reader thread, in order: ``on_lines(name, lines)``
-    (may block: reading stops and the collector is slowed through its pipe), ``on_overlong(name,
-    size, head)`` and, once per run after its last line and its exit, ``on_exit(name,
-    returncode)`` (-N: killed by signal N).
+    Callbacks run on the collector's stdout reader thread, in order: ``on_lines(name, run, n)``
+    (``n`` complete lines joined in ``run``, each ending in a newline; may block: reading stops
+    and the collector is slowed through its pipe), ``on_overlong(name, size, head)`` and, once
+    per run after its last line and its exit, ``on_exit(name, returncode)`` (-N: killed by
+    signal N).
     ``checkpoint_for(name)`` runs on the supervisor thread before every spawn, after the previous
     run's on_exit returned. While ``stopping`` is set nothing new is spawned.
     Raises CollectorFailed if ``collectors_dir`` is not a readable directory.
     """
 
     def __init__(self, collectors_dir: Path, *, settings: Mapping[str, Mapping[str, Any]],
-                 on_lines: Callable[[str, list[bytes]], None],
+                 on_lines: Callable[[str, bytes, int], None],
                  on_overlong: Callable[[str, int, bytes], None],
                  on_exit: Callable[[str, int], None],
                  checkpoint_for: Callable[[str], str],
@@ -356,7 +357,7 @@ class Supervisor:
                 self._spawn_failed(c, exc, time.monotonic())
             return
         name = c.name
-        run = Run(name, proc, on_lines=lambda lines: self._on_lines(name, lines),
+        run = Run(name, proc, on_lines=lambda lines, n: self._on_lines(name, lines, n),
                   on_overlong=lambda size, head: self._on_overlong(name, size, head),
                   on_exit=lambda rc: self._on_exit(name, rc), wake=self._wake.set,
                   max_line_bytes=self.max_line_bytes, head_bytes=self.overlong_head_bytes,

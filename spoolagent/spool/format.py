@@ -25,7 +25,6 @@ import struct
 import threading
 import time
 import zlib
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +33,8 @@ from typing import Any
 import zstandard
 
 from spoolagent.errors import SpoolBusy, SpoolError
+from spoolagent.protocol import Records
 from spoolagent.spool._pq import ACK_FAILED, INITED, QUEUE_DDL, QUEUE_TABLE, READY, UNACK
-from spoolcore.lines import share_prefix
 from spoolcore.sqlite import immediate, is_busy
 
 DB_NAME = "spool.db"
@@ -178,20 +177,6 @@ def decompress(body: bytes, encoding: str) -> bytes:
     raise SpoolError(f"unknown body encoding {encoding!r}")
 
 
-def count_prods(lines: Sequence[bytes], raw: bytes | None = None) -> dict[str, int]:
-    """Lines per PROD (the first field); a line without a space counts under its whole text.
-
-    ``raw`` is the lines joined, each ending in a newline: when given, a batch whose every line
-    starts with the first line's ``PROD `` (the usual batch) is counted without a loop per line.
-    """
-    if raw is not None and lines:
-        sep = lines[0].find(b" ")
-        if sep > 0 and share_prefix(raw, lines[0][: sep + 1], len(lines)):
-            return {lines[0][:sep].decode("utf-8", "replace"): len(lines)}
-    counts = Counter(line[: line.find(b" ")] if b" " in line else line for line in lines)
-    return {k.decode("utf-8", "replace"): v for k, v in counts.items()}
-
-
 def encode_row(header: RowHeader, body: bytes) -> bytes:
     head = json.dumps({
         "batch_id": header.batch_id, "collector": header.collector, "lines": header.lines,
@@ -222,12 +207,14 @@ def decode_row(row: bytes, pqid: int | None = None) -> tuple[RowHeader, bytes]:
     return header, bytes(row[_HEAD.size + head_len:])
 
 
-def make_row(collector: str, lines: Sequence[bytes], encoding: str,
+def make_row(collector: str, lines: Records | Sequence[bytes], encoding: str,
              checkpoint: str | None = None) -> tuple[RowHeader, bytes]:
-    """A new batch: (header with a fresh batch id, encoded row)."""
-    raw = b"\n".join([*lines, b""]) if lines else b""  # one copy of the lines, not two
-    header = RowHeader(new_batch_id(), collector, len(lines), encoding, checkpoint, time.time(),
-                       count_prods(lines, raw))
+    """A new batch: (header with a fresh batch id, encoded row). ``Records`` (the batcher's) are
+    joined as they are, their lines per PROD already counted; separate lines are counted here."""
+    records = lines if isinstance(lines, Records) else Records.of(lines)
+    raw = records.joined()  # one copy of the lines
+    header = RowHeader(new_batch_id(), collector, records.lines, encoding, checkpoint, time.time(),
+                       dict(records.prods))
     return header, encode_row(header, compress(raw, encoding))
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from spoolagent.errors import SpoolError
+from spoolagent.protocol import Records
 from spoolagent.spool import _pq
 from spoolagent.spool._pq import QUEUE_TABLE, UNACK, RawBytes
 from spoolagent.spool.acks import PendingAcks
@@ -144,8 +145,9 @@ class Spool:
 
     # -- put ---------------------------------------------------------------------------------
 
-    def put(self, collector: str, lines: Sequence[bytes], checkpoint: str | None = None) -> str:
-        """Spool one batch (lines without newline) in one transaction; returns its batch id.
+    def put(self, collector: str, lines: Records | Sequence[bytes], checkpoint: str | None = None) -> str:
+        """Spool one batch in one transaction (the batcher's Records, or lines without newline);
+        returns its batch id.
 
         Blocks while the spool is full with WhenFull.BLOCK (until an ack or a purge makes room,
         or ``stopping`` is set: then it writes anyway, over the bound, rather than lose the

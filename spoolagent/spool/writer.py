@@ -18,11 +18,12 @@ import time
 from collections.abc import Callable, Sequence
 
 from spoolagent.errors import SpoolError
+from spoolagent.protocol import Records
 from spoolagent.spool.queue import Spool
 
 log = logging.getLogger(__name__)
 
-_Item = tuple[str, list[bytes], "str | None"]
+_Item = tuple[str, "Records | Sequence[bytes]", "str | None"]
 
 
 class SpoolWriter:
@@ -44,15 +45,16 @@ class SpoolWriter:
         self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
         self._thread.start()
 
-    def put(self, collector: str, lines: Sequence[bytes], checkpoint: str | None) -> object:
-        """The batchers' ``put``: hand one batch over. Blocks while the writer is busy with the
-        previous one (that is the back-pressure)."""
+    def put(self, collector: str, lines: Records | Sequence[bytes], checkpoint: str | None) -> object:
+        """The batchers' ``put``: hand one batch over (``Records`` are handed over as they are: the
+        caller drops them). Blocks while the writer is busy with the previous one (that is the
+        back-pressure)."""
         with self._lock:
             self._queued += 1
-        self._q.put((collector, list(lines), checkpoint))
+        self._q.put((collector, _owned(lines), checkpoint))
         return None
 
-    def put_due(self, collector: str, lines: Sequence[bytes], checkpoint: str | None) -> object:
+    def put_due(self, collector: str, lines: Records | Sequence[bytes], checkpoint: str | None) -> object:
         """The flusher's ``put`` (a batch cut by age): committed on the caller's thread when
         nothing is handed over and not committed yet (the writer thread is not woken for it), else
         handed over behind the rest like ``put`` (a collector's batches stay in order: its
@@ -64,7 +66,7 @@ class SpoolWriter:
         if not inline:
             return self.put(collector, lines, checkpoint)
         try:
-            self._commit((collector, list(lines), checkpoint))
+            self._commit((collector, _owned(lines), checkpoint))
         finally:
             self._writing.release()
         return None
@@ -99,7 +101,7 @@ class SpoolWriter:
         except Exception:
             log.exception("data lost: cannot spool batch collector=%s lines=%d", item[0], len(item[1]))
 
-    def _write(self, collector: str, lines: Sequence[bytes], checkpoint: str | None) -> object:
+    def _write(self, collector: str, lines: Records | Sequence[bytes], checkpoint: str | None) -> object:
         attempt = 0
         while True:
             try:
@@ -116,3 +118,8 @@ class SpoolWriter:
                               collector, len(lines), exc)
                     raise
                 self._stopping.wait(1.0) if not self._stopping.is_set() else time.sleep(0.5)
+
+
+def _owned(lines: Records | Sequence[bytes]) -> Records | Sequence[bytes]:
+    """The batch as the writer keeps it: Records as they are, other lines copied."""
+    return lines if isinstance(lines, Records) else list(lines)

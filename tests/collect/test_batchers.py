@@ -9,7 +9,7 @@ from typing import Any
 
 from spoolagent.collect.batchers import COUNTERS, Batchers
 from spoolagent.protocol import today
-from tests.conftest import wait_until
+from tests.conftest import lines_of, run_of, wait_until
 
 
 class Sink:
@@ -19,7 +19,7 @@ class Sink:
         self.waits = 0
 
     def put(self, collector: str, lines: Sequence[bytes], checkpoint: str | None) -> None:
-        self.batches.append((collector, list(lines), checkpoint))
+        self.batches.append((collector, lines_of(lines), checkpoint))
 
     def bad(self, collector: str, line: bytes, reason: str) -> None:
         self.invalid.append((collector, line, reason))
@@ -58,11 +58,11 @@ def flushing(bs: Batchers) -> Iterator[None]:
 def test_counters_add_up_over_a_collectors_runs() -> None:
     s = Sink()
     bs = make(s)
-    bs.feed("a", [rec(1), rec(2), b"not a record"])
+    bs.feed("a", *run_of([rec(1), rec(2), b"not a record"]))
     bs.retire("a")  # the first run exits: its lines are put and waited for
     assert s.waits == 1 and [len(b[1]) for b in s.batches] == [2]
-    bs.feed("a", [rec(3)])  # the second run, a fresh batcher
-    bs.feed("b", [rec(4)])
+    bs.feed("a", *run_of([rec(3)]))  # the second run, a fresh batcher
+    bs.feed("b", *run_of([rec(4)]))
     totals, per = bs.counters()
     assert set(totals) == set(COUNTERS)
     assert per["a"]["lines_read"] == 4 and per["a"]["lines_invalid"] == 1
@@ -82,8 +82,8 @@ def test_retiring_an_unknown_collector_is_a_no_op() -> None:
 def test_raw_collectors_get_their_prod_from_settings_or_a_cleaned_name() -> None:
     s = Sink()
     bs = make(s, {"web log": {"format": "raw"}, "x": {"format": "raw", "prod": "nginx"}})
-    bs.feed("web log", [b"GET /"])
-    bs.feed("x", [b"GET /x"])
+    bs.feed("web log", *run_of([b"GET /"]))
+    bs.feed("x", *run_of([b"GET /x"]))
     bs.close_all()
     lines = sorted(line for b in s.batches for line in b[1])
     assert lines[0].startswith(b"nginx ") and lines[1].startswith(b"web_log ")
@@ -92,10 +92,10 @@ def test_raw_collectors_get_their_prod_from_settings_or_a_cleaned_name() -> None
 def test_a_collector_with_a_token_from_an_earlier_run_holds_lines_until_its_first_checkpoint() -> None:
     s = Sink()
     bs = make(s, max_wait_s=0.0, checkpointing=frozenset({"a"}))
-    bs.feed("a", [rec(1)])
+    bs.feed("a", *run_of([rec(1)]))
     bs.get("a").flush_due()
     assert s.batches == []  # held, not put by age: a crash now would read it again from the token
-    bs.feed("a", [b"!checkpoint t2"])
+    bs.feed("a", *run_of([b"!checkpoint t2"]))
     bs.get("a").flush_due()
     assert s.batches == [("a", [rec(1)], "t2")]
 
@@ -104,7 +104,7 @@ def test_the_flusher_puts_a_batch_once_it_is_due_and_stops_with_the_event() -> N
     s = Sink()
     bs = make(s, max_wait_s=0.05)
     with flushing(bs):
-        bs.feed("a", [rec(1)])
+        bs.feed("a", *run_of([rec(1)]))
         wait_until(lambda: len(s.batches) == 1, timeout_s=10)
     assert s.batches == [("a", [rec(1)], None)]
 
@@ -116,7 +116,7 @@ def test_the_flusher_puts_through_put_due_and_a_steady_collectors_batches_each_i
                   max_bytes=100_000, max_wait_s=0.05, max_line_bytes=4096)
     with flushing(bs):
         for i in range(3):  # each batch starts as the last one was put (the flusher planned ahead)
-            bs.feed("a", [rec(i)])
+            bs.feed("a", *run_of([rec(i)]))
             wait_until(lambda n=i: len(due.batches) == n + 1, timeout_s=10)
     assert s.batches == [] and due.batches == [("a", [rec(i)], None) for i in range(3)]
 
@@ -125,9 +125,9 @@ def test_a_batch_due_before_the_flushers_planned_wake_up_wakes_it() -> None:
     s = Sink()
     bs = make(s, max_wait_s=60.0)
     with flushing(bs):
-        bs.feed("a", [rec(1)])  # due in 60 s: the flusher plans to sleep until then
+        bs.feed("a", *run_of([rec(1)]))  # due in 60 s: the flusher plans to sleep until then
         bs.get("b").max_wait_s = 0.0  # b's batches are due at once
-        bs.feed("b", [rec(2)])  # due long before the planned wake-up: it must wake the flusher
+        bs.feed("b", *run_of([rec(2)]))  # due long before the planned wake-up: it must wake the flusher
         wait_until(lambda: ("b", [rec(2)], None) in s.batches, timeout_s=10)
         assert ("a", [rec(1)], None) not in s.batches
 
@@ -135,9 +135,9 @@ def test_a_batch_due_before_the_flushers_planned_wake_up_wakes_it() -> None:
 def test_new_limits_reach_running_and_later_batchers() -> None:
     s = Sink()
     bs = make(s)
-    bs.feed("a", [rec(1)])
+    bs.feed("a", *run_of([rec(1)]))
     bs.set_limits(max_lines=2, max_bytes=100_000, max_wait_s=60.0)
-    bs.feed("a", [rec(2), rec(3)])  # the running batcher cuts by the new limit (not at 1000)
-    bs.feed("b", [rec(4), rec(5)])  # a new one is made with the new limits
+    bs.feed("a", *run_of([rec(2), rec(3)]))  # the running batcher cuts by the new limit (not at 1000)
+    bs.feed("b", *run_of([rec(4), rec(5)]))  # a new one is made with the new limits
     assert [b[0] for b in s.batches] == ["a", "b"]
     assert [len(b[1]) for b in s.batches][1] == 2

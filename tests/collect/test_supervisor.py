@@ -58,8 +58,10 @@ class Recorder:
         self.gate.set()
         self.tokens: dict[str, int] = {}
 
-    def on_lines(self, name: str, lines: list[bytes]) -> None:
+    def on_lines(self, name: str, run: bytes, n: int) -> None:
         self.gate.wait()
+        lines = run.split(b"\n")
+        assert lines.pop() == b"" and len(lines) == n  # whole lines, each ending in a newline
         with self.lock:
             self.events.extend(("line", name, line) for line in lines)
 
@@ -513,11 +515,11 @@ def test_stop_hands_over_everything_printed(coll_dir: Path, tmp_path: Path, rec:
     """)
     release = threading.Event()
 
-    def on_lines(name: str, lines: list[bytes]) -> None:
+    def on_lines(name: str, run: bytes, n: int) -> None:
         # a stuck spool until the test lets go: the rest stays in the pipe (it all fits there,
         # so the collector finishes writing)
         assert release.wait(30)
-        rec.on_lines(name, lines)
+        rec.on_lines(name, run, n)
 
     sup = make_sup(on_lines=on_lines)
     wait_until(marker.exists, 20)
@@ -551,7 +553,7 @@ _SUPERVISOR_PROC = """
 import sys, threading, time
 from pathlib import Path
 from spoolagent.collect.supervisor import Supervisor
-sup = Supervisor(Path(sys.argv[1]), settings={}, on_lines=lambda n, l: None,
+sup = Supervisor(Path(sys.argv[1]), settings={}, on_lines=lambda name, run, n: None,
                  on_overlong=lambda n, s, h: None, on_exit=lambda n, rc: None,
                  checkpoint_for=lambda n: "", stopping=threading.Event())
 sup.start()
@@ -604,10 +606,10 @@ def test_read_throughput(coll_dir: Path, make_sup: Factory,
     done = threading.Event()
     first: list[float] = []
 
-    def on_lines(name: str, lines: list[bytes]) -> None:
+    def on_lines(name: str, run: bytes, lines: int) -> None:
         if not first:
             first.append(time.monotonic())
-        count[0] += len(lines)
+        count[0] += lines
 
     make_sup(on_lines=on_lines, on_exit=lambda name, rc: done.set())
     assert done.wait(60)

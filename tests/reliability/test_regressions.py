@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from spoolagent.collect.batcher import Batcher
+from tests.conftest import lines_of, run_of
 
 
 def _batcher() -> tuple[Batcher, list[tuple[list[bytes], str | None]]]:
     puts: list[tuple[list[bytes], str | None]] = []
 
     def put(collector: str, lines: Sequence[bytes], token: str | None) -> object:
-        puts.append((list(lines), token))
+        puts.append((lines_of(lines), token))
         return None
 
     b = Batcher("tail", put=put, on_invalid=lambda *a: None, max_lines=1000, max_bytes=1 << 20,
@@ -25,13 +26,13 @@ def test_first_checkpoint_after_lines_flushed_by_time_is_committed() -> None:
     # collector printed again restarted it from an older token (tail re-read, or lost the lines
     # of a file rotated meanwhile).
     b, puts = _batcher()
-    b.feed([b"app 2024-01-01 one", b"app 2024-01-01 two"])
+    b.feed(*run_of([b"app 2024-01-01 one", b"app 2024-01-01 two"]))
     b.flush_due(now=1e12)
     assert puts == [([b"app 2024-01-01 one", b"app 2024-01-01 two"], None)]
-    b.feed([b"!checkpoint T1"])
+    b.feed(*run_of([b"!checkpoint T1"]))
     assert puts[-1] == ([], "T1"), "the token must be committed at once"
     # from now on the collector checkpoints: lines wait for their token, no empty rows
-    b.feed([b"app 2024-01-01 three", b"!checkpoint T2", b"!checkpoint T3"])
+    b.feed(*run_of([b"app 2024-01-01 three", b"!checkpoint T2", b"!checkpoint T3"]))
     b.flush_due(now=2e12)
     assert puts[1:] == [([], "T1"), ([b"app 2024-01-01 three"], "T3")]
 
@@ -39,11 +40,11 @@ def test_first_checkpoint_after_lines_flushed_by_time_is_committed() -> None:
 def test_checkpoint_after_lines_spooled_past_the_cap_is_committed() -> None:
     b, puts = _batcher()
     b.max_held_bytes = 100
-    b.feed([b"!checkpoint T0"])
+    b.feed(*run_of([b"!checkpoint T0"]))
     assert puts == [([], "T0")]  # the first token ever is committed at once: where to start
-    b.feed([b"app 2024-01-01 " + b"x" * 60 for _ in range(3)])  # over the cap: spooled, unprotected
+    b.feed(*run_of([b"app 2024-01-01 " + b"x" * 60 for _ in range(3)]))  # over the cap: spooled, unprotected
     assert len(puts) == 2 and len(puts[1][0]) == 3 and puts[1][1] is None
-    b.feed([b"!checkpoint T1"])
+    b.feed(*run_of([b"!checkpoint T1"]))
     assert puts[-1] == ([], "T1")
 
 
@@ -52,22 +53,22 @@ def test_restarted_checkpointing_collector_lines_wait_for_their_first_checkpoint
     # first !checkpoint: its first lines were spooled by time, untokened, and a SIGKILL before the
     # token made the collector read them again from the older token: stored twice.
     puts: list[tuple[list[bytes], str | None]] = []
-    b = Batcher("tail", put=lambda c, lines, t: puts.append((list(lines), t)), on_invalid=lambda *a: None,
+    b = Batcher("tail", put=lambda c, lines, t: puts.append((lines_of(lines), t)), on_invalid=lambda *a: None,
                 max_lines=1000, max_bytes=1 << 20, max_wait_s=0.05, max_held_bytes=4 << 20,
                 checkpointing=True)
-    b.feed([b"app 2024-01-01 one"])
+    b.feed(*run_of([b"app 2024-01-01 one"]))
     b.flush_due(now=1e12)
     assert puts == [], "held until the token that covers it"
-    b.feed([b"!checkpoint T1"])
+    b.feed(*run_of([b"!checkpoint T1"]))
     b.flush_due(now=2e12)
     assert puts == [([b"app 2024-01-01 one"], "T1")]
 
 
 def test_collector_that_stopped_checkpointing_loses_nothing_at_exit() -> None:
     puts: list[tuple[list[bytes], str | None]] = []
-    b = Batcher("c", put=lambda c, lines, t: puts.append((list(lines), t)), on_invalid=lambda *a: None,
+    b = Batcher("c", put=lambda c, lines, t: puts.append((lines_of(lines), t)), on_invalid=lambda *a: None,
                 max_lines=1000, max_bytes=1 << 20, max_wait_s=0.05, max_held_bytes=4 << 20,
                 checkpointing=True)
-    b.feed([b"app 2024-01-01 one"])
+    b.feed(*run_of([b"app 2024-01-01 one"]))
     b.close()
     assert puts == [([b"app 2024-01-01 one"], None)]

@@ -1,6 +1,6 @@
 """The fast paths that judge a run of lines at once are implementations of spoolcore.lines, and
-property-tested against its split_record here: the agent's batcher (``Batcher._check_run``), the
-spool's per-PROD count (``format.count_prods``) and the shared ``share_prefix`` trick. (The
+property-tested against its split_record here: the agent's batcher (``Batcher._take_run``), the
+shared ``share_prefix`` trick, and the cuts of the reader path (``line_end``, ``find_line``). (The
 receiver's LineChecker against the agent's parser: tests/test_hypothesis_protocol.py.)"""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from hypothesis import given, seed
 from hypothesis import strategies as st
 
 from spoolagent.collect.batcher import Batcher
-from spoolagent.spool.format import count_prods
-from spoolcore.lines import BadLine, share_prefix, split_record
+from spoolagent.protocol import Records
+from spoolcore.lines import BadLine, find_line, line_end, share_prefix, split_record
+from tests.conftest import lines_of, run_of
 from tests.test_hypothesis_protocol import CI, MAX_LINE, SEED, lines
 
 
@@ -33,15 +34,15 @@ def _batcher_judges(body_lines: list[bytes], warm: bytes | None) -> tuple[list[b
     spooled: list[bytes] = []
     invalid: list[tuple[bytes, str]] = []
 
-    def put(_collector: str, records: Sequence[bytes], _checkpoint: str | None) -> None:
-        spooled.extend(records)
+    def put(_collector: str, records: Records, _checkpoint: str | None) -> None:
+        spooled.extend(lines_of(records))
 
     b = Batcher("c", put=put, on_invalid=lambda _c, line, reason: invalid.append((line, reason)),
                 max_lines=10_000, max_bytes=1 << 20, max_wait_s=60.0, max_held_bytes=1 << 22,
                 max_line_bytes=MAX_LINE)
     if warm is not None:  # a prefix judged before: the batcher's fast path can take the run
-        b.feed([warm])
-    b.feed(body_lines)
+        b.feed(*run_of([warm]))
+    b.feed(*run_of(body_lines))
     b.close()
     return spooled[1:] if warm is not None else spooled, invalid
 
@@ -54,7 +55,8 @@ def test_the_batchers_fast_path_judges_like_split_record(body_lines: list[bytes]
     if same_prefix:
         body_lines = [b"web 2024-05-01 " + ln for ln in body_lines]
         warm = b"web 2024-05-01 warm"
-    body_lines = [ln for ln in body_lines if not ln.startswith(b"!checkpoint ")]
+    # the reader hands over no line over the cap (tests/collect/test_reader_path.py)
+    body_lines = [ln for ln in body_lines if not ln.startswith(b"!checkpoint ") and len(ln) <= MAX_LINE]
     if not body_lines:
         return
     assert _batcher_judges(body_lines, warm) == _reference(body_lines)
@@ -62,15 +64,36 @@ def test_the_batchers_fast_path_judges_like_split_record(body_lines: list[bytes]
 
 @CI
 @seed(SEED)
-@given(st.lists(lines(), min_size=1, max_size=12), st.booleans())
-def test_count_prods_fast_path_counts_like_the_loop(body_lines: list[bytes], same_prefix: bool) -> None:
+@given(st.lists(lines(), max_size=12))
+def test_records_of_lines_count_each_prod(body_lines: list[bytes]) -> None:
     body_lines = [ln.replace(b"\n", b"") for ln in body_lines]
-    if same_prefix:
-        body_lines = [b"web " + ln for ln in body_lines]
-    raw = b"".join(ln + b"\n" for ln in body_lines)
-    assert count_prods(body_lines, raw) == count_prods(body_lines)
-    assert sum(count_prods(body_lines).values()) == len(body_lines) or len(
-        Counter(ln.split(b" ", 1)[0] for ln in body_lines)) > len(count_prods(body_lines))
+    r = Records.of(body_lines)
+    assert r.joined() == b"".join(ln + b"\n" for ln in body_lines) and len(r) == len(body_lines)
+    want = Counter((ln.split(b" ", 1)[0]).decode("utf-8", "replace") for ln in body_lines)
+    assert r.prods == dict(want)
+
+
+@CI
+@seed(SEED)
+@given(st.lists(st.binary(max_size=90).map(lambda b: b.replace(b"\n", b"")), min_size=1, max_size=200),
+       st.data())
+def test_line_end_is_past_the_kth_newline(body_lines: list[bytes], data: st.DataObject) -> None:
+    run = b"".join(ln + b"\n" for ln in body_lines)
+    k = data.draw(st.integers(1, len(body_lines)))
+    assert line_end(run, k, len(body_lines)) == len(b"".join(ln + b"\n" for ln in body_lines[:k]))
+
+
+@CI
+@seed(SEED)
+@given(st.lists(st.sampled_from([b"!checkpoint t", b"!checkpoint", b"a!checkpoint x", b"!", b"x!y!z",
+                                 b"", b"app 2024-01-01 !checkpoint "]), max_size=30), st.data())
+def test_find_line_finds_the_first_line_with_the_prefix(body_lines: list[bytes], data: st.DataObject) -> None:
+    run = b"".join(ln + b"\n" for ln in body_lines)
+    starts = [len(b"".join(ln + b"\n" for ln in body_lines[:i])) for i in range(len(body_lines))]
+    start = data.draw(st.sampled_from([0, *starts]))
+    want = next((at for at, ln in zip(starts, body_lines, strict=True)
+                 if at >= start and ln.startswith(b"!checkpoint ")), -1)
+    assert find_line(run, b"!checkpoint ", start) == want
 
 
 @CI

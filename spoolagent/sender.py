@@ -1,14 +1,17 @@
 """The sender: ships spooled batches to the receiver over HTTP and says how that is going.
 
-Owns the HTTP transport (one shared httpx.HTTPTransport: keep-alive pool, TLS, timeouts, the
+Owns the HTTP transport (one shared transport: keep-alive pool, TLS, timeouts, the
 token), one attempt and what its answer means for the batch, and the retry policy (tenacity:
 exponential backoff with jitter, Retry-After, stop and wake on shutdown).
 
 Requests go to the transport directly, not through an ``httpx.Client``: the client's per-request
 machinery (URL and header merging, cookies, auth and redirect flows, event hooks) is nothing this
 sender uses and cost about a third of a request's CPU (issue 17: 520 -> 380 us per PUT warm,
-1.7 -> 1.0 ms cold, on the 2-vCPU bench box). The one ``Retrying`` is built once (tenacity keeps
-its per-call state thread-local); its wait finds the ``Call`` in the attempt's arguments.
+1.7 -> 1.0 ms cold, on the 2-vCPU bench box). The transport is ``_WireTransport``, httpx's
+transport interface over ``spoolagent.wire`` (HTTP/1.1 on keep-alive sockets) instead of
+httpcore and h11: issue 17, 1.4 -> ~0.4 ms of CPU per PUT at 5 sends a second. The one
+``Retrying`` is built once (tenacity keeps its per-call state thread-local); its wait finds the
+``Call`` in the attempt's arguments.
 
 The only module that imports httpx and tenacity. What an answer or an address means (status
 classes, Retry-After, the counts of a 2xx, URL checks) is in ``spoolagent.answers``; the receivers
@@ -27,7 +30,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from spoolagent import answers
+from spoolagent import answers, wire
 from spoolagent.delivery import Call, Delivery, SenderState
 from spoolagent.errors import BatchRejected, ConfigError, ReceiverRefused, ReceiverUnavailable
 from spoolcore import imports
@@ -71,15 +74,43 @@ class SendResult:
     receiver: str
 
 
-def _read_capped(resp: httpx.Response) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    for chunk in resp.iter_bytes():
-        chunks.append(chunk)
-        size += len(chunk)
-        if size >= _MAX_ANSWER_BYTES:
-            break  # leaving the stream unfinished makes httpx close, not pool, the connection
-    return b"".join(chunks)[:_MAX_ANSWER_BYTES]
+# what each of wire's errors is in httpx's tree: the exceptions httpcore's transport raises for
+# the same failure (a write error is not one: like httpcore, wire then reads the answer)
+_HTTPX_ERRORS: dict[type[wire.WireError], type[httpx.TransportError]] = {
+    wire.ConnectError: httpx.ConnectError, wire.ConnectTimeout: httpx.ConnectTimeout,
+    wire.WriteTimeout: httpx.WriteTimeout, wire.ReadError: httpx.ReadError,
+    wire.ReadTimeout: httpx.ReadTimeout, wire.ProtocolError: httpx.RemoteProtocolError,
+    wire.LocalProtocolError: httpx.LocalProtocolError,
+}
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class _WireTransport(httpx.BaseTransport):
+    """httpx's transport interface over ``wire.Pool``: a request's method, URL, headers (httpx
+    added Host and Content-Length) and bytes body go out as they are; the answer comes back read
+    (up to ``_MAX_ANSWER_BYTES``: a longer one is cut and its connection closed). Honours the
+    request's ``timeout`` extension as httpx's transport does. Thread-safe."""
+
+    def __init__(self, tls: ssl.SSLContext, max_idle: int) -> None:
+        self._pool = wire.Pool(tls=tls, max_idle=max_idle)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        timeouts = request.extensions.get("timeout", {})
+        try:
+            head = wire.request_head(request.method.encode("ascii"), url.raw_path, request.headers.raw)
+            answer = self._pool.request(
+                url.scheme, url.host, url.port or _DEFAULT_PORTS[url.scheme], head, request.read(),
+                max_body=_MAX_ANSWER_BYTES, connect_timeout_s=timeouts.get("connect"),
+                read_timeout_s=timeouts.get("read"), write_timeout_s=timeouts.get("write"))
+        except wire.WireError as exc:
+            raise _HTTPX_ERRORS[type(exc)](str(exc), request=request) from exc
+        return httpx.Response(answer.status, headers=answer.headers, content=answer.body,
+                              request=request, extensions={"reason_phrase": answer.reason,
+                                                           "http_version": answer.http_version})
+
+    def close(self) -> None:
+        self._pool.close()
 
 
 def _load_trust(ca_file: str | None, urls: Sequence[str]) -> ssl.SSLContext | None:
@@ -174,16 +205,14 @@ class Sender:
         if token:
             answers.warn_cleartext(self._delivery.urls())
 
-    def _make_transport(self, tls: ssl.SSLContext | None) -> httpx.HTTPTransport:
+    def _make_transport(self, tls: ssl.SSLContext | None) -> _WireTransport:
         if tls is None:
             # no https:// receiver: a context that verifies and trusts no CA loads nothing, and
             # should an https URL ever reach this pool it fails verification, never goes unchecked
             tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        # no proxies (only config.py reads the environment) and no redirects: a transport has neither
-        return httpx.HTTPTransport(
-            verify=tls, trust_env=False,
-            # room for a second connection per sender thread while failing over
-            limits=httpx.Limits(max_connections=2 * self._pool, max_keepalive_connections=self._pool))
+        # no proxies (only config.py reads the environment) and no redirects: a transport has
+        # neither. One idle connection per sender thread; each thread uses one at a time.
+        return _WireTransport(tls, max_idle=self._pool)
 
     def set_ca_file(self, ca_file: str | None) -> None:
         """New TLS trust (a reload changed ``[sender] ca_file``): a new connection pool from the
@@ -339,8 +368,7 @@ class Sender:
                                 extensions=self._extensions)
         resp = transport.handle_request(request)
         try:
-            # a capped read: the answer is always read (or cut) and closed here
-            answer = _read_capped(resp)
+            answer = resp.read()  # read by the transport already, and capped there
             retry_after = answers.parse_retry_after(resp.headers.get("Retry-After"), time.time())
             return resp.status_code, resp.reason_phrase, retry_after, answer
         finally:

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CORE = {"protocol", "config", "collector_settings", "answers", "delivery", "errors", "runtime",
+CORE = {"protocol", "config", "collector_settings", "answers", "delivery", "errors", "runtime", "wire",
         "snapshot", ""}
 PARTS = {"collect", "spool", "sender", "status", "heartbeat"}
 OWNERS = {"persistqueue": {"spoolagent.spool.queue"}, "httpx": {"spoolagent.sender"},

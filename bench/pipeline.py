@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,11 @@ def _append(src: Path, dst: Path) -> None:
             done += n
 
 
-def e2e(work: Path, lines: int, compression: str | None, timeout_s: float) -> dict[str, Any]:
+def e2e(work: Path, lines: int, compression: str | None, timeout_s: float,
+        probe: Callable[[dict[str, int]], Callable[[], Any]] | None = None) -> dict[str, Any]:
+    """tail -> agent -> receiver -> file. ``probe`` is called with the pids ({"agent", "receiver",
+    and each collector by name}) as the lines start, and what it returns when they are all in;
+    that result goes under "probe"."""
     src = input_file(work, lines)
     run = _fresh(work / "e2e")
     log = run / "app.log"
@@ -65,17 +69,22 @@ def e2e(work: Path, lines: int, compression: str | None, timeout_s: float) -> di
         wait_for(lambda: rcv.stored_bytes() >= LINE_BYTES, 60, "the warm-up line")
         tree = descendants(agent.proc.pid)
         cpu0_agent, cpu0_rcv = cpu_s(tree), cpu_s(descendants(rcv.proc.pid))
+        pids = {"agent": agent.proc.pid, "receiver": rcv.proc.pid,
+                **{comm(p): p for p in tree if p != agent.proc.pid}}
+        probed = probe(pids) if probe is not None else None
         total = LINE_BYTES + src.stat().st_size
         t0 = time.monotonic()
         _append(src, log)
         wait_for(lambda: rcv.stored_bytes() >= total, timeout_s, f"{lines} lines in the receiver's file")
         elapsed = time.monotonic() - t0
+        probed = probed() if probed is not None else None
         cpu_agent = cpu_s(tree) - cpu0_agent
         cpu_rcv = cpu_s(descendants(rcv.proc.pid)) - cpu0_rcv
         if rcv.stored_bytes() != total:
             raise RuntimeError(f"receiver holds {rcv.stored_bytes()} bytes, expected {total}")
         return {"lines_per_s": lines / elapsed, "seconds": elapsed,
-                "agent_cpu_s": cpu_agent, "receiver_cpu_s": cpu_rcv}
+                "agent_cpu_s": cpu_agent, "receiver_cpu_s": cpu_rcv,
+                **({"probe": probed} if probe is not None else {})}
     finally:
         agent.stop()
         rcv.stop()

@@ -1,10 +1,12 @@
-"""``python -m bench.threads [--rate 1000] [--seconds 20]``: where the CPU of a busy agent goes, per
-thread. The ``cpu`` scenario's busy phase (a writer appends ``rate`` lines/s to one file in 10 ms
+"""``python -m bench.threads [--rate 1000] [--seconds 20] [--e2e LINES]``: where the CPU of a busy
+agent goes, per thread. The ``cpu`` scenario's busy phase (a writer appends ``rate`` lines/s to one file in 10 ms
 ticks, the bundled tail follows it, default config), then per thread of the agent and of each
 collector: CPU (``/proc/PID/task/TID/schedstat``, nanoseconds, not the 10 ms ticks of ``stat``)
 and voluntary context switches (wake-ups), both per second of the window. Thread names come from
 ``py-spy dump`` when py-spy is installed (Python 3.11 does not name OS threads); else the tid.
 ``--profile`` also records every process with py-spy during the window and summarises it.
+``--e2e LINES`` instead runs the e2e scenario once (LINES lines as fast as they go through) and
+gives CPU-seconds per 1M lines per process (agent, its collectors, receiver) and per thread.
 Imports bench modules.
 """
 
@@ -19,7 +21,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+from bench import pipeline
 from bench.pipeline import _fresh, steady
 from bench.profile import Spy, summarize
 from bench.runners import comm, descendants
@@ -99,6 +103,35 @@ def measure(work: Path, rate: int, seconds: float, compression: str | None, prof
     return "\n".join(out)
 
 
+def measure_e2e(work: Path, lines: int, compression: str | None) -> str:
+    """One e2e run; CPU-seconds per 1M lines per process and per thread (threads of one name
+    summed: sender-0..3 as "sender")."""
+    before: dict[str, dict[int, tuple[int, int]]] = {}
+    names: dict[str, dict[int, str]] = {}
+
+    def probe(pids: dict[str, int]) -> Any:
+        names.update({k: {p: "main", **_names(p)} for k, p in pids.items()})
+        before.update({k: _tasks(p) for k, p in pids.items()})
+        def end() -> dict[str, dict[int, tuple[int, int]]]:
+            after = {k: _tasks(p) for k, p in pids.items()}
+            for k, p in pids.items():  # threads started meanwhile (a receiver's pool) are named now
+                names[k] = {**_names(p), **names[k]}
+            return after
+
+        return end
+
+    result = pipeline.e2e(work, lines, compression, 600, probe=probe)
+    out = [f"e2e: {result['lines_per_s']:,.0f} lines/s (CPU-seconds per 1M lines)"]
+    for proc, after in result["probe"].items():
+        per: dict[str, float] = {}
+        for tid, (ns, _vol) in after.items():
+            name = re.sub(r"[-_]\d+$", "", names[proc].get(tid, str(tid)))
+            per[name] = per.get(name, 0.0) + (ns - before[proc].get(tid, (0, 0))[0]) / 1e9 / lines * 1e6
+        out.append(f"{proc}: {sum(per.values()):.3f}")
+        out.extend(f"  {cpu:.3f}  {name}" for name, cpu in sorted(per.items(), key=lambda x: -x[1]) if cpu >= 0.005)
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rate", type=int, default=1000, help="lines per second (default 1000)")
@@ -107,9 +140,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="the agent's [sender] compression (default: the agent's own default)")
     ap.add_argument("--profile", action="store_true",
                     help="also py-spy record every process during the window (200 Hz) and summarise")
+    ap.add_argument("--e2e", type=int, default=0, metavar="LINES",
+                    help="instead: one e2e run of LINES lines, CPU-seconds per 1M lines per process and thread")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "spoolagent-bench-threads")
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.e2e:
+        print(measure_e2e(args.work, args.e2e, args.compression))
+        return 0
     print(measure(args.work, args.rate, args.seconds, args.compression, args.profile))
     return 0
 

@@ -5,6 +5,10 @@ The agent identifies itself in headers on every PUT and heartbeat (docs/protocol
 (``lines=N, bytes=N, oldest-s=S, dead=N``). A request without ``Spoolagent-Id`` (an older agent,
 ``POST /``, TCP) is stored as before and counted nowhere here.
 
+An agent not heard from for ``FORGET_AFTER_S`` (30 days) leaves the table: a fleet of short-lived
+hosts or containers would otherwise grow it forever (cluster mode: the bucket's TTL, the same 30
+days).
+
 On disk: ``DATA_DIR/.receiver/agents.db`` (SQLite, WAL), one row per agent id. Requests only touch
 memory (a dict under a lock); ``flush()`` writes what changed since the last flush in one
 transaction, adding counters and keeping the newest report, so several processes (``--processes
@@ -42,6 +46,8 @@ SUMMARY_KEYS = {"lines": "backlog_lines", "bytes": "backlog_bytes", "oldest-s": 
 _PARSED_MAX = 4096
 _parsed: dict[tuple[str | None, ...], Report | bool] = {}
 COUNTERS = ("batches", "lines", "bytes", "duplicates", "rejected", "heartbeats")
+FORGET_AFTER_S = 30 * 86400.0
+_FORGET_EVERY_S = 3600.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS agents (
@@ -150,6 +156,7 @@ class AgentTable:
         self._flush_lock = threading.Lock()
         self._pending: dict[str, Pending] = {}
         self._db: sqlite3.Connection | None = None
+        self._forgotten_at = 0.0  # the last pass that dropped agents long gone (0: at the first flush)
 
     def create(self) -> None:
         """Create the file and its table if missing. Blocks; call once before serving."""
@@ -214,8 +221,16 @@ class AgentTable:
                  *(p.counts[c] for c in COUNTERS),
                  *((p.backlog or {}).get(k) for k in SUMMARY_KEYS.values()), p.reported_at)
                 for agent_id, p in pending.items()]
+        now = time.time()
+        forget = now - self._forgotten_at >= _FORGET_EVERY_S
         with self._connection() as db, db:
             db.executemany(_UPSERT, rows)
+            gone = db.execute("DELETE FROM agents WHERE last_seen < ?",
+                              (now - FORGET_AFTER_S,)).rowcount if forget else 0
+        if forget:
+            self._forgotten_at = now
+        if gone:
+            log.info("agents forgotten count=%d silent_for_days=%d", gone, FORGET_AFTER_S // 86400)
 
     def _merge_back(self, agent_id: str, old: Pending) -> None:
         new = self._pending.get(agent_id)

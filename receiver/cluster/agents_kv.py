@@ -35,7 +35,7 @@ from receiver.errors import StorageUnavailable
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-BUCKET_TTL_S = 30 * 86400.0
+BUCKET_TTL_S = agents.FORGET_AFTER_S  # the standalone table forgets after as long
 _TIMEOUT_S = 10.0
 
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from receiver import agents
 from tests.conftest import ReceiverProc, child_env, wait_until
 
 
@@ -99,6 +102,35 @@ def test_agents_counted_per_id_and_listed_by_cli_and_api(
     # the table outlives the receiver; the CLI reads it with no receiver running
     r.stop(signal.SIGTERM)
     assert set(_agents_cli(r.data_dir)) == {"web-01", "db-01", "idle-01"}
+
+
+def test_an_agent_silent_for_30_days_is_forgotten(
+        receiver_factory: Callable[..., ReceiverProc], tmp_path: Path) -> None:
+    """A fleet of short-lived hosts must not grow the table forever: the receiver drops agents not
+    heard from for 30 days (cluster mode: the bucket's TTL) and keeps the others."""
+    data_dir = tmp_path / "data"
+    state = data_dir / ".receiver"
+    state.mkdir(parents=True)
+    now = time.time()
+    db = sqlite3.connect(state / agents.DB_NAME)
+    db.execute(agents._SCHEMA)
+    for agent_id, days in (("gone-01", 31), ("quiet-01", 29)):
+        seen = now - days * 86400
+        db.execute("INSERT INTO agents (agent_id, first_seen, last_seen, lines) VALUES (?, ?, ?, 5)",
+                   (agent_id, seen, seen))
+    db.commit()
+    db.close()
+    r = receiver_factory(data_dir=data_dir)
+    assert httpx.put(r.url + "/v1/heartbeat", headers=_headers("new-01"), timeout=10).status_code == 204
+
+    def flushed() -> dict[str, dict[str, Any]] | None:
+        got = _agents_cli(data_dir)
+        return got if "new-01" in got else None
+
+    listed = wait_until(flushed, 20, what="the new agent flushed")
+    assert set(listed) == {"new-01", "quiet-01"}
+    assert listed["quiet-01"]["lines"] == 5
+    assert "agents forgotten count=1" in r.log_text()
 
 
 def test_agents_cli_without_a_table_lists_nothing(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from spoolagent.errors import SpoolBusy, SpoolError
+from spoolagent.protocol import Records
 from spoolagent.spool.acks import ACK_DELAY_S, PendingAcks
 from spoolagent.spool.file import BatchInfo, SpoolFile
 from spoolagent.spool.format import decompress, new_batch_id
@@ -68,6 +69,18 @@ def test_put_get_ack_round_trip(open_spool, compression: str, encoding: str) -> 
     st = spool.stats()
     assert (st["ready_batches"], st["inflight_batches"], st["bytes"], st["oldest_age_s"]) == (
         0, 0, 0, None)
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd", "none"])
+def test_a_batchers_records_are_compressed_run_by_run_into_one_body(open_spool, compression: str) -> None:
+    spool = open_spool(compression=compression)
+    lines = make_lines(300)
+    records = Records()
+    for part in (lines[:1], lines[1:200], lines[200:]):  # runs as the reader cut them
+        records.add(b"".join(ln + b"\n" for ln in part), len(part), "app")
+    spool.put("tail", records, None)
+    b = spool.get(timeout_s=1)
+    assert b is not None and b.lines == 300 and body_lines(b) == lines
 
 
 def test_batch_ids_unique_and_sortable(open_spool) -> None:

@@ -54,9 +54,12 @@ class Batchers:
         self._retired: dict[str, dict[str, int]] = {}  # per collector: what its ended runs counted
         self._pending = threading.Event()  # a batch is due before the flusher's wake-up: it re-plans
         # when the flusher wakes next (monotonic; inf: not until told), None while it scans: a
-        # batcher wakes it only for a batch due before that (one wake-up per batch, not two)
+        # batcher wakes it only for a batch due before that (one wake-up per batch, not two); at
+        # that wake-up it puts every batch due within EARLY_S, so a batch due in that window is
+        # served by it
         self._plan_lock = threading.Lock()
         self._planned: float | None = None
+        self._cadence = Cadence()
 
     def get(self, name: str) -> Batcher:
         """The running collector's batcher, made on first use."""
@@ -146,11 +149,11 @@ class Batchers:
         """Put batches whose oldest line has waited ``max_wait_s``, until ``stopping``. Sleeps until
         the next one is due or a batcher starts a batch due earlier (no polling while idle). Blocks.
 
-        After it put a batch, it sleeps until a batch started now would be due rather than until
-        a batcher tells it of one: a collector printing steadily starts its next batch as the last
-        one is put, and that batch is then put with one wake-up of this thread instead of two (one
-        when it starts, one when it is due). A batch is put up to ``EARLY_S`` (at most 5 % of
-        ``max_wait_s``) before it is due, never after; with nothing due it sleeps without timeout.
+        After it put a batch, it sleeps until the next batch of a steady collector would be due
+        (``Cadence``) rather than until a batcher tells it of one: that batch is then put with one
+        wake-up of this thread instead of two (one when it starts, one when it is due). A batch is
+        put up to ``EARLY_S`` (at most 5 % of ``max_wait_s``) before it is due, never after; with
+        nothing due it sleeps without timeout.
         """
         while not stopping.is_set():
             with self._plan_lock:
@@ -169,10 +172,42 @@ class Batchers:
                         log.exception("flush failed collector=%s", b.collector)
                 else:
                     next_due = due if next_due is None else min(next_due, due)
-            if next_due is None and flushed:
-                next_due = now + self._max_wait_s  # the next batch of a steady collector
+            next_due = self._cadence.plan(now, next_due, flushed, self._max_wait_s, early)
+            wake_s = math.inf if next_due is None else next_due - early
             with self._plan_lock:
-                # it wakes at next_due - early, and then puts every batch due by next_due
-                self._planned = math.inf if next_due is None else next_due
+                # it wakes at wake_s and puts every batch due by wake_s + early: only a batch
+                # due before wake_s must wake it
+                self._planned = wake_s
             # nothing pending: no timeout (a new batch, new limits or the stop set _pending)
-            self._pending.wait(None if next_due is None else max(0.0, next_due - early - time.monotonic()))
+            self._pending.wait(None if next_due is None else max(0.0, wake_s - time.monotonic()))
+
+
+class Cadence:
+    """When the flusher plans to wake after a put, for the next batch of a steady collector.
+
+    That batch starts when the collector's next output arrives, a little after the put (the tail
+    prints every 50 ms: ~10 ms after it at 1,000 lines/s), and is due ``max_wait_s`` later. Planning
+    for ``put + max_wait_s`` woke the flusher twice per batch (issue 17: at the guess, where the
+    batch was not due yet, then at its due time). The guess adds the lag last seen between a put
+    and the next batch's start, centred in the ``early`` window the wake-up serves. A wrong guess
+    costs one wake-up, never a late put: a batch due before the planned wake-up wakes the flusher.
+    Used by the flusher thread only.
+    """
+
+    def __init__(self) -> None:
+        self.lag_s = 0.0  # last seen: from a put to the start of the next batch
+        self._put_s: float | None = None  # the scan of the last put, until the next batch is seen
+
+    def plan(self, now: float, next_due: float | None, flushed: bool, max_wait_s: float,
+             early: float) -> float | None:
+        """The due time to wake for (None: until told), given a scan at ``now`` that found
+        ``next_due`` (the earliest batch not put) and put a batch or not (``flushed``)."""
+        if flushed:
+            self._put_s = now
+            if next_due is None:
+                return now + max_wait_s + self.lag_s + early / 2
+            return next_due
+        if next_due is not None and self._put_s is not None:
+            self.lag_s = min(max(0.0, next_due - max_wait_s - self._put_s), max_wait_s / 2)
+            self._put_s = None
+        return next_due

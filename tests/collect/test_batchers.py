@@ -7,7 +7,9 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from spoolagent.collect.batchers import COUNTERS, Batchers
+import pytest
+
+from spoolagent.collect.batchers import COUNTERS, EARLY_S, Batchers, Cadence
 from spoolagent.protocol import today
 from tests.conftest import lines_of, run_of, wait_until
 
@@ -141,3 +143,27 @@ def test_new_limits_reach_running_and_later_batchers() -> None:
     bs.feed("b", *run_of([rec(4), rec(5)]))  # a new one is made with the new limits
     assert [b[0] for b in s.batches] == ["a", "b"]
     assert [len(b[1]) for b in s.batches][1] == 2
+
+
+def test_the_flusher_plans_for_a_steady_collectors_next_batch_one_lag_after_the_put() -> None:
+    """Issue 17: the next batch starts a little after the put (the tail prints every 50 ms); the
+    guess centres the wake-up's early window on where it was last seen, so one wake-up serves it."""
+    c = Cadence()
+    max_wait, early = 0.2, 0.01
+    assert c.plan(10.0, None, True, max_wait, early) == pytest.approx(10.205)  # no lag seen yet
+    assert c.plan(10.195, 10.212, False, max_wait, early) == 10.212  # it started 12 ms after the put
+    assert c.lag_s == pytest.approx(0.012)
+    assert c.plan(10.202, None, True, max_wait, early) == pytest.approx(10.202 + 0.2 + 0.012 + 0.005)
+    # a collector that went quiet for long teaches at most half of max_wait
+    c.plan(20.0, 21.0, False, max_wait, early)
+    assert c.lag_s == pytest.approx(0.1)
+
+
+def test_a_batch_due_within_the_planned_wake_ups_window_does_not_wake_the_flusher_early() -> None:
+    bs = make(Sink())
+    bs._planned = 100.0  # the flusher wakes at 100.0 and puts every batch due by 100.0 + EARLY_S
+    bs._due(100.0 + EARLY_S / 2)
+    bs._due(100.0)
+    assert not bs._pending.is_set()
+    bs._due(99.99)  # due before the wake-up: the flusher must re-plan
+    assert bs._pending.is_set()

@@ -59,6 +59,11 @@ class PendingAcks:
                     self._oldest_s = time.monotonic()
                 self._pqids[:0] = pqids
 
+    def pending(self) -> list[int]:
+        """The pqids acked and not yet deleted, in order."""
+        with self._lock:
+            return list(self._pqids)
+
     def due_at(self) -> float | None:
         """When the pending acks must be committed without waiting for a put (monotonic), or None
         if none is pending. Lock-free read."""

@@ -75,6 +75,21 @@ def query_stats(conn: sqlite3.Connection, *, breakdown: bool = False) -> dict[st
     return out
 
 
+def discount_delivered(conn: sqlite3.Connection, out: dict[str, Any], pqids: Sequence[int]) -> None:
+    """Take the batches ``pqids`` out of ``query_stats``' in-flight counts and bytes: delivered,
+    their delete still pending (``acks``: it rides in the next commit), so neither in flight nor
+    waiting any more."""
+    if not pqids:
+        return
+    marks = ",".join("?" * len(pqids))
+    n, lines, size = conn.execute(
+        f"SELECT count(*), total(m.lines), total(m.bytes) FROM {_JOIN} "
+        f"WHERE q.status = {UNACK} AND q._id IN ({marks})", list(pqids)).fetchone()
+    out["inflight_batches"] -= n
+    out["inflight_lines"] -= int(lines)
+    out["bytes"] -= int(size)
+
+
 def _breakdown(conn: sqlite3.Connection, cols: str, extra: str) -> dict[str, dict[str, int]]:
     res: dict[str, dict[str, int]] = {}
     for status, name, n, lines in conn.execute(

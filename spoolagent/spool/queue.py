@@ -34,7 +34,7 @@ from spoolagent.spool import _pq
 from spoolagent.spool._pq import QUEUE_TABLE, UNACK, RawBytes
 from spoolagent.spool.acks import PendingAcks
 from spoolagent.spool.bound import REFRESH_S, Bound, WhenFull
-from spoolagent.spool.file import file_bytes, query_stats
+from spoolagent.spool.file import discount_delivered, file_bytes, query_stats
 from spoolagent.spool.format import (
     BUSY_TIMEOUT_S,
     DB_NAME,
@@ -363,14 +363,18 @@ class Spool:
 
     def stats(self) -> dict[str, int | float | None]:
         """DESIGN.md's ``spool stats`` keys, plus file_bytes, max_bytes, dropped_batches and
-        dropped_lines. A few index-only queries: cheap enough every second. Thread-safe."""
-        with self._cond:
+        dropped_lines. A few index-only queries: cheap enough every second. Thread-safe.
+        Delivered batches whose delete is pending (``acks``) count nowhere: the agent's status,
+        metrics and heartbeat show what is still to deliver (``spool stats``, reading the file
+        from outside, shows them in flight for up to ``acks.ACK_DELAY_S``)."""
+        with self._cond:  # rows are deleted under it: every pending ack's row is still there
             self._check_open()
             try:
                 out = query_stats(self._db)
+                self._bound.bytes = int(out["bytes"])  # the bound counts rows on disk
+                discount_delivered(self._db, out, self._acks.pending())
             except sqlite3.Error as exc:
                 raise SpoolError(f"cannot read spool stats: {exc}") from exc
-            self._bound.bytes = int(out["bytes"])
             self._bound.refreshed = time.monotonic()
             out.update(file_bytes=file_bytes(self._path), **self._bound.stats())
             return out

@@ -237,7 +237,11 @@ def _delivered_deferred(spool: Spool) -> None:
 def test_deferred_ack_rides_in_the_next_put(open_spool, tmp_path: Path) -> None:
     spool = open_spool()
     _delivered_deferred(spool)
-    assert spool.stats()["inflight_batches"] == 1  # not deleted yet: no commit of its own
+    with SpoolFile(tmp_path / "state") as f:  # not deleted yet: no commit of its own
+        assert [i.state for i in f.batches()] == ["inflight"]
+    # ... but delivered: the agent's own view (status, metrics, heartbeat) counts it nowhere
+    st = spool.stats()
+    assert (st["ready_batches"], st["inflight_batches"], st["inflight_lines"], st["bytes"]) == (0, 0, 0, 0)
     spool.put("c", make_lines(5, "2"))  # its commit deletes the delivered row
     st = spool.stats()
     assert (st["ready_batches"], st["inflight_batches"]) == (1, 0)

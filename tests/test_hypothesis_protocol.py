@@ -7,6 +7,12 @@ Deterministic for CI: a fixed seed, bounded examples, no deadline, no example da
 
 from __future__ import annotations
 
+import datetime
+import math
+import os
+import subprocess
+import sys
+
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
@@ -105,3 +111,34 @@ def test_checkpoint_lines_round_trip(text: str, raw: bytes) -> None:
             continue
         line = protocol.format_checkpoint(token)
         assert protocol.checkpoint_token(line[:-1]) == token.rstrip(b"\r")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(min_value=0.0, max_value=4_102_444_800.0), min_size=1, max_size=20),
+       st.booleans())
+def test_the_cached_date_is_the_local_date_of_every_moment(moments: list[float], in_order: bool) -> None:
+    """today() computes the date once per local day (issue 17); whatever the order of the
+    moments asked about (a clock stepped back, midnight crossed), each gets its own local date."""
+    for now in sorted(moments) if in_order else moments:
+        for t in (now, now + 0.5, math.floor(now / 86400.0) * 86400.0 + 86399.999):
+            expected = datetime.date.fromtimestamp(t).isoformat().encode("ascii")
+            assert protocol._today_at(t) == expected, t
+    assert protocol.today() == datetime.date.today().isoformat().encode("ascii")
+
+
+def test_the_cached_date_turns_at_midnight_where_the_clocks_change_at_midnight() -> None:
+    """Sao Paulo's DST began at 00:00 (2018-11-04: no midnight) and ended at 00:00 (2019-02-17:
+    two). A subprocess, because the zone is the process's."""
+    code = """if True:
+        import datetime
+        from spoolagent import protocol
+        for base in (datetime.datetime(2018, 11, 3, 22).timestamp(),
+                     datetime.datetime(2019, 2, 16, 22).timestamp()):
+            for t in range(int(base), int(base) + 4 * 3600, 7):
+                got, want = protocol._today_at(t), datetime.date.fromtimestamp(t).isoformat()
+                assert got == want.encode(), (t, got, want)
+        print("ok")
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "TZ": "America/Sao_Paulo"})
+    assert out.stdout.strip() == "ok", out.stderr

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,6 +83,25 @@ def test_a_batchers_records_are_compressed_run_by_run_into_one_body(open_spool, 
     spool.put("tail", records, None)
     b = spool.get(timeout_s=1)
     assert b is not None and b.lines == 300 and body_lines(b) == lines
+
+
+def test_a_forked_child_draws_batch_ids_of_its_own() -> None:
+    new_batch_id()  # the parent's pool of random bytes is filled
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            time.sleep(0.005)  # a later millisecond: fresh random bits, not a count up
+            os.write(w, new_batch_id().encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    time.sleep(0.005)
+    mine = new_batch_id()
+    with os.fdopen(r, "rb") as f:
+        theirs = f.read().decode()
+    os.waitpid(pid, 0)
+    assert len(theirs) == 26 and theirs[10:] != mine[10:]  # the 80 random bits differ
 
 
 def test_batch_ids_unique_and_sortable(open_spool) -> None:

@@ -8,8 +8,12 @@ covers every line before it. Lines of a collector that never checkpoints are rea
 Ready lines are cut into batches by lines, bytes and age. Held lines are capped at
 ``max_held_bytes``: past the cap they are put without a token and counted (a restart may repeat them).
 
-Also parses the collector's stdout lines (protocol or raw format) with spoolagent.protocol.
-``put`` is a plain callable (agent.py wires it to the spool writer).
+Also judges the collector's stdout lines (protocol or raw format; the rules are
+``spoolcore.lines``) without a Python object per line: the reader hands over runs of whole lines,
+a run whose lines share one valid ``PROD DATE`` is checked whole with a count, and lines travel on
+as those runs in ``protocol.Records`` (lines per PROD counted per run), which the spool compresses
+as they are. Only a run that fails the check is split and judged line by line. ``put`` is a plain
+callable (agent.py wires it to the spool writer).
 """
 
 from __future__ import annotations

@@ -224,6 +224,8 @@ class Spool:
                         self._ready.found_nothing(generation, now)
                     elif self._ready.polled_elsewhere(generation):
                         self.wake_getters()  # another process's rows: the other getters look too
+                    else:
+                        self._ready.took_one(generation)
                 if item is not None:
                     return self._taken(int(item["pqid"]), item["data"])
                 if self._stopping.is_set():

@@ -20,6 +20,9 @@ class ReadySignal:
         self._empty_generation = -1
         self._empty_checked_s = 0.0
         self._poller_busy = False  # a waiting get holds the polling role
+        # the last bump(everyone=True): rows another process made ready, so from there on one
+        # bump no longer means at most one new row, until a get next finds nothing
+        self._exact_since = 0
         self._waiting = 0  # gets waiting on _cond
 
     def bump(self, *, everyone: bool = False) -> None:
@@ -28,6 +31,7 @@ class ReadySignal:
         with self._cond:
             self.generation += 1
             if everyone:
+                self._exact_since = self.generation
                 self._cond.notify_all()
             else:
                 self._cond.notify()
@@ -38,6 +42,15 @@ class ReadySignal:
 
     def found_nothing(self, generation: int, now: float) -> None:
         self._empty_generation, self._empty_checked_s = generation, now
+
+    def took_one(self, generation: int) -> None:
+        """A get took a row at ``generation``. When exactly one put or nack (one bump, one row)
+        came since a get last found nothing, that row was the only one ready here: the next get
+        need not query SQLite until the next bump (issue 17: the sender back from a send queried
+        once per batch for nothing, ~165 us with cold caches). The poll for other processes' rows
+        keeps its own schedule. A put whose bump has not come yet is seen at that bump."""
+        if generation == self._empty_generation + 1 and self._empty_generation >= self._exact_since:
+            self._empty_generation = generation
 
     def polled_elsewhere(self, generation: int) -> bool:
         """A row came while nothing changed here: another process made it ready."""

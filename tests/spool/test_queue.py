@@ -536,3 +536,35 @@ def test_move_out_deletes_only_what_it_wrote_and_nothing_when_writing_fails(open
         assert all(data.count(b"\n") == 3 for _, data in out)
         assert [b.batch_id for b in f.batches()] == [ids[0]]  # the in-flight one stays
     spool.ack(taken.pqid)
+
+
+def test_a_get_that_took_the_only_ready_batch_does_not_query_again_until_the_next_put(open_spool) -> None:
+    """Issue 17: the sender back from a send queried SQLite once per batch for nothing (~165 us
+    with cold caches). One put, one bump, one row: once it is taken the next get waits without
+    querying; two puts between looks are both got; a bump for everyone (rows from another
+    process) turns the shortcut off until a get finds nothing again."""
+    spool = open_spool()
+    queries = [0]
+    real = spool._get_next
+
+    def counted() -> object:
+        queries[0] += 1
+        return real()
+    spool._get_next = counted
+    assert spool.get(timeout_s=0) is None  # looks once: found nothing
+    for i in range(3):
+        spool.put("tail", make_lines(2, tag=str(i)))
+        b = spool.get(timeout_s=1)
+        assert b is not None
+        spool.ack(b.pqid)
+        assert spool.get(timeout_s=0) is None
+    assert queries[0] == 1 + 3  # one query per batch, none for the gets that found nothing
+    spool.put("tail", make_lines(2, tag="a"))
+    spool.put("tail", make_lines(2, tag="b"))
+    got = [spool.get(timeout_s=1), spool.get(timeout_s=1)]
+    assert all(g is not None for g in got) and spool.get(timeout_s=0) is None
+    spool.wake_getters()  # as when another process made rows ready
+    spool.put("tail", make_lines(2, tag="c"))
+    before = queries[0]
+    assert spool.get(timeout_s=1) is not None
+    assert spool.get(timeout_s=0) is None and queries[0] == before + 2  # looked again

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from spoolagent.collect import process as procs
+from spoolagent.spool.writer import SLOTS
 from tests.conftest import ROOT, AgentProc, wait_until
 from tests.reliability.checker import CKPT, RAW, Report, TailWriter, raw_written, received, verify
 
@@ -147,13 +148,13 @@ PIPE_BYTES = int(getattr(procs, "_PIPE_BYTES", 65536))
 def raw_window_lines(line_bytes: int, batch_max_lines: int, batch_max_bytes: int,
                      chunk: int = 50) -> int:
     """The most raw lines one agent SIGKILL can lose: the collector's stdout pipe (PIPE_BYTES),
-    the agent's read chunk in hand (64 KiB), four batches (each bounded by ``max_lines`` and
-    ``max_bytes``: the one filling in the batcher, the one its reader holds while the agent's
-    one-batch hand-over queue is full, the one in that queue, the one the spool writer is
-    committing), plus the RAW writer's chunk counted but not yet printed. The pipe and the
-    queue only fill when the agent stalls (a full disk, a slow commit)."""
+    the agent's read chunk in hand (64 KiB), 3 + SLOTS batches (each bounded by ``max_lines``
+    and ``max_bytes``: the one filling in the batcher, the one its reader holds while the agent's
+    hand-over queue is full, the SLOTS in that queue, the one the spool writer is committing),
+    plus the RAW writer's chunk counted but not yet printed. The pipe and the queue only fill
+    when the agent stalls (a full disk, a slow commit)."""
     batch = min(batch_max_lines, batch_max_bytes // line_bytes + 1)
-    return (PIPE_BYTES + 65536) // line_bytes + 4 * batch + chunk
+    return (PIPE_BYTES + 65536) // line_bytes + (3 + SLOTS) * batch + chunk
 
 
 def token_committed(state_dir: Path, collector: str) -> bool:

@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 
 from spoolagent.spool.queue import Spool, WhenFull
-from spoolagent.spool.writer import SpoolWriter
+from spoolagent.spool.writer import SLOTS, SpoolWriter
 
 
 def _spool(tmp_path: Path, stopping: threading.Event) -> Spool:
@@ -85,6 +85,28 @@ def test_a_batch_put_due_behind_a_handed_over_one_is_committed_after_it(tmp_path
         while (b := spool.get(timeout_s=0.0)) is not None:
             got.append(b.body)
         assert got == [b"app 2026-11-30 first\n", b"app 2026-11-30 second\n"]
+    finally:
+        writer.close()
+        spool.close()
+
+
+def test_the_hand_over_holds_slots_batches_then_put_blocks_until_the_writer_takes_one(tmp_path: Path) -> None:
+    stopping = threading.Event()
+    spool = _spool(tmp_path, stopping)
+    writer = SpoolWriter(spool, stopping=stopping, on_error=lambda err: None)
+    # not started: nothing takes the batches, as with a stalled disk
+    for i in range(SLOTS):
+        writer.put("c", [b"app 2026-11-30 queued %d" % i], f"t{i}")
+    blocked = threading.Thread(target=writer.put, args=("c", [b"app 2026-11-30 next"], "tn"))
+    blocked.start()
+    blocked.join(0.2)  # a bounded look: it must still be waiting (back-pressure)
+    assert blocked.is_alive()
+    writer.start()
+    try:
+        blocked.join(30)
+        assert not blocked.is_alive()
+        writer.wait_spooled()
+        assert spool.checkpoints() == {"c": "tn"}
     finally:
         writer.close()
         spool.close()

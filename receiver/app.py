@@ -31,7 +31,7 @@ from typing import Any
 import tornado.ioloop
 import tornado.web
 
-from receiver import agents, body
+from receiver import agents, body, offload
 from receiver.context import AppContext
 from receiver.errors import (
     BadRequest,
@@ -244,10 +244,7 @@ class _BodyHandler(_Handler):
                 with contextlib.suppress(BodyTooLarge):
                     stored = work(*args, raw, max_bytes=_INLINE_DECODED_BYTES, charge=charge)
             if stored is None:
-                loop = tornado.ioloop.IOLoop.current()
-                call = functools.partial(work, *args, raw, charge=charge)
-                stored = await loop.run_in_executor(self.ctx.executor, call)
-            assert stored is not None
+                return await offload.off_loop(self.ctx.executor, functools.partial(work, *args, raw, charge=charge))
             return await asyncio.wrap_future(stored)
         except BadRequest as exc:
             self._refuse(400, str(exc), batch_id)

@@ -1,10 +1,11 @@
 """Spool: the agent's durable queue of batches in STATE_DIR/spool.db (persist-queue SQLiteAckQueue).
 
-One row = one batch = one transaction, stored already compressed in the row format of
-``spool_format`` (never pickle). States: ready (0/1), in flight (2), failed (9, the dead letter).
-The spool is bounded by ``max_bytes``: when full, ``put`` blocks (back-pressure) or drops the
-oldest ready batches. Side tables (same file): ``spool_batches`` (metadata: attempts, last error,
-HTTP status and reason of a dead-lettered batch) and ``spool_checkpoints``.
+One row = one batch, committed in one transaction (``put_many``: several, in order, in one),
+stored already compressed in the row format of ``spool_format`` (never pickle). States: ready
+(0/1), in flight (2), failed (9, the dead letter). The spool is bounded by ``max_bytes``: when
+full, ``put`` blocks (back-pressure) or drops the oldest ready batches. Side tables (same file):
+``spool_batches`` (metadata: attempts, last error, HTTP status and reason of a dead-lettered
+batch) and ``spool_checkpoints``.
 
 The only module that imports persistqueue (what it takes beyond the public API is named in
 ``_pq``); a damaged file at start-up goes to ``salvage``.
@@ -154,8 +155,14 @@ class Spool:
         lines). Raises SpoolError on disk full or another SQLite error; a row that was committed
         is never lost.
         """
-        header, row = make_row(collector, lines, self._encoding, checkpoint)  # compress unlocked
-        size = len(row)
+        return self.put_many([(collector, lines, checkpoint)])[0]
+
+    def put_many(self, batches: Sequence[tuple[str, Records | Sequence[bytes], str | None]]) -> list[str]:
+        """``put`` for several batches (collector, lines, checkpoint) in ONE transaction, in order:
+        one fsync'd commit for all (the spool writer's batches queued behind a commit); all or
+        none are committed, each token with its batch. Returns their batch ids."""
+        made = [make_row(c, lines, self._encoding, ckpt) for c, lines, ckpt in batches]  # compress unlocked
+        size = sum(len(row) for _header, row in made)
         # Lock order: _get_lock before _cond before the SQLite write lock. A get holds _get_lock
         # while the library's UPDATE waits for the SQLite write lock, so taking _get_lock inside
         # our own write transaction would deadlock (seen with drop_oldest and a sender retrying).
@@ -168,29 +175,34 @@ class Spool:
                     self._commit_acks()  # delivered rows make room first
                 self._bound.wait_for_room(size, self._db, self._cond, self._stopping, self._check_open)
             acked: list[int] = []
+            pqids: list[int] = []
             try:
                 with immediate(self._db):
                     if dropping:
                         self._bound.drop_oldest(self._db, size)
-                    pqid = insert_row(self._db, header, row)
-                    # the token is committed with its lines, so it is durable before the row
-                    # can be acked and cleared
-                    record_checkpoint(self._db, header, pqid)
+                    for header, row in made:
+                        pqids.append(pqid := insert_row(self._db, header, row))
+                        # the token is committed with its lines, so it is durable before the
+                        # row can be acked and cleared
+                        record_checkpoint(self._db, header, pqid)
                     # the pending acks ride in this fsync'd commit instead of one each (``acks``)
                     acked = self._acks.ride(self._db)
             except BaseException as exc:
                 self._acks.restore(acked)
                 if isinstance(exc, sqlite3.Error):
-                    raise SpoolError(f"cannot spool batch of {collector}: {exc}") from exc
+                    raise SpoolError(f"cannot spool batch of {made[0][0].collector}: {exc}") from exc
                 raise
             self._forget(acked)
             self._bound.bytes += size
-            if checkpoint is not None:
-                self._checkpoints[collector] = checkpoint
-        self._ready.bump()
-        log.debug("spooled batch=%s pqid=%d collector=%s lines=%d bytes=%d", header.batch_id,
-                  pqid, collector, len(lines), size)
-        return header.batch_id
+            for header, _row in made:
+                if header.checkpoint is not None:
+                    self._checkpoints[header.collector] = header.checkpoint
+        for _one in made:  # one bump per row: ReadySignal counts on it (took_one)
+            self._ready.bump()
+        for (header, row), pqid in zip(made, pqids, strict=True):
+            log.debug("spooled batch=%s pqid=%d collector=%s lines=%d bytes=%d", header.batch_id,
+                      pqid, header.collector, header.lines, len(row))
+        return [header.batch_id for header, _row in made]
 
     # -- get / ack / nack / fail -------------------------------------------------------------
 

@@ -73,6 +73,22 @@ def test_put_get_ack_round_trip(open_spool, compression: str, encoding: str) -> 
         0, 0, 0, None)
 
 
+def test_put_many_commits_batches_in_order_each_token_with_its_batch(open_spool) -> None:
+    spool = open_spool()
+    ids = spool.put_many([("a", make_lines(3, "a1"), "a-t1"), ("b", make_lines(2, "b1"), None),
+                          ("a", make_lines(4, "a2"), "a-t2")])
+    assert len(set(ids)) == 3 and all(ID_RE.match(i) for i in ids)
+    assert spool.checkpoints() == {"a": "a-t2"}
+    got = []
+    for _ in range(3):  # each row is ready at once: one bump per row, no wait for a poll
+        b = spool.get(timeout_s=0.0)
+        assert b is not None
+        got.append((b.batch_id, b.collector, b.checkpoint, body_lines(b)))
+        spool.ack(b.pqid)
+    assert got == [(ids[0], "a", "a-t1", make_lines(3, "a1")), (ids[1], "b", None, make_lines(2, "b1")),
+                   (ids[2], "a", "a-t2", make_lines(4, "a2"))]
+
+
 @pytest.mark.parametrize("compression", ["gzip", "zstd", "none"])
 def test_a_batchers_records_are_compressed_run_by_run_into_one_body(open_spool, compression: str) -> None:
     spool = open_spool(compression=compression)

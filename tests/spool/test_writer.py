@@ -110,3 +110,31 @@ def test_the_hand_over_holds_slots_batches_then_put_blocks_until_the_writer_take
     finally:
         writer.close()
         spool.close()
+
+
+def test_batches_queued_during_a_commit_are_committed_together_in_order(tmp_path: Path) -> None:
+    stopping = threading.Event()
+    spool = _spool(tmp_path, stopping)
+    groups: list[int] = []
+    put_many = spool.put_many
+
+    def counted(batches):  # type: ignore[no-untyped-def]
+        groups.append(len(batches))
+        return put_many(batches)
+
+    spool.put_many = counted  # type: ignore[method-assign]
+    writer = SpoolWriter(spool, stopping=stopping, on_error=lambda err: None)
+    for i in range(SLOTS):  # queued before the thread starts, as behind a slow commit
+        writer.put("c", [b"app 2026-11-30 line %d" % i], f"t{i}")
+    writer.start()
+    try:
+        writer.wait_spooled()
+        assert groups == [SLOTS]
+        assert spool.checkpoints() == {"c": f"t{SLOTS - 1}"}
+        got = []
+        while (b := spool.get(timeout_s=0.0)) is not None:
+            got.append(b.body)
+        assert got == [b"app 2026-11-30 line %d\n" % i for i in range(SLOTS)]
+    finally:
+        writer.close()
+        spool.close()

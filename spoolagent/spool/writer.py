@@ -30,8 +30,10 @@ log = logging.getLogger(__name__)
 
 _Item = tuple[str, "Records | Sequence[bytes]", "str | None"]
 
-# batches handed over and not taken by the writer yet (docs/reliability.md counts them in the
-# raw collectors' loss window: each is at most batch.max_bytes)
+# batches handed over that may wait while the writer commits: at most SLOTS + 1 are handed over
+# and not committed at any time, whether the writer commits them one by one or together
+# (docs/reliability.md counts them in the raw collectors' loss window: each is at most
+# batch.max_bytes)
 SLOTS = 2
 
 
@@ -43,7 +45,8 @@ class SpoolWriter:
         self._spool = spool
         self._stopping = stopping
         self._on_error = on_error
-        self._q: queue.Queue[_Item | None] = queue.Queue(maxsize=SLOTS)
+        self._q: queue.Queue[_Item | None] = queue.Queue()  # bounded by _room
+        self._room = threading.Semaphore(SLOTS + 1)  # one per batch handed over, not committed
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # guards _queued
         self._queued = 0  # batches handed over and not committed yet
@@ -56,10 +59,11 @@ class SpoolWriter:
 
     def put(self, collector: str, lines: Records | Sequence[bytes], checkpoint: str | None) -> object:
         """The batchers' ``put``: hand one batch over (``Records`` are handed over as they are: the
-        caller drops them). Blocks while ``SLOTS`` batches wait for the writer (that is the
-        back-pressure)."""
+        caller drops them). Blocks while ``SLOTS + 1`` batches are handed over and not committed
+        (that is the back-pressure)."""
         with self._lock:
             self._queued += 1
+        self._room.acquire()
         self._q.put((collector, _owned(lines), checkpoint))
         return None
 
@@ -109,6 +113,8 @@ class SpoolWriter:
                         self._commit(items)
                     with self._lock:
                         self._queued -= len(items)
+                    for _ in items:
+                        self._room.release()
             finally:
                 for _ in group:
                     self._q.task_done()

@@ -90,12 +90,13 @@ def test_a_batch_put_due_behind_a_handed_over_one_is_committed_after_it(tmp_path
         spool.close()
 
 
-def test_the_hand_over_holds_slots_batches_then_put_blocks_until_the_writer_takes_one(tmp_path: Path) -> None:
+def test_slots_plus_one_batches_are_handed_over_then_put_blocks_until_a_commit(tmp_path: Path) -> None:
     stopping = threading.Event()
     spool = _spool(tmp_path, stopping)
     writer = SpoolWriter(spool, stopping=stopping, on_error=lambda err: None)
     # not started: nothing takes the batches, as with a stalled disk
-    for i in range(SLOTS):
+    # as many as the queue before and the batch being committed: the loss window's count
+    for i in range(SLOTS + 1):
         writer.put("c", [b"app 2026-11-30 queued %d" % i], f"t{i}")
     blocked = threading.Thread(target=writer.put, args=("c", [b"app 2026-11-30 next"], "tn"))
     blocked.start()

@@ -190,7 +190,8 @@ class Spool:
             except BaseException as exc:
                 self._acks.restore(acked)
                 if isinstance(exc, sqlite3.Error):
-                    raise SpoolError(f"cannot spool batch of {made[0][0].collector}: {exc}") from exc
+                    names = ",".join(dict.fromkeys(header.collector for header, _row in made))
+                    raise SpoolError(f"cannot spool {len(made)} batch(es) of {names}: {exc}") from exc
                 raise
             self._forget(acked)
             self._bound.bytes += size

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import fleet, load, peers, pipeline
+from bench import fleet, load, peers, pipeline, runners
 
 SCENARIOS = ("peers", "e2e", "drain", "receiver1", "receiver2", "cpu", "latency", "stats", "fleet")
 
@@ -74,12 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     compression = args.compression or _default_compression()
     wire = {"none": "identity"}.get(compression, compression)
     work = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    lock = os.open(work / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:  # two benches in one work dir would overwrite each other's runs
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        ap.error(f"another bench is running in {work} (use --work)")
+    busy = runners.claim_work(work)
+    if busy:
+        ap.error(busy)
     timeout = max(120.0, lines / 20_000)
     started = time.time()
     results: dict[str, list[dict[str, Any]]] = {}

@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 import zstandard
 
 from bench.data import line_bodies
-from bench.runners import Receiver, cpu_s, descendants, rss_mib
+from bench.runners import Receiver, claim_work, cpu_s, descendants, rss_mib
 
 _IO_TIMEOUT_S = 120.0
 
@@ -306,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         _raise_fd_limit()
         out = _fleet(args, args.url, [], None)
     else:
-        args.work.mkdir(parents=True, exist_ok=True)
+        busy = claim_work(args.work)
+        if busy:
+            ap.error(busy)
         out = run(args.work, args.agents, args.interval, args.seconds, lines=args.lines,
                   processes=args.processes, backlog=args.backlog, restart=args.restart,
                   prods=args.prods, clients=args.clients, receiver_args=tuple(args.receiver_args),

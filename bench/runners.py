@@ -8,6 +8,7 @@ Imports only the standard library.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -28,6 +29,22 @@ def child_env() -> dict[str, str]:
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     return env
+
+
+def claim_work(work: Path) -> str | None:
+    """Create ``work`` and hold its lock for this process's life; an error message if another
+    bench holds it (two benches in one work dir would overwrite each other's runs and stop each
+    other's processes). Also turns SIGTERM (``timeout``, ``kill``) into SystemExit, so that the
+    ``with`` blocks that started a receiver, an agent or a writer stop them on the way out."""
+    work.mkdir(parents=True, exist_ok=True)
+    lock = os.open(work / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        return f"another bench is running in {work} (use --work)"
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(128 + signal.SIGTERM))
+    return None
 
 
 def wait_for(cond: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.005) -> Any:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import pipeline
+from bench import pipeline, runners
 from bench.pipeline import _fresh, steady
 from bench.profile import Spy, summarize
 from bench.runners import comm, descendants
@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="instead: one e2e run of LINES lines, CPU-seconds per 1M lines per process and thread")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "spoolagent-bench-threads")
     args = ap.parse_args(argv)
-    args.work.mkdir(parents=True, exist_ok=True)
+    busy = runners.claim_work(args.work)
+    if busy:
+        ap.error(busy)
     if args.e2e:
         print(measure_e2e(args.work, args.e2e, args.compression))
         return 0

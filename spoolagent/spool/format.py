@@ -280,9 +280,7 @@ def connect(path: Path, *, readonly: bool = False, create: bool = False,
 
     Raises SpoolError if the file is missing (unless ``create``) or is not a SQLite database.
     """
-    if not create and not path.exists():
-        raise SpoolError(f"no spool at {path} (the agent creates it when it first starts)")
-    _check_access(path, readonly)
+    _check_access(path, readonly, create)
     mode = "ro" if readonly else ("rwc" if create else "rw")
     try:
         conn = sqlite3.connect(f"file:{path}?mode={mode}", uri=True, timeout=busy_timeout_s,
@@ -307,22 +305,34 @@ def connect(path: Path, *, readonly: bool = False, create: bool = False,
     return conn
 
 
-def _check_access(path: Path, readonly: bool) -> None:
-    """A spool file this user may not read or write (``spool import`` run as root leaves one) is
-    a permission problem, named as such: SQLite's own words for it ("attempt to write a readonly
-    database", "unable to open") read like damage and steered operators into moving live data
-    aside."""
+def _check_access(path: Path, readonly: bool, create: bool) -> None:
+    """A spool this user may not read or write (``spool import`` run as root leaves one, an
+    operator runs the CLI as themselves) is a permission problem, named as such: SQLite's own
+    words for it ("attempt to write a readonly database", "unable to open") read like damage and
+    steered operators into moving live data aside. Raises SpoolError; also if there is no spool
+    (unless ``create``)."""
+    uid = os.geteuid()
+    hint = "a permission problem, not damage; run as the agent's user (or give the files back to it, chown)"
+    try:
+        found = {p: p.stat() for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")) if p.exists()}
+    except PermissionError as exc:
+        raise SpoolError(f"{path.parent} cannot be searched by uid {uid} ({exc.strerror}): {hint}") from exc
+    if path not in found and not create:
+        raise SpoolError(f"no spool at {path} (the agent creates it when it first starts)")
     want = os.R_OK if readonly else os.R_OK | os.W_OK
-    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
-        try:
-            st = p.stat()
-        except FileNotFoundError:
-            continue
+    for p, st in found.items():
         if not os.access(p, want):
             raise SpoolError(f"{p} is not {'readable' if readonly else 'readable and writable'} by "
-                             f"uid {os.geteuid()} (it belongs to uid {st.st_uid}, mode "
-                             f"{stat.filemode(st.st_mode)}): a permission problem, not damage; give "
-                             "it back to the agent's user (chown), do not move it aside")
+                             f"uid {uid} (it belongs to uid {st.st_uid}, mode "
+                             f"{stat.filemode(st.st_mode)}): {hint}")
+    # WAL: a writer creates spool.db-wal and -shm beside the file, and so does a reader while no
+    # other connection is open (the agent stopped): the directory must be writable then
+    if ((not readonly or Path(f"{path}-shm") not in found) and path.parent.is_dir()
+            and not os.access(path.parent, os.W_OK | os.X_OK)):
+        st = path.parent.stat()
+        why = "; reading the spool while the agent is stopped creates spool.db-shm there" if readonly else ""
+        raise SpoolError(f"{path.parent} is not writable by uid {uid} (it belongs to uid "
+                         f"{st.st_uid}, mode {stat.filemode(st.st_mode)}){why}: {hint}")
 
 
 def configure(conn: sqlite3.Connection) -> None:

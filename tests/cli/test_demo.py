@@ -51,6 +51,11 @@ def test_demo_stores_every_line_written(tmp_path: Path) -> None:
     # the live view printed progress lines, and the agent left nothing in flight
     assert "stored" in out and "receiver up" in out
     assert not (base / "state" / "agent.json").exists()
+    # the bundled journald runs where there is a journal; elsewhere the demo turns it off rather
+    # than show it "not collecting" (it would exit 13 at start)
+    has_journal = any(any(Path(d).glob("*/*.journal")) for d in ("/run/log/journal", "/var/log/journal"))
+    assert ("[collectors.journald]" not in (base / "agent.toml").read_text()) == has_journal
+    assert "collector stderr name=journald" not in (base / "agent.log").read_text() or has_journal
 
 
 def test_demo_run_again_resumes_without_loss_or_duplicates(tmp_path: Path) -> None:

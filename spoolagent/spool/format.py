@@ -249,6 +249,14 @@ def make_row(collector: str, lines: Records | Sequence[bytes], encoding: str,
     return header, encode_row(header, compress_runs(records.runs, encoding))
 
 
+def handed_batch(pqid: int, header: RowHeader, row: bytes) -> SpooledBatch:
+    """The SpooledBatch of a row this process just made (``make_row``), without decoding it."""
+    head_len = _HEAD.unpack_from(row)[2]
+    return SpooledBatch(pqid, header.batch_id, header.collector, header.lines,
+                        row[_HEAD.size + head_len:], header.encoding, header.checkpoint,
+                        header.created_s, 0)
+
+
 def insert_row(conn: sqlite3.Connection, header: RowHeader, row: bytes, status: int = INITED) -> int:
     """Insert a row and its metadata (inside the caller's transaction); returns its row id."""
     cur = conn.execute(f"INSERT INTO `{QUEUE_TABLE}` (data, timestamp, status) VALUES (?, ?, ?)",

@@ -32,7 +32,7 @@ from typing import Any
 from spoolagent.errors import SpoolError
 from spoolagent.protocol import Records
 from spoolagent.spool import _pq
-from spoolagent.spool._pq import QUEUE_TABLE, UNACK, RawBytes
+from spoolagent.spool._pq import INITED, QUEUE_TABLE, UNACK, RawBytes
 from spoolagent.spool.acks import PendingAcks
 from spoolagent.spool.bound import REFRESH_S, Bound, WhenFull
 from spoolagent.spool.file import discount_delivered, file_bytes, query_stats
@@ -45,6 +45,7 @@ from spoolagent.spool.format import (
     configure,
     connect,
     decode_row,
+    handed_batch,
     insert_row,
     make_row,
     record_checkpoint,
@@ -92,7 +93,7 @@ class Spool:
         self._stopping = stopping
         self._cond = threading.Condition()  # guards _bound, _inflight, writes on _db
         self._get_lock = threading.Lock()  # a get never races a drop_oldest delete
-        self._ready = ReadySignal(_POLL_S)  # idle getters do not query
+        self._ready: ReadySignal[SpooledBatch] = ReadySignal(_POLL_S)  # idle getters do not query
         self._inflight: dict[int, int] = {}  # pqid -> row bytes
         self._acks = PendingAcks()  # delivered, row not deleted yet: rides in the next put
         self._closed = False
@@ -174,14 +175,18 @@ class Spool:
                 if self._bound.bytes + size > self._bound.max_bytes:
                     self._commit_acks()  # delivered rows make room first
                 self._bound.wait_for_room(size, self._db, self._cond, self._stopping, self._check_open)
+            # gets waiting while nothing else is ready: their batches go in committed in flight and
+            # are handed over (``ready``), with no get transaction; a crash resumes them to ready
+            handing = min(len(made), self._ready.idle_getters())
             acked: list[int] = []
             pqids: list[int] = []
             try:
                 with immediate(self._db):
                     if dropping:
                         self._bound.drop_oldest(self._db, size)
-                    for header, row in made:
-                        pqids.append(pqid := insert_row(self._db, header, row))
+                    for i, (header, row) in enumerate(made):
+                        status = UNACK if i < handing else INITED
+                        pqids.append(pqid := insert_row(self._db, header, row, status))
                         # the token is committed with its lines, so it is durable before the
                         # row can be acked and cleared
                         record_checkpoint(self._db, header, pqid)
@@ -198,7 +203,13 @@ class Spool:
             for header, _row in made:
                 if header.checkpoint is not None:
                     self._checkpoints[header.collector] = header.checkpoint
-        for _one in made:  # one bump per row: ReadySignal counts on it (took_one)
+            handed = [handed_batch(pqid, header, row)
+                      for pqid, (header, row) in zip(pqids[:handing], made[:handing], strict=True)]
+            for batch, (_header, row) in zip(handed, made[:handing], strict=True):
+                self._inflight[batch.pqid] = len(row)
+        if handed:
+            self._ready.hand(handed)
+        for _one in made[handing:]:  # one bump per ready row: ReadySignal counts on it (took_one)
             self._ready.bump()
         for (header, row), pqid in zip(made, pqids, strict=True):
             log.debug("spooled batch=%s pqid=%d collector=%s lines=%d bytes=%d", header.batch_id,
@@ -216,7 +227,8 @@ class Spool:
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         poller = False  # this get holds the one role that queries every _POLL_S
-        item = None
+        item: dict[str, Any] | None = None
+        handed: SpooledBatch | None = None
         try:
             while True:
                 generation = self._ready.generation
@@ -229,6 +241,9 @@ class Spool:
                         self._check_open()
                         self._commit_acks()
                     acks_due = None
+                handed = self._ready.take_handed()  # a put's batch, committed in flight for us
+                if handed is not None:
+                    return handed
                 # idle agents: no query while nothing in this process made a row ready; only
                 # rows that another process made ready are looked for, every _POLL_S, by one getter
                 if self._ready.should_look(generation, now):
@@ -254,7 +269,7 @@ class Spool:
                 poller = self._ready.wait(generation, remaining, poller, now)
         finally:
             if poller:  # a waiting get takes the role over, now or when it next waits
-                self._ready.release_poller(hand_over=item is None)
+                self._ready.release_poller(hand_over=item is None and handed is None)
 
     def wake_getters(self) -> None:
         """Every waiting get looks again (the agent stops, or rows became ready elsewhere)."""

@@ -3,15 +3,24 @@
 A put or a nack in this process bumps a generation and wakes one getter; a get that found nothing
 remembers the generation it looked at, and until it changes no getter queries SQLite again --
 except one getter at a time (the poller), every ``poll_s``, for rows another process made ready
-(``spool import``, ``retry-failed``). Thread-safe.
+(``spool import``, ``retry-failed``).
+
+A put that finds getters waiting while nothing else is ready hands them its batches directly
+(``hand``; the rows are committed in flight): the getter takes one (``take_handed``) without a
+query or a get transaction (issue 17). Handed batches do not bump the generation: they were never
+ready in the file, so what a getter last found there still holds. Thread-safe.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import deque
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 
-class ReadySignal:
+class ReadySignal(Generic[T]):
     def __init__(self, poll_s: float) -> None:
         self.poll_s = poll_s
         self._cond = threading.Condition()
@@ -24,6 +33,7 @@ class ReadySignal:
         # bump no longer means at most one new row, until a get next finds nothing
         self._exact_since = 0
         self._waiting = 0  # gets waiting on _cond
+        self._handed: deque[T] = deque()  # batches a put handed to waiting gets, not taken yet
 
     def bump(self, *, everyone: bool = False) -> None:
         """A row became ready here (one getter looks), or ``everyone`` looks (the agent stops,
@@ -35,6 +45,28 @@ class ReadySignal:
                 self._cond.notify_all()
             else:
                 self._cond.notify()
+
+    def idle_getters(self) -> int:
+        """How many batches a put may hand over (``hand``): the gets waiting that no handed batch
+        is meant for yet, while nothing is ready in the file as far as this process knows (a
+        handed batch then jumps no queue: the oldest ready batch still goes first)."""
+        with self._cond:
+            if self.generation != self._empty_generation or self._empty_generation < self._exact_since:
+                return 0
+            return max(0, self._waiting - len(self._handed))
+
+    def hand(self, batches: list[T]) -> None:
+        """Give ``batches`` (committed in flight) to as many waiting gets."""
+        with self._cond:
+            self._handed.extend(batches)
+            self._cond.notify(len(batches))
+
+    def take_handed(self) -> T | None:
+        """The oldest batch a put handed over, or None. Lock-free when there is none."""
+        if not self._handed:
+            return None
+        with self._cond:
+            return self._handed.popleft() if self._handed else None
 
     def should_look(self, generation: int, now: float) -> bool:
         """Query SQLite? Only if something changed since a get last found nothing, or a poll is due."""
@@ -60,7 +92,7 @@ class ReadySignal:
         """Sleep until a bump, ``remaining`` seconds or (for the poller) the next poll; returns
         whether this get now holds the poller role. Returns at once if ``generation`` is stale."""
         with self._cond:
-            if generation != self.generation:
+            if generation != self.generation or self._handed:
                 return poller
             if not poller and not self._poller_busy:
                 poller = self._poller_busy = True

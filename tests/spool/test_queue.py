@@ -22,6 +22,7 @@ from spoolagent.spool.acks import ACK_DELAY_S, PendingAcks
 from spoolagent.spool.file import BatchInfo, SpoolFile
 from spoolagent.spool.format import decompress, new_batch_id
 from spoolagent.spool.queue import Spool, SpooledBatch, WhenFull
+from spoolagent.spool.ready import ReadySignal
 from tests.conftest import child_env, wait_until
 
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -584,3 +585,83 @@ def test_a_get_that_took_the_only_ready_batch_does_not_query_again_until_the_nex
     before = queries[0]
     assert spool.get(timeout_s=1) is not None
     assert spool.get(timeout_s=0) is None and queries[0] == before + 2  # looked again
+
+
+def _waiting_getter(spool: Spool) -> tuple[threading.Thread, list[SpooledBatch | None]]:
+    got: list[SpooledBatch | None] = []
+    t = threading.Thread(target=lambda: got.append(spool.get(timeout_s=10)), daemon=True)
+    t.start()
+    wait_until(lambda: spool._ready._waiting == 1, timeout_s=5)
+    return t, got
+
+
+def test_a_put_hands_its_batch_to_a_waiting_get_committed_in_flight(open_spool, tmp_path: Path) -> None:
+    """Issue 17: a put that finds a get waiting (and nothing else ready) commits the row in flight
+    and hands the batch over: no get transaction, no query. The file shows it in flight from its
+    commit on (a crash resumes it to ready, as a got batch); nack and close give it back."""
+    spool = open_spool()
+    queries = [0]
+    real = spool._get_next
+
+    def counted() -> object:
+        queries[0] += 1
+        return real()
+    spool._get_next = counted
+    assert spool.get(timeout_s=0) is None and queries[0] == 1
+    t, got = _waiting_getter(spool)
+    lines = make_lines(20)
+    bid = spool.put("tail", lines, checkpoint="off=20")
+    t.join(10)
+    b = got[0]
+    assert b is not None and queries[0] == 1
+    assert (b.batch_id, b.collector, b.lines, b.checkpoint, b.attempts) == (bid, "tail", 20, "off=20", 0)
+    assert body_lines(b) == lines
+    with SpoolFile(tmp_path / "state") as f:
+        st = f.stats()
+    assert (st["ready_batches"], st["inflight_batches"], st["inflight_lines"]) == (0, 1, 20)
+    spool.nack(b.pqid, "503 busy")
+    again = spool.get(timeout_s=1)
+    assert again is not None and (again.batch_id, again.attempts) == (bid, 1)
+    t, got = _waiting_getter(spool)
+    bid2 = spool.put("tail", make_lines(3))
+    t.join(10)
+    assert got[0] is not None and got[0].batch_id == bid2
+    spool.ack(again.pqid)
+    spool.close()  # the handed batch was never acked: ready again, same id
+    reopened = open_spool()
+    st = reopened.stats()
+    assert (st["ready_batches"], st["inflight_batches"]) == (1, 0)
+    b = reopened.get(timeout_s=1)
+    assert b is not None and b.batch_id == bid2
+
+
+def test_a_put_hands_nothing_over_while_a_batch_is_ready() -> None:
+    """The oldest ready batch goes first: while a put or nack since the last empty look is not
+    taken (a bump no get has answered), puts are spooled ready, not handed over; one batch per
+    waiting get, and a waiting get returns at once for one."""
+    ready: ReadySignal[str] = ReadySignal(5.0)
+    assert ready.idle_getters() == 0  # nothing looked yet
+    ready.found_nothing(ready.generation, time.monotonic())
+    waiter = threading.Thread(target=ready.wait, args=(ready.generation, 10.0, False, time.monotonic()))
+    waiter.start()
+    wait_until(lambda: ready._waiting == 1, timeout_s=5)
+    assert ready.idle_getters() == 1
+    ready.bump()  # a nack: that row is ready, the get it woke has not taken it yet
+    assert ready.idle_getters() == 0
+    waiter.join(10)
+    generation = ready.generation
+    ready.took_one(generation)  # the woken get took it: nothing ready again
+    waiter = threading.Thread(target=ready.wait, args=(generation, 10.0, False, time.monotonic()))
+    waiter.start()
+    wait_until(lambda: ready._waiting == 1, timeout_s=5)
+    assert ready.idle_getters() == 1
+    ready.hand(["batch"])
+    assert ready.idle_getters() == 0  # that get's batch is on its way
+    waiter.join(10)
+    assert not waiter.is_alive()
+    ready.hand(["later"])  # a get that comes to wait with a batch handed over takes it at once
+    waiter = threading.Thread(target=ready.wait, args=(generation, None, False, time.monotonic()))
+    waiter.start()
+    waiter.join(10)
+    assert not waiter.is_alive()
+    assert [ready.take_handed(), ready.take_handed(), ready.take_handed()] == ["batch", "later", None]

@@ -58,6 +58,8 @@ _NAME_RE = re.compile(r"(?:_rejected/)?[A-Za-z0-9][A-Za-z0-9._-]{0,200}\Z")
 _DEFAULT_ROUND_BYTES = 32 * 1024 * 1024
 _FSYNC_THREADS = 8
 _PUT_OFF_PAUSE_S = 0.005  # a round made only of put-off batches waits this long before the next
+# a file's standing intent is cleared once no round appended to it for this long (append.py)
+SETTLE_AFTER_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ class PartitionedStore:
     def __init__(self, data_dir: Path, journal: DedupIndex, *, fsync: bool = True,
                  max_open_files: int = 128, claim_wait_s: float = 30.0,
                  max_round_bytes: int = _DEFAULT_ROUND_BYTES,
+                 settle_after_s: float = SETTLE_AFTER_S,
                  on_round: Callable[[RoundStats], None] | None = None,
                  crash_at: str | None = None,
                  fault_enospc_after_bytes: int | None = None) -> None:
@@ -120,6 +123,7 @@ class PartitionedStore:
                                   crash_at=crash_at, fault_enospc_after_bytes=fault_enospc_after_bytes)
         self._claim_wait_s = claim_wait_s
         self._max_round_bytes = max_round_bytes
+        self._settle_after_s = settle_after_s
         self._on_round = on_round
         self._cond = threading.Condition()
         self._queue: deque[_Request] = deque()
@@ -212,10 +216,20 @@ class PartitionedStore:
         while True:
             with self._cond:
                 while not self._queue and not self._closing:
-                    self._cond.wait()
-                if self._closing:
-                    return
-                taken = self._take_round()
+                    due = self._appender.settle_due(self._settle_after_s)
+                    if due is not None and due <= 0:
+                        break
+                    self._cond.wait(due)
+                closing = self._closing
+                taken = [] if closing else self._take_round()
+            if closing:
+                self._appender.settle(0)  # a clean stop leaves no intent behind
+                return
+            due = self._appender.settle_due(self._settle_after_s)
+            if due is not None and due <= 0:  # between rounds: the files idle that long
+                self._appender.settle(self._settle_after_s)
+            if not taken:
+                continue
             try:
                 put_off = self._round(taken)
             except Exception as exc:  # a bug must fail its round, never stop the committer
@@ -329,12 +343,8 @@ class PartitionedStore:
             b = request.batch
             if b.batch_id is not None:
                 ids.append((b.batch_id, b.stored, b.rejected))
-        return self._appender.append(ids, joined, self._queued_files)
-
-    def _queued_files(self) -> set[str]:
-        """The files the batches queued for the next round append to."""
-        with self._cond:
-            return {name for request in self._queue for name in request.batch.parts}
+        # every file of the round keeps a standing intent (``append.py``), settled once idle
+        return self._appender.append(ids, joined, joined.keys)
 
     def _report(self, stats: RoundStats) -> None:
         if self._on_round is not None:

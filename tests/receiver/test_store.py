@@ -16,7 +16,7 @@ from receiver.append import Appender
 from receiver.dedup import DedupIndex
 from receiver.errors import StorageUnavailable
 from receiver.store import Batch, PartitionedStore
-from tests.conftest import child_env
+from tests.conftest import child_env, wait_until
 
 
 @pytest.fixture
@@ -74,7 +74,9 @@ def test_next_holder_of_the_lock_rolls_back_a_crashed_append(
     # no restart: this live store is the next holder of the lock, and rolls back before appending
     store.append("after", {"a_2026-01-01.dat": b"next\n"}, 1, 0)
     assert (data_dir / "a_2026-01-01.dat").read_bytes() == b"kept\nnext\n"
-    assert [i.file for i in dedup.intents()] == ["b_2026-01-01.dat"]
+    # b's intent is the crashed child's; a's stands at a's new size for the next round
+    assert sorted((i.file, i.size_before) for i in dedup.intents()) == [
+        ("a_2026-01-01.dat", len(b"kept\nnext\n")), ("b_2026-01-01.dat", len(b"kept\n"))]
     assert dedup.lookup("crashed-0") is None and dedup.lookup("after") is not None
     assert store.recover() == 0  # b had no bytes appended yet: nothing to truncate, intent dropped
     assert dedup.intents() == []
@@ -154,7 +156,10 @@ def test_a_steady_stream_records_its_intents_in_the_previous_rounds_commit(data_
         assert [f.result(timeout=10).duplicate for f in futures] == [False] * 3
         assert (data_dir / "a_2026-01-01.dat").read_bytes() == b"line 0\nline 1\nline 2\n"
         assert dedup.recorded == 1  # rounds 2 and 3 appended under the intent round 1 and 2 left
-        assert dedup.intents() == []  # the last round had nothing queued after it
+        # the last round leaves one standing at the file's size, cleared once the file is idle
+        assert [(i.file, i.size_before) for i in dedup.intents()] == [("a_2026-01-01.dat", 21)]
+        store.close()
+        assert dedup.intents() == []  # a clean stop settles it
     finally:
         store.close()
     # the intent a commit leaves for the next round is an intent like any other: bytes a holder
@@ -172,6 +177,25 @@ def test_a_steady_stream_records_its_intents_in_the_previous_rounds_commit(data_
         assert dedup.lookup("u") is not None and dedup.lookup("v") is not None
     finally:
         appender.close()
+        dedup.close()
+
+
+def test_standing_intents_are_settled_once_their_files_are_idle(data_dir: Path) -> None:
+    store, dedup = _open(data_dir, settle_after_s=1.0)
+    try:
+        store.append("s1", {"a_2026-01-01.dat": b"one\n", "b_2026-01-01.dat": b"one\n"}, 2, 0)
+        assert sorted(i.file for i in dedup.intents()) == ["a_2026-01-01.dat", "b_2026-01-01.dat"]
+        wait_until(lambda: dedup.intents() == [], what="the idle files' intents settled")
+        # a file appended to after its intent was settled records a fresh one first, and keeps it
+        store.append("s2", {"a_2026-01-01.dat": b"two\n"}, 1, 0)
+        assert [(i.file, i.size_before) for i in dedup.intents()] == [("a_2026-01-01.dat", 8)]
+        with open(data_dir / "a_2026-01-01.dat", "ab") as f:
+            f.write(b"torn")  # as if another process crashed mid-append under that intent
+        wait_until(lambda: dedup.intents() == [], what="the crashed append rolled back")
+        assert (data_dir / "a_2026-01-01.dat").read_bytes() == b"one\ntwo\n"
+        assert (data_dir / "b_2026-01-01.dat").read_bytes() == b"one\n"
+    finally:
+        store.close()
         dedup.close()
 
 

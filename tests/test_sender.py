@@ -448,6 +448,28 @@ def test_backoff_is_spread_from_the_first_retry(servers: MakeServer, senders: Ma
     assert all(5.0 <= d <= 10.0 for d in delays) and len(set(delays)) == len(delays), delays
 
 
+def test_retries_count_their_attempts_from_the_first(servers: MakeServer, senders: MakeSender,
+                                                      stopping: threading.Event) -> None:
+    """Issue 17: the first attempt runs outside tenacity and a failure goes on in it; the backoff
+    still grows from the first retry (attempt numbers 1, 2, 3 ...), each failure told once."""
+    srv = servers(default=Reply(503))
+    sender = senders(srv.url, initial_backoff_s=0.01, max_backoff_s=0.05)
+    numbers: list[int] = []
+    exponential = sender._exponential
+
+    def counted(retry_state: Any) -> float:
+        numbers.append(retry_state.attempt_number)
+        return float(exponential(retry_state))
+    sender._exponential = counted  # type: ignore[method-assign]
+    failures: list[str] = []
+    t, out = in_thread(lambda: sender.send("r1", BODY, "identity", on_failure=failures.append))
+    wait_until(lambda: len(srv.seen) >= 4, 10, what="four attempts")
+    stopping.set()
+    t.join(10)
+    assert isinstance(out.get("error"), ReceiverUnavailable)
+    assert numbers[:3] == [1, 2, 3] and len(failures) == len(srv.seen)
+
+
 # -- shutdown, dead receivers ---------------------------------------------------------------
 
 def test_stopping_during_backoff_returns_promptly(servers: MakeServer, senders: MakeSender,

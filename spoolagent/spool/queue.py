@@ -8,7 +8,8 @@ full, ``put`` blocks (back-pressure) or drops the oldest ready batches. Side tab
 batch) and ``spool_checkpoints``.
 
 The only module that imports persistqueue (what it takes beyond the public API is named in
-``_pq``); a damaged file at start-up goes to ``salvage``.
+``_pq``); a damaged file at start-up goes to ``salvage``; what becomes of a batch once its send
+ends (ack, nack, fail) is ``settle``.
 
 Why some writes bypass the library: a put must insert the row, its metadata and its checkpoint
 in ONE transaction (a crash never leaves a row without metadata or a checkpoint ahead of its
@@ -24,8 +25,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ from spoolagent.spool.format import (
 from spoolagent.spool.lock import release_lock, take_lock
 from spoolagent.spool.ready import ReadySignal
 from spoolagent.spool.salvage import fail_unreadable_head, open_moving_damaged
+from spoolagent.spool.settle import Settling
 from spoolcore import imports
 from spoolcore.sqlite import immediate, is_busy
 
@@ -71,7 +72,7 @@ log = logging.getLogger(__name__)
 _POLL_S = 5.0
 
 
-class Spool:
+class Spool(Settling):
     """The agent's spool. Thread-safe: several reader threads put, several sender threads get.
 
     Raises SpoolBusy if another process holds STATE_DIR/spool.lock, SpoolError if the file is
@@ -216,7 +217,7 @@ class Spool:
                       pqid, header.collector, header.lines, len(row))
         return [header.batch_id for header, _row in made]
 
-    # -- get / ack / nack / fail -------------------------------------------------------------
+    # -- get (ack, nack, fail: ``settle``) ---------------------------------------------------
 
     def get(self, timeout_s: float | None) -> SpooledBatch | None:
         """The oldest ready batch, now in flight; None after ``timeout_s`` (None: no limit) or,
@@ -312,78 +313,6 @@ class Spool:
                             header.encoding, header.checkpoint, header.created_s,
                             int(r[0]) if r else 0)
 
-    @contextmanager
-    def _settling(self, what: str, pqid: int) -> Iterator[None]:
-        """Under ``_cond``, on an open spool; SQLite's errors become SpoolError naming ``what``."""
-        with self._cond:
-            self._check_open()
-            try:
-                yield
-            except sqlite3.Error as exc:
-                raise SpoolError(f"cannot {what} pqid={pqid}: {exc}") from exc
-
-    def ack(self, pqid: int, *, wait: bool = True) -> None:
-        """The batch was delivered: delete its row (its checkpoint is already durable).
-        Thread-safe. Raises SpoolError (closed, or SQLite failed: the ack stays pending).
-
-        ``wait``: return once the delete is committed (fsync'd), with any other pending ack.
-        Otherwise return at once: the delete rides in the next put's commit, or a get commits it
-        within ``acks.ACK_DELAY_S``; a crash before that sends the batch again with its id.
-        """
-        self._check_open()
-        self._acks.add(pqid)
-        if wait:
-            with self._settling("ack", pqid):
-                self._commit_acks()
-
-    def _commit_acks(self) -> None:
-        """Delete the rows of every pending ack in one fsync'd commit (the caller holds _cond).
-        Raises SpoolError; the acks then stay pending. (The library's ack is an UPDATE to
-        "acked", and clearing acked rows a second DELETE: two commits where one does; the
-        trigger takes a deleted row's metadata.)"""
-        if self._acks.due_at() is not None:
-            self._forget(self._acks.commit(self._db))
-
-    def _forget(self, acked: list[int]) -> None:
-        """After their delete is committed (the caller holds _cond)."""
-        for pqid in acked:
-            _pq.forget_unacked(self._q, pqid)  # what the library's ack forgets too
-            self._bound.bytes -= self._inflight.pop(pqid, 0)
-        if acked:
-            self._cond.notify_all()  # a put waiting for room
-
-    def note_attempt(self, pqid: int, error: str) -> None:
-        """One failed send attempt of a batch in flight: attempts + 1 and the error kept, so
-        ``spool ls`` shows them while the sender retries (it retries without giving the batch
-        back). Thread-safe."""
-        with self._settling("note an attempt", pqid):
-            self._db.execute("UPDATE spool_batches SET attempts = attempts + 1, "
-                             "last_error = ? WHERE pqid = ?", (error, pqid))
-
-    def nack(self, pqid: int, error: str | None = None, *, attempted: bool = True) -> None:
-        """Back to ready, same batch id; attempts + 1 (unless ``attempted`` is False: the
-        attempts were counted by ``note_attempt``) and the error kept. Thread-safe."""
-        with self._settling("nack", pqid):
-            self._db.execute("UPDATE spool_batches SET attempts = attempts + ?, "
-                             "last_error = coalesce(?, last_error) WHERE pqid = ?",
-                             (int(attempted), error, pqid))
-            self._q.nack(id=pqid)
-            self._inflight.pop(pqid, None)
-        self._ready.bump()
-
-    def fail(self, pqid: int, status: int, error: str, code: str | None = None) -> None:
-        """Dead letter (the library's ack_failed), with HTTP status, the stable reason ``code``
-        (default ``http_<status>``: what ``spool ls`` groups by) and the ``error`` text kept.
-        Thread-safe."""
-        with self._settling("fail", pqid):
-            # reason first: a crash in between leaves a row that is simply resent
-            self._db.execute("UPDATE spool_batches SET attempts = attempts + 1, "
-                             "http_status = ?, reason = ?, last_error = ?, failed_s = ? "
-                             "WHERE pqid = ?", (status, code or f"http_{status}", error,
-                                                time.time(), pqid))
-            self._q.ack_failed(id=pqid)
-            self._inflight.pop(pqid, None)
-
     # -- state -------------------------------------------------------------------------------
 
     def checkpoints(self) -> dict[str, str]:
@@ -408,10 +337,6 @@ class Spool:
             self._bound.refreshed = time.monotonic()
             out.update(file_bytes=file_bytes(self._path), **self._bound.stats())
             return out
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise SpoolError("the spool is closed")
 
     def close(self) -> None:
         """Put this process's in-flight batches back to ready, close, release the lock.

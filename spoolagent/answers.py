@@ -1,9 +1,10 @@
 """What the receivers' addresses and answers mean, for the sender: which status codes pause the
 sender, Retry-After, the counts in a 2xx answer, an excerpt of an error answer for the log, and
-the checks of ``[sender] receivers`` (and whether any needs TLS).
+the checks of ``[sender] receivers`` (whether any needs TLS, and the trust it is checked with),
+and ``SendResult``, what the sender makes of an accepted batch's answer.
 
-Pure functions, no I/O but a log line; imports only ``spoolagent.errors`` (never httpx: that stays
-in ``sender.py``).
+Pure functions, no I/O but a log line and ``load_trust`` reading a CA file; imports only
+``spoolagent.errors`` (never httpx: that stays in ``sender.py``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import ipaddress
 import json
 import logging
 import math
+import ssl
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
 from urllib.parse import urlsplit
@@ -111,3 +114,26 @@ def counts(answer: bytes, lines: int, status: int) -> tuple[int, int, bool]:
     except (ValueError, TypeError, KeyError) as exc:
         log.debug("send answer not understood status=%d err=%s", status, exc)
         return lines, 0, status == 200
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """The receiver's answer to a batch it accepted (2xx)."""
+
+    status: int
+    stored: int
+    rejected: int
+    duplicate: bool
+    receiver: str
+
+
+def load_trust(ca_file: str | None, urls: Sequence[str]) -> ssl.SSLContext | None:
+    """The TLS trust: the CA file when given, else the system's CAs (not certifi's bundle). None
+    while no receiver is https:// and no CA file is set: loading the system's CAs cost the idle
+    agent 1.3 MiB of RSS (41.3 -> 40.0 MiB, issue 17) that a plain-http agent never uses."""
+    if not ca_file and not needs_tls(urls):
+        return None
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"sender.ca_file: cannot load {ca_file!r}: {exc}") from exc

@@ -14,9 +14,9 @@ httpcore and h11: issue 17, 1.4 -> ~0.4 ms of CPU per PUT at 5 sends a second. T
 ``Call`` in the attempt's arguments.
 
 The only module that imports httpx and tenacity. What an answer or an address means (status
-classes, Retry-After, the counts of a 2xx, URL checks) is in ``spoolagent.answers``; the receivers
-list, failover, the sender's state and counters and the summarised failure log are in
-``spoolagent.delivery``. ``agent.py`` wires it to the spool with plain callables.
+classes, Retry-After, the counts of a 2xx and the ``SendResult``, URL checks, the TLS trust) is
+in ``spoolagent.answers``; the receivers list, failover, the sender's state and counters and the
+summarised failure log are in ``spoolagent.delivery``. ``agent.py`` wires it to the spool with plain callables.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 from spoolagent import answers, wire
+from spoolagent.answers import SendResult
 from spoolagent.delivery import Call, Delivery, SenderState
-from spoolagent.errors import BatchRejected, ConfigError, ReceiverRefused, ReceiverUnavailable
+from spoolagent.errors import BatchRejected, ReceiverRefused, ReceiverUnavailable
 from spoolcore import imports
 
 # httpx loads its command-line client and tenacity its tornado support whenever they are installed
@@ -61,17 +61,6 @@ _STALE_CONNECTION_ERRORS = (httpx.RemoteProtocolError, httpx.ReadError, httpx.Wr
 # is a few bytes of JSON, not worth a decoder
 _HEADERS = {"User-Agent": "spoolagent-sender", "Content-Type": "text/plain"}
 _ENCODED = {enc: {**_HEADERS, "Content-Encoding": enc} for enc in ("gzip", "zstd")}
-
-
-@dataclass(frozen=True)
-class SendResult:
-    """The receiver's answer to a batch it accepted (2xx)."""
-
-    status: int
-    stored: int
-    rejected: int
-    duplicate: bool
-    receiver: str
 
 
 # what each of wire's errors is in httpx's tree: the exceptions httpcore's transport raises for
@@ -113,18 +102,6 @@ class _WireTransport(httpx.BaseTransport):
         self._pool.close()
 
 
-def _load_trust(ca_file: str | None, urls: Sequence[str]) -> ssl.SSLContext | None:
-    """The TLS trust: the CA file when given, else the system's CAs (not certifi's bundle). None
-    while no receiver is https:// and no CA file is set: loading the system's CAs cost the idle
-    agent 1.3 MiB of RSS (41.3 -> 40.0 MiB, issue 17) that a plain-http agent never uses."""
-    if not ca_file and not answers.needs_tls(urls):
-        return None
-    try:
-        return ssl.create_default_context(cafile=ca_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"sender.ca_file: cannot load {ca_file!r}: {exc}") from exc
-
-
 class Sender:
     """Sends batches with ``PUT {url}/v1/batches/{id}`` and retries until success or shutdown.
 
@@ -152,7 +129,7 @@ class Sender:
         self._timeout_s, self._pool = timeout_s, max(1, in_flight)
         self._lock = threading.Lock()    # the transport and its trust, the token, _last_request_s
         self._ca_file = ca_file
-        self._tls = _load_trust(ca_file, self._delivery.urls())
+        self._tls = answers.load_trust(ca_file, self._delivery.urls())
         self._transport = self._make_transport(self._tls)
         # what httpx.Client would add to every request: a timeout for each network operation
         self._extensions = {"timeout": httpx.Timeout(timeout_s).as_dict()}
@@ -234,7 +211,7 @@ class Sender:
         """New TLS trust (a reload changed ``[sender] ca_file``): a new connection pool from the
         next request on. Raises ConfigError (nothing changed) if the file cannot be loaded. The
         old pool is closed once the requests on it have had ``timeout_s`` to finish."""
-        self._swap_transport(_load_trust(ca_file, self._delivery.urls()), ca_file)
+        self._swap_transport(answers.load_trust(ca_file, self._delivery.urls()), ca_file)
 
     def _swap_transport(self, tls: ssl.SSLContext | None, ca_file: str | None) -> None:
         new = self._make_transport(tls)
@@ -260,7 +237,7 @@ class Sender:
         with self._lock:
             tls, ca_file = self._tls, self._ca_file
         if tls is None and answers.needs_tls(new):
-            self._swap_transport(_load_trust(ca_file, new), ca_file)
+            self._swap_transport(answers.load_trust(ca_file, new), ca_file)
         if not self._delivery.set_urls(new):
             return
         with self._lock:

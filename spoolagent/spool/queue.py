@@ -14,8 +14,9 @@ ends (ack, nack, fail) is ``settle``.
 Why some writes bypass the library: a put must insert the row, its metadata and its checkpoint
 in ONE transaction (a crash never leaves a row without metadata or a checkpoint ahead of its
 lines), so ``put`` inserts into the library's table on its own connection, and an ack deletes the
-row there too, riding in the next put's transaction when it may wait (``acks``); the library does
-the rest (get, nack, ack_failed, resume of in-flight rows).
+row there too, riding in the next put's transaction when it may wait (``acks``); a get is one
+``UPDATE ... RETURNING`` there (``_TAKE``). The library does the rest (nack, ack_failed, resume
+of in-flight rows; the get with an SQLite before 3.35).
 """
 
 from __future__ import annotations
@@ -66,6 +67,16 @@ with imports.without("persistqueue.async_queue", "persistqueue.async_sqlqueue", 
 __all__ = ["Spool", "SpooledBatch", "WhenFull"]
 
 log = logging.getLogger(__name__)
+
+# A get takes the oldest ready row in one statement on the spool's own connection: no SELECT,
+# UPDATE and commit on the library's second connection, whose writes also made the spool's
+# connection re-read its cached pages at its next put (issue 17). RETURNING needs SQLite 3.35; an
+# older library gets persist-queue's get. The row comes back as a blob whatever its type, so a
+# damaged row fails to decode and goes to the dead letter like any undecodable one.
+_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
+_TAKE = (f"UPDATE `{QUEUE_TABLE}` SET status = {UNACK} WHERE _id = (SELECT _id FROM `{QUEUE_TABLE}` "
+         f"WHERE status < {UNACK} ORDER BY _id LIMIT 1) RETURNING _id, CAST(data AS BLOB), "
+         "(SELECT attempts FROM spool_batches WHERE pqid = _id)")
 
 # a get also sees rows that another process (spool import, retry-failed, salvage) made ready: one
 # getter queries this often while idle (the agent's own puts and nacks wake the getters at once)
@@ -228,7 +239,7 @@ class Spool(Settling):
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         poller = False  # this get holds the one role that queries every _POLL_S
-        item: dict[str, Any] | None = None
+        item: tuple[int, bytes, int | None] | None = None
         handed: SpooledBatch | None = None
         try:
             while True:
@@ -256,7 +267,7 @@ class Spool(Settling):
                     else:
                         self._ready.took_one(generation)
                 if item is not None:
-                    return self._taken(int(item["pqid"]), item["data"])
+                    return self._taken(*item)
                 if self._stopping.is_set():
                     return None
                 now = time.monotonic()
@@ -276,19 +287,39 @@ class Spool(Settling):
         """Every waiting get looks again (the agent stops, or rows became ready elsewhere)."""
         self._ready.bump(everyone=True)
 
-    def _get_next(self) -> dict[str, Any] | None:
+    def _get_next(self) -> tuple[int, bytes, int | None] | None:
+        """Take the oldest ready row: (pqid, row, attempts, or None if not read), or None."""
+        if not _RETURNING:
+            return self._library_get()
+        with self._cond:  # one statement on the spool's own connection (writes are under _cond)
+            self._check_open()
+            try:
+                # the in-flight mark needs no fsync: a crash resumes it to ready anyway, and the
+                # next FULL commit (a put's, an ack's) syncs it with its own
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                try:
+                    r = self._db.execute(_TAKE).fetchall()
+                finally:
+                    self._db.execute("PRAGMA synchronous=FULL")
+            except sqlite3.Error as exc:
+                raise SpoolError(f"cannot read the spool: {exc}") from exc
+        return (int(r[0][0]), r[0][1], int(r[0][2] or 0)) if r else None
+
+    def _library_get(self) -> tuple[int, bytes, int | None] | None:
+        """persist-queue's get (SQLite before 3.35): a SELECT, then an UPDATE and a commit on its
+        own connection; the attempts are read after."""
         with self._get_lock:
             try:
-                item: dict[str, Any] | None = self._q.get(block=False, raw=True)
+                item: dict[str, Any] = self._q.get(block=False, raw=True)
             except Empty:
-                item = None
+                return None
             except sqlite3.OperationalError as exc:
                 if is_busy(exc):
                     raise SpoolError(f"cannot read the spool: {exc}") from exc
                 self._fail_head(exc)  # e.g. a row that is text, not a blob
             except sqlite3.Error as exc:
                 raise SpoolError(f"cannot read the spool: {exc}") from exc
-        return item
+        return int(item["pqid"]), item["data"], None
 
     def _fail_head(self, exc: Exception) -> None:
         """The library could not read the oldest ready row: dead-letter it, so gets move on."""
@@ -298,20 +329,21 @@ class Spool(Settling):
             raise SpoolError(f"cannot read the spool: {exc}") from exc
         raise SpoolError(failed) from exc
 
-    def _taken(self, pqid: int, data: bytes) -> SpooledBatch:
+    def _taken(self, pqid: int, data: bytes, attempts: int | None) -> SpooledBatch:
         try:
             header, body = decode_row(data, pqid)
         except SpoolError as exc:
-            self.fail(pqid, 0, str(exc))
+            self.fail(pqid, 0, str(exc), "unreadable_row")
             log.error("undecodable spool row moved to failed pqid=%d err=%s", pqid, exc)
             raise
         with self._cond:
-            r = self._db.execute("SELECT attempts FROM spool_batches WHERE pqid = ?",
-                                 (pqid,)).fetchone()
+            if attempts is None:
+                r = self._db.execute("SELECT attempts FROM spool_batches WHERE pqid = ?",
+                                     (pqid,)).fetchone()
+                attempts = int(r[0]) if r else 0
             self._inflight[pqid] = len(data)
         return SpooledBatch(pqid, header.batch_id, header.collector, header.lines, body,
-                            header.encoding, header.checkpoint, header.created_s,
-                            int(r[0]) if r else 0)
+                            header.encoding, header.checkpoint, header.created_s, attempts)
 
     # -- state -------------------------------------------------------------------------------
 

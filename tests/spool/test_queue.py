@@ -18,6 +18,7 @@ import pytest
 
 from spoolagent.errors import SpoolBusy, SpoolError
 from spoolagent.protocol import Records
+from spoolagent.spool import queue as spool_queue
 from spoolagent.spool.acks import ACK_DELAY_S, PendingAcks
 from spoolagent.spool.file import BatchInfo, SpoolFile
 from spoolagent.spool.format import decompress, new_batch_id
@@ -665,3 +666,30 @@ def test_a_put_hands_nothing_over_while_a_batch_is_ready() -> None:
     waiter.join(10)
     assert not waiter.is_alive()
     assert [ready.take_handed(), ready.take_handed(), ready.take_handed()] == ["batch", "later", None]
+
+
+@pytest.mark.parametrize("returning", [True, False], ids=["update-returning", "library-get"])
+def test_get_takes_the_oldest_ready_row_with_its_attempts_either_way(
+        open_spool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, returning: bool) -> None:
+    """A get is one UPDATE ... RETURNING on the spool's own connection (SQLite >= 3.35), else
+    persist-queue's get: the same row, state, attempts and dead letter either way."""
+    monkeypatch.setattr(spool_queue, "_RETURNING", returning)
+    spool = open_spool()
+    first, second = spool.put("c", make_lines(2, "a")), spool.put("c", make_lines(3, "b"))
+    b = spool.get(timeout_s=1)
+    assert b is not None and (b.batch_id, b.attempts) == (first, 0)
+    with SpoolFile(tmp_path / "state") as f:
+        st = f.stats()
+    assert (st["ready_batches"], st["inflight_batches"]) == (1, 1)
+    spool.nack(b.pqid, "503")
+    spool.nack(b.pqid, "503")  # a second nack of the same row counts again
+    b = spool.get(timeout_s=1)
+    assert b is not None and (b.batch_id, b.attempts) == (first, 2)
+    spool.ack(b.pqid)
+    with sqlite3.connect(tmp_path / "state" / "spool.db") as conn:
+        conn.execute("UPDATE ack_queue_default SET data = 'SPAB' || x'ff' WHERE status < 2")
+    with pytest.raises(SpoolError, match="spool row 2 "):
+        spool.get(timeout_s=1)
+    assert spool.get(timeout_s=0) is None
+    with SpoolFile(tmp_path / "state") as f:
+        assert [(i.batch_id, i.reason) for i in f.batches(["failed"])] == [(second, "unreadable_row")]

@@ -9,8 +9,9 @@ SPOOLAGENT_CHECKPOINT; the reference is docs/collectors.md.
 
 This file owns following files: finding them, rotation (rename and copytruncate) and reading.
 Its parts live in ``spoolagent_collectors.lib``: ``tail_settings`` (the settings), ``tail_token``
-(the checkpoint token: device, inode, fingerprint and offset per file), ``tail_records``
-(cutting bytes into records) and ``tail_watch`` (its wake-ups; without inotify, an adaptive poll).
+(the checkpoint token: device, inode, fingerprint and offset per file), ``tail_file`` (one
+followed file: its identity, size and token row), ``tail_records`` (cutting bytes into records)
+and ``tail_watch`` (its wake-ups between passes; without inotify, an adaptive poll).
 Single-threaded; signal handlers only set a flag.
 """
 
@@ -26,13 +27,14 @@ import time
 
 from spoolagent_collectors.lib import tail_token, tail_watch
 from spoolagent_collectors.lib.common import Output, err, stop_on_signals
-from spoolagent_collectors.lib.tail_records import Pending, RecordCutter
+from spoolagent_collectors.lib.tail_file import Tracked
+from spoolagent_collectors.lib.tail_records import RecordCutter
 
 # SETTINGS: the keys this collector takes and their kinds; `spoolagent check` and every agent start
 # or reload check [collectors.tail] against it (spoolagent/collector_settings.py follows this import
 # and reads the literal without running anything), so a typo or a bad regex is a config error
 from spoolagent_collectors.lib.tail_settings import SETTINGS, ConfigProblem, Settings  # noqa: F401
-from spoolagent_collectors.lib.tail_token import FP_MAX, fingerprint
+from spoolagent_collectors.lib.tail_token import fingerprint
 
 from spoolagent import protocol
 
@@ -49,26 +51,8 @@ def _err(msg: str) -> None:
     err("tail", msg)
 
 
-class Tracked(Pending):
-    """One open file: where it is read to (and, as Pending, the bytes read but not sent yet)."""
-
-    __slots__ = ("fd", "dev", "ino", "path", "read_off", "fp_len", "fp", "idle_since", "detached",
-                 "seen")
-
-    def __init__(self, fd: int, st: os.stat_result, path: str, prod: bytes, limit: int,
-                 offset: int, now: float) -> None:
-        super().__init__(prod, limit)
-        self.fd, self.dev, self.ino, self.path = fd, st.st_dev, st.st_ino, path
-        self.read_off = offset
-        self.fp_len = min(offset, FP_MAX)
-        self.fp = fingerprint(fd, self.fp_len) or ""
-        self.idle_since = now
-        self.detached = False  # no longer at a path the globs match (renamed away or deleted)
-        self.seen = (st.st_size, st.st_mtime_ns)
-
-    def sent_off(self) -> int:
-        """Offset just past the last record boundary sent: where a restart resumes."""
-        return self.read_off - len(self.partial) - self.ml_raw
+def _rotated_last(f: Tracked) -> bool:
+    return not f.detached
 
 
 class Tailer:
@@ -85,6 +69,7 @@ class Tailer:
         self.stopping = False
         self.more = False  # a file has more to read than one pass takes
         self.glob_keys = [tail_token.glob_key(p) for p, _ in cfg.specs]
+        self.token_prefix = tail_token.prefix(self.glob_keys)
         self.resume: tail_token.Resume = {}
         self.known_globs: set[str] = set()
         self.had_token = bool(token)
@@ -113,8 +98,7 @@ class Tailer:
             self.had_token = False
 
     def token(self) -> str:
-        return tail_token.encode(self.glob_keys, [[f.dev, f.ino, f.fp_len, f.fp, f.sent_off(), f.path]
-                                                  for f in self.files.values()])
+        return tail_token.finish(self.token_prefix, [f.token_row() for f in self.files.values()])
 
     def checkpoint(self, force: bool = False) -> None:
         """Print a checkpoint if anything was printed or the state moved since the last one."""
@@ -251,25 +235,24 @@ class Tailer:
     def _read(self, f: Tracked, now: float) -> bool:
         """Read what the file has past read_off (up to PASS_BUDGET); True if anything came."""
         try:
-            st = os.fstat(f.fd)
+            size, rewritten = f.size()
         except OSError:
             return False
-        changed = (st.st_size, st.st_mtime_ns) != f.seen
-        f.seen = (st.st_size, st.st_mtime_ns)
-        if st.st_size < f.read_off or (changed and f.fp_len and fingerprint(f.fd, f.fp_len) != f.fp):
+        if size < f.read_off or rewritten:
             # copytruncate (or rewritten in place): what was read before is sent, then from 0
-            _err(f"truncated path={f.path} read_to={f.read_off} size={st.st_size}: from 0")
+            _err(f"truncated path={f.path} read_to={f.read_off} size={size}: from 0")
             self._write(self.cutter.flush(f, partial=True, multiline=True))
-            f.read_off, f.fp_len, f.fp = 0, 0, ""
+            f.read_off = 0
+            f.set_fingerprint(0)
             self.state_changed = True
-        if st.st_size == f.read_off:
+        if size == f.read_off:
             return False
         got = 0
         while got < PASS_BUDGET and not self.stopping:
-            # no more than fstat saw: a pass's few KiB are a small allocation, not a 256 KiB
+            # no more than the size seen: a pass's few KiB are a small allocation, not a 256 KiB
             # buffer mapped, shrunk and unmapped (three syscalls and page faults per pass); what
             # is appended meanwhile raises an event (or the poll finds it) for the next pass
-            want = min(READ_CHUNK, st.st_size - f.read_off)
+            want = min(READ_CHUNK, size - f.read_off)
             if want <= 0:
                 break
             data = os.pread(f.fd, want, f.read_off)
@@ -277,9 +260,8 @@ class Tailer:
                 break
             f.read_off += len(data)
             got += len(data)
-            if f.fp_len < FP_MAX:
-                f.fp_len = min(f.read_off, FP_MAX)
-                f.fp = fingerprint(f.fd, f.fp_len) or ""
+            if f.fp_len < tail_token.FP_MAX:
+                f.set_fingerprint(min(f.read_off, tail_token.FP_MAX))
             self._write(self.cutter.consume(f, data))
             if self.out_bytes >= CP_BYTES:
                 self.checkpoint()
@@ -291,19 +273,21 @@ class Tailer:
             f.idle_since = now
         return got > 0
 
-    def run_pass(self) -> tuple[bool, float]:
+    def run_pass(self, now: float) -> tuple[bool, float]:
         """Read every file once; flush what waited long enough. Returns (read anything, next timer)."""
-        now = time.monotonic()
         self.cutter.set_today()
         did = self.more = False
-        # rotated files first: the old file's last lines go out before the new file's first
-        for f in sorted(self.files.values(), key=lambda x: not x.detached):
+        files = list(self.files.values())  # a copy: _release below removes from self.files
+        if len(files) > 1:
+            # rotated files first: the old file's last lines go out before the new file's first
+            files.sort(key=_rotated_last)
+        for f in files:
             if self.stopping:
                 break
             did |= self._read(f, now)
         nxt = now + 3600.0
         cfg = self.cfg
-        for f in list(self.files.values()):
+        for f in files:
             quiet = now - f.idle_since
             if f.partial:
                 if quiet >= cfg.partial_flush_s:
@@ -349,14 +333,11 @@ def main() -> int:
     tailer.out.flush()
     next_scan = time.monotonic() + cfg.glob_interval_s
     poll_s = POLL_MIN_S
-    started = 0.0
+    waits = tail_watch.Waits(tailer.inotify, wake_r, MIN_PASS_GAP_S)
     try:
         while not tailer.stopping:
-            gap = started + MIN_PASS_GAP_S - time.monotonic()
-            if gap > 0 and not tailer.more:  # a busy directory or a writer writing line by line: not a pass per event
-                time.sleep(gap)
             started = time.monotonic()
-            did, next_timer = tailer.run_pass()
+            did, next_timer = tailer.run_pass(started)
             now = time.monotonic()
             if tailer.out_bytes and (not did or now - tailer.last_cp >= CP_INTERVAL_S):
                 tailer.checkpoint()
@@ -370,11 +351,12 @@ def main() -> int:
             timeout = min(timeout, next_timer - now, next_scan - now if timed_scan else timeout)
             if tailer.out_bytes:
                 timeout = min(timeout, tailer.last_cp + CP_INTERVAL_S - now)
-            if tailer.more:
-                timeout = 0.0
             tailer.out.flush()  # before sleeping: nothing printed waits in here
-            rescan = tail_watch.wait(tailer.inotify, tailer.watched, wake_r, max(0.0, timeout))
-            if rescan or (timed_scan and time.monotonic() >= next_scan):
+            if tailer.more:  # a file left data behind for fairness: the next pass starts at once
+                mask = waits.select(0.0)[0]
+            else:
+                mask = waits.next_pass(started, now, timeout)
+            if tail_watch.rescan(mask, tailer.watched) or (timed_scan and time.monotonic() >= next_scan):
                 tailer.scan()
                 next_scan = time.monotonic() + cfg.glob_interval_s
         tailer.checkpoint()

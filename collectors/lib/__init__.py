@@ -3,5 +3,5 @@
 Not a collector: the supervisor runs only ``collectors_dir/<interval>/`` programs, and ``lib`` is
 not an interval. Standard library and ``spoolagent.protocol`` only (kept cheap to import).
 ``common`` holds what every bundled collector needs; ``tail_*`` the tail collector's parts: its
-settings, its checkpoint token codec, its record cutting and its inotify wake-ups.
+settings, its checkpoint token codec, one followed file, its record cutting and its wake-ups.
 """

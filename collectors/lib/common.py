@@ -84,5 +84,8 @@ class Output:
         the agent is gone."""
         if self._parts:
             data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
-            self._parts, self._waiting = [], 0
-            protocol.write_all(self.fd, data)
+            self._parts.clear()
+            self._waiting = 0
+            written = os.write(self.fd, data)  # all of it, unless the pipe is nearly full
+            if written < len(data):
+                protocol.write_all(self.fd, data[written:])

@@ -25,14 +25,21 @@ FP_MAX = 1024  # bytes hashed to tell a file from another that got its inode
 Resume = dict[tuple[int, int], tuple[int, str, int, str]]
 
 
+def head(fd: int, n: int) -> bytes | None:
+    """The first ``n`` bytes, or None when the file is now shorter than that."""
+    data = os.pread(fd, n, 0) if n else b""
+    return data if len(data) == n else None
+
+
+def digest(first: bytes) -> str:
+    """The fingerprint of a file whose first bytes are ``first`` ("" for none)."""
+    return blake2b(first, digest_size=8).hexdigest() if first else ""
+
+
 def fingerprint(fd: int, n: int) -> str | None:
     """Hash of the first ``n`` bytes, or None when the file is now shorter than that."""
-    if n == 0:
-        return ""
-    head = os.pread(fd, n, 0)
-    if len(head) < n:
-        return None
-    return blake2b(head, digest_size=8).hexdigest()
+    first = head(fd, n)
+    return None if first is None else digest(first)
 
 
 def glob_key(pattern: str) -> str:
@@ -40,10 +47,30 @@ def glob_key(pattern: str) -> str:
     return blake2b(pattern.encode("utf-8", "surrogateescape"), digest_size=4).hexdigest()
 
 
+def prefix(glob_keys: Sequence[str]) -> str:
+    """The start of every token for these globs, up to the first file's row."""
+    return '{"v":1,"g":' + json.dumps(list(glob_keys), separators=(",", ":")) + ',"f":['
+
+
+def row_parts(dev: int, ino: int, fp_len: int, fp: str, path: str) -> tuple[str, str]:
+    """A file's row without its offset, as (before, after) it: from one checkpoint to the next
+    only offsets move, so the tailer encodes the rest once per file, not ``json.dumps`` of the
+    whole token four times a second (~50 us with cold caches, issue 17)."""
+    return f"[{dev},{ino},{fp_len},{json.dumps(fp)},", f",{json.dumps(path)}]"
+
+
+def finish(start: str, rows: Sequence[str]) -> str:
+    """The token from :func:`prefix` and the rows (``before + str(offset) + after``)."""
+    return start + ",".join(rows) + "]}"
+
+
 def encode(glob_keys: Sequence[str], files: Sequence[Sequence[int | str]]) -> str:
     """The token for these globs and ``[dev, ino, fp_len, fp, offset, path]`` rows."""
-    return json.dumps({"v": 1, "g": list(glob_keys), "f": [list(f) for f in files]},
-                      separators=(",", ":"))
+    rows = []
+    for dev, ino, fp_len, fp, off, path in files:
+        before, after = row_parts(int(dev), int(ino), int(fp_len), str(fp), str(path))
+        rows.append(f"{before}{int(off)}{after}")
+    return finish(prefix(glob_keys), rows)
 
 
 def decode(token: str) -> tuple[set[str], Resume]:

@@ -13,32 +13,72 @@ import ctypes
 import os
 import select
 import struct
+import time
 
 DIR_EVENTS = 0x100 | 0x80 | 0x40 | 0x200 | 0x4000 | 0x400 | 0x800  # create/moved/delete/ovfl/self
 FILE_EVENTS = 0x2 | 0x4 | 0x8  # modify/attrib/close_write
 IN_IGNORED = 0x8000  # the watch is gone (its directory was removed)
 
 
-def wait(inotify: INotify | None, watched: set[str], wake_r: int, timeout_s: float) -> bool:
-    """Sleep until a file event, a signal (``wake_r`` readable) or the timeout. True if a
-    directory changed (the globs must be matched again); a directory whose watch is gone empties
-    ``watched`` (re-added, where they still exist, by the next scan)."""
-    fds = [wake_r] + ([inotify.fileno()] if inotify is not None else [])
-    ready, _, _ = select.select(fds, [], [], timeout_s)
-    rescan = False
-    if wake_r in ready:
-        try:
-            os.read(wake_r, 4096)
-        except BlockingIOError:
-            pass
-    if inotify is not None and inotify.fileno() in ready:
-        for _wd, mask, _cookie, _name in inotify.read():
-            if mask & DIR_EVENTS:
-                rescan = True
-            if mask & IN_IGNORED:
-                watched.clear()
-                rescan = True
-    return rescan
+class Waits:
+    """The main loop's waits between passes. A pass starts no sooner than ``gap_s`` after the
+    last one began (a busy directory or a writer writing line by line: not a pass per event),
+    then on a file event, a signal (``wake_r`` readable) or the timeout, whichever comes first.
+
+    While events come faster than passes (an event arrived before the gap ran out), the next pass
+    is due when the gap ends whatever happens: the wait then sleeps the gap out and takes the
+    events queued meanwhile, without a select (which would return at once for them) before the
+    sleep: one wait per pass (issue 17). The first such wait that finds no event falls back to
+    the select, so a quiet file costs one wake-up per event, as before."""
+
+    def __init__(self, inotify: INotify | None, wake_r: int, gap_s: float) -> None:
+        self.inotify, self.wake_r, self.gap_s = inotify, wake_r, gap_s
+        self.hot = False  # events come faster than passes
+
+    def next_pass(self, started: float, now: float, timeout_s: float) -> int:
+        """Wait for the next pass (the last began at ``started``; ``timeout_s`` counts from
+        ``now``). Returns the events that came as the OR of their masks (0: none; see
+        :func:`rescan`)."""
+        inotify = self.inotify
+        if self.hot and inotify is not None:
+            time.sleep(max(0.0, started + self.gap_s - time.monotonic()))
+            mask = inotify.read_mask()
+            if mask:
+                return mask
+            self.hot = False  # the writer paused: wait for it
+            return self.select(max(0.0, now + timeout_s - time.monotonic()))[0]
+        mask, signalled = self.select(max(0.0, timeout_s))
+        gap = started + self.gap_s - time.monotonic()
+        if gap > 0 and not signalled:
+            self.hot = mask != 0
+            time.sleep(gap)
+        return mask
+
+    def select(self, timeout_s: float) -> tuple[int, bool]:
+        """Sleep until a file event, a signal or the timeout: (the events' masks OR'd, whether a
+        signal came)."""
+        inotify, wake_r = self.inotify, self.wake_r
+        fds = [wake_r] if inotify is None else [wake_r, inotify.fileno()]
+        ready, _, _ = select.select(fds, [], [], timeout_s)
+        signalled = wake_r in ready
+        if signalled:
+            try:
+                os.read(wake_r, 4096)
+            except BlockingIOError:
+                pass
+        if inotify is not None and inotify.fileno() in ready:
+            return inotify.read_mask(), signalled
+        return 0, signalled
+
+
+def rescan(mask: int, watched: set[str]) -> bool:
+    """True if events ``mask`` changed a directory (the globs must be matched again); a
+    directory whose watch is gone empties ``watched`` (re-added, where they still exist, by the
+    next scan)."""
+    if mask & IN_IGNORED:
+        watched.clear()
+        return True
+    return bool(mask & DIR_EVENTS)
 
 
 _EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
@@ -89,25 +129,26 @@ class INotify:
             _raise()
         return wd
 
-    def read(self) -> list[tuple[int, int, int, bytes]]:
-        """Every queued event as (wd, mask, cookie, name); [] when none. Never blocks."""
-        events: list[tuple[int, int, int, bytes]] = []
+    def read_mask(self) -> int:
+        """The OR of the masks of every queued event (0: none). Never blocks. Only the masks
+        matter to the tailer (a pass reads every file), so no tuple or name per event."""
+        mask = 0
+        unpack_from, size = _EVENT.unpack_from, _EVENT.size
         while True:
             try:
                 data = os.read(self._fd, _READ_BYTES)
             except BlockingIOError:
-                return events
-            off = 0
-            while off + _EVENT.size <= len(data):
-                wd, mask, cookie, n = _EVENT.unpack_from(data, off)
-                start = off + _EVENT.size
-                events.append((wd, mask, cookie, data[start:start + n].rstrip(b"\0")))
-                off = start + n
-            if len(data) <= _READ_BYTES - _EVENT_MAX:
+                return mask
+            off, end = 0, len(data)
+            while off + size <= end:
+                _wd, m, _cookie, n = unpack_from(data, off)
+                mask |= m
+                off += size + n
+            if end <= _READ_BYTES - _EVENT_MAX:
                 # room for another event was left: the queue was empty (a read that would fail
                 # with EAGAIN costs a syscall and an exception per wake-up); later events wake
                 # the next select
-                return events
+                return mask
 
     def close(self) -> None:
         os.close(self._fd)

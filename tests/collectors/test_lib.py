@@ -3,6 +3,7 @@ and the collector contract in spoolagent.protocol."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
@@ -46,6 +47,16 @@ def test_token_round_trip_and_a_bad_token() -> None:
     for bad in ("not json", "[]", '{"f": [[1, 2]]}', '{"g": []}'):
         with pytest.raises(ValueError):
             tail_token.decode(bad)
+
+
+def test_token_rows_are_the_json_of_the_whole() -> None:
+    # the tailer encodes a file's row once and only the offset per checkpoint: the token must be
+    # what json.dumps gives for the same rows (quotes, backslashes, non-ASCII, undecodable bytes)
+    rows = [[2049, 7, 1024, "0123456789abcdef", 100, '/var/log/a "b" \\ \u00e9\udcff.log'],
+            [1, 2, 0, "", 0, "/x"]]
+    token = tail_token.encode(["k1", "k2"], rows)
+    assert token == json.dumps({"v": 1, "g": ["k1", "k2"], "f": rows}, separators=(",", ":"))
+    assert tail_token.encode([], []) == '{"v":1,"g":[],"f":[]}'
 
 
 def test_record_cutting_keeps_partial_lines_and_cuts_long_ones() -> None:

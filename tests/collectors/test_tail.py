@@ -484,6 +484,45 @@ def test_copytruncate_restarts_from_zero(tmp_path: Path, tails: Any) -> None:
     t.stop()
 
 
+def test_rewritten_in_place_to_the_same_size_restarts_from_zero(tmp_path: Path, tails: Any) -> None:
+    log = tmp_path / "same.log"
+    _append(log, b"a" * 100 + b"\n")
+    t = tails({"paths": [str(log)]}).start()
+    wait_until(_committed(t, 1), 10)
+    with open(log, "r+b") as f:  # the size never changes: only the mtime and the first bytes say so
+        f.write(b"b" * 100 + b"\n")
+    wait_until(_committed(t, 2), 10)
+    assert t.data() == [b"a" * 100, b"b" * 100]
+    t.stop()
+
+
+def test_a_writer_faster_than_the_passes_through_a_rename_rotation(tmp_path: Path,
+                                                                   tails: Any) -> None:
+    # a write every ~2 ms: events come faster than the 50 ms passes (the tail then sleeps each
+    # gap out and takes the queued events without a select); the rotation's directory events must
+    # still find the new file, and a pause must bring back the wait for the next event
+    log = tmp_path / "fast.log"
+    _append(log, b"warm\n")
+    t = tails({"paths": [str(log)], "rotate_wait_s": 0.5}).start()
+    wait_until(_committed(t, 1), 10)
+    expected = [b"warm"]
+    for burst in range(2):
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        for i in range(300):
+            line = b"burst %d line %03d" % (burst, i)
+            os.write(fd, line + b"\n")
+            expected.append(line)
+            if i == 150 and burst == 0:
+                os.rename(log, tmp_path / "fast.log.1")  # the writer keeps the old file a while
+            time.sleep(0.002)
+        os.close(fd)
+        wait_until(_committed(t, len(expected)), 10)
+        time.sleep(0.2)  # a pause: the writer is quiet, the tail back to waiting for an event
+    assert sorted(t.data()) == sorted(expected) and len(t.data()) == len(expected)
+    rc, left = t.stop()
+    assert rc == 0 and left == []
+
+
 def test_idle_collector_uses_almost_no_cpu(tmp_path: Path, tails: Any) -> None:
     for n in range(5):
         _append(tmp_path / f"i{n}.log", b"x\n")

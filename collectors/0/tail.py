@@ -28,7 +28,7 @@ import time
 from spoolagent_collectors.lib import tail_token, tail_watch
 from spoolagent_collectors.lib.common import Output, err, stop_on_signals
 from spoolagent_collectors.lib.tail_file import Tracked
-from spoolagent_collectors.lib.tail_records import RecordCutter
+from spoolagent_collectors.lib.tail_records import Buffer, RecordCutter
 
 # SETTINGS: the keys this collector takes and their kinds; `spoolagent check` and every agent start
 # or reload check [collectors.tail] against it (spoolagent/collector_settings.py follows this import
@@ -111,10 +111,11 @@ class Tailer:
             self.state_changed = False
         self.last_cp = time.monotonic()
 
-    def _write(self, data: bytes) -> None:
-        if data:
-            self.out.write(data)
-            self.out_bytes += len(data)
+    def _write(self, records: list[Buffer]) -> None:
+        for data in records:
+            if data:
+                self.out.write(data)
+                self.out_bytes += len(data)
 
     # --- files -------------------------------------------------------------------------------
     def _open(self, path: str, prod: bytes, first_scan: bool, spec_key: str, now: float,
@@ -344,18 +345,22 @@ def main() -> int:
             elif tailer.state_changed and not tailer.out_bytes:
                 tailer.checkpoint()
             poll_s = POLL_MIN_S if did else min(POLL_MAX_S, poll_s * 1.5)
-            timeout = POLL_MAX_S if tailer.inotify is not None else poll_s
             timed_scan = not tailer.events_cover
-            if tailer.quiet_until_event():
-                timeout = next_timer - now  # idle: asleep until a file event, a signal or a flush
-            timeout = min(timeout, next_timer - now, next_scan - now if timed_scan else timeout)
-            if tailer.out_bytes:
-                timeout = min(timeout, tailer.last_cp + CP_INTERVAL_S - now)
-            tailer.out.flush()  # before sleeping: nothing printed waits in here
             if tailer.more:  # a file left data behind for fairness: the next pass starts at once
+                tailer.out.flush()
                 mask = waits.select(0.0)[0]
+            elif did and waits.hot:  # the next pass is due at the gap's end: no timer comes first
+                tailer.out.flush()
+                mask = waits.busy(started)
             else:
-                mask = waits.next_pass(started, now, timeout)
+                timeout = POLL_MAX_S if tailer.inotify is not None else poll_s
+                if tailer.quiet_until_event():
+                    timeout = next_timer - now  # idle: asleep until a file event, a signal or a flush
+                timeout = min(timeout, next_timer - now, next_scan - now if timed_scan else timeout)
+                if tailer.out_bytes:
+                    timeout = min(timeout, tailer.last_cp + CP_INTERVAL_S - now)
+                tailer.out.flush()  # before sleeping: nothing printed waits in here
+                mask = waits.next_pass(started, timeout)
             if tail_watch.rescan(mask, tailer.watched) or (timed_scan and time.monotonic() >= next_scan):
                 tailer.scan()
                 next_scan = time.monotonic() + cfg.glob_interval_s

@@ -60,20 +60,26 @@ def die_with_parent() -> Callable[[], None] | None:
     return _preexec
 
 
+# writev takes at most IOV_MAX (1024 on Linux) buffers; more are joined first
+_WRITEV_MAX = 512
+
+
 class Output:
     """A collector's stdout, written once per wake-up: what it prints waits here until ``flush``
     (the main loop's, before it sleeps), or until ``flush_bytes`` wait (a busy file: the agent
     works on them meanwhile). A pass's records and the checkpoint after them then go in one write,
-    and the agent's reader wakes once for them, not twice (issue 17). Not thread-safe."""
+    and the agent's reader wakes once for them, not twice (issue 17). The buffers are written as
+    they are (``writev``), not joined first. Not thread-safe."""
 
     def __init__(self, fd: int, flush_bytes: int = 64 * 1024) -> None:
         self.fd = fd
         self.flush_bytes = flush_bytes
-        self._parts: list[bytes] = []
+        self._parts: list[bytes | memoryview] = []
         self._waiting = 0
 
-    def write(self, data: bytes) -> None:
-        """Queue ``data`` after what waits; may write (and block on a full pipe)."""
+    def write(self, data: bytes | memoryview) -> None:
+        """Queue ``data`` after what waits; may write (and block on a full pipe). ``data`` must
+        not change until then (a view of bytes that nothing else writes to)."""
         self._parts.append(data)
         self._waiting += len(data)
         if self._waiting >= self.flush_bytes:
@@ -82,10 +88,15 @@ class Output:
     def flush(self) -> None:
         """Write what waits, in order. Blocks while the pipe is full; raises BrokenPipeError once
         the agent is gone."""
-        if self._parts:
-            data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
-            self._parts.clear()
-            self._waiting = 0
-            written = os.write(self.fd, data)  # all of it, unless the pipe is nearly full
-            if written < len(data):
-                protocol.write_all(self.fd, data[written:])
+        parts, total = self._parts, self._waiting
+        if not parts:
+            return
+        self._parts, self._waiting = [], 0
+        if len(parts) == 1:
+            written = os.write(self.fd, parts[0])
+        elif len(parts) <= _WRITEV_MAX:
+            written = os.writev(self.fd, parts)
+        else:
+            written = 0
+        if written < total:  # the pipe was nearly full, or a signal came part way
+            protocol.write_all(self.fd, b"".join(parts)[written:])

@@ -3,7 +3,7 @@
 Owns partial lines (bytes after the last newline wait for the rest), over-long lines (cut into
 records of ``limit`` bytes as they arrive), multiline records (joined with a literal ``\\n`` from
 one ``multiline_start`` match to the next) and dates (``date_regex``, else today). Pure over a
-file's :class:`Pending` state; the caller writes what it returns.
+file's :class:`Pending` state; the caller writes what it returns (buffers, in order).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import datetime
 import re
 
 from spoolagent import protocol
+
+Buffer = bytes | memoryview  # what a collector writes: records, or a view of them not copied
 
 _MONTHS = {m: i for i, m in enumerate(
     (b"jan", b"feb", b"mar", b"apr", b"may", b"jun", b"jul", b"aug", b"sep", b"oct", b"nov",
@@ -103,16 +105,16 @@ class RecordCutter:
             return protocol.format_record(f.prod, self._date(data), data)
         return self._prefix(f.prod)[0] + data + b"\n"
 
-    def _chunks(self, f: Pending, data: bytes, recs: list[bytes]) -> None:
+    def _chunks(self, f: Pending, data: bytes, recs: list[Buffer]) -> None:
         for i in range(0, len(data), f.limit):
             recs.append(self._rec(f, data[i : i + f.limit]))
 
-    def _ml_emit(self, f: Pending, recs: list[bytes]) -> None:
+    def _ml_emit(self, f: Pending, recs: list[Buffer]) -> None:
         if f.ml_parts:
             recs.append(self._rec(f, b"\\n".join(f.ml_parts)))
             f.ml_parts, f.ml_len, f.ml_raw = [], 0, 0
 
-    def _line(self, f: Pending, line: bytes, recs: list[bytes]) -> None:
+    def _line(self, f: Pending, line: bytes, recs: list[Buffer]) -> None:
         rx, lim = self.ml_rx, f.limit
         if rx is None:
             if len(line) > lim:
@@ -133,11 +135,29 @@ class RecordCutter:
             f.ml_parts, f.ml_len = [line], len(line)
         f.ml_raw += len(line) + 1
 
-    def consume(self, f: Pending, data: bytes) -> bytes:
-        """The records that ``data`` (the next bytes of ``f``) completes; the rest waits in ``f``."""
+    def consume(self, f: Pending, data: bytes) -> list[Buffer]:
+        """The records that ``data`` (the next bytes of ``f``) completes, as buffers to write in
+        order; the rest waits in ``f``."""
+        nl = data.rfind(b"\n")
+        if (nl >= 0 and self.ml_rx is None and self.date_rx is None
+                and len(f.partial) + nl <= f.limit):
+            # no line can be over the limit and none needs a look: one replace puts the prefix
+            # after every newline and the records are written from it as they are: not copied
+            # again to join the line that waited, to cut what follows the last newline or to add
+            # the first prefix (issue 17: at full speed those copies, each in fresh memory, were
+            # most of the tail's CPU). The replaced bytes are (the rest of the line that waited)
+            # \n head ... \n head (what follows the last newline).
+            head, sep = self._prefix(f.prod)
+            replaced = memoryview(data.replace(b"\n", sep))
+            records = replaced[: len(replaced) - len(head) - (len(data) - nl - 1)]
+            out: list[Buffer] = [head, f.partial, records] if f.partial else [head, records]
+            f.partial = data[nl + 1 :]
+            if len(f.partial) > f.limit:
+                self._over_long(f, out)
+            return out
         buf = f.partial + data if f.partial else data
         nl = buf.rfind(b"\n")
-        recs: list[bytes] = []
+        recs: list[Buffer] = []
         if nl >= 0:
             f.partial = buf[nl + 1 :]
             fast = self.ml_rx is None and self.date_rx is None
@@ -150,20 +170,24 @@ class RecordCutter:
                     self._line(f, line, recs)
         else:
             f.partial = buf
-        if len(f.partial) > f.limit:  # an over-long line: send it in chunks as it arrives
-            self._ml_emit(f, recs)
-            cut = len(f.partial) // f.limit * f.limit
-            self._chunks(f, f.partial[:cut], recs)
-            f.partial = f.partial[cut:]
-        return b"".join(recs)
+        if len(f.partial) > f.limit:
+            self._over_long(f, recs)
+        return recs
 
-    def flush(self, f: Pending, partial: bool, multiline: bool) -> bytes:
+    def _over_long(self, f: Pending, recs: list[Buffer]) -> None:
+        """An over-long line: sent in chunks as it arrives."""
+        self._ml_emit(f, recs)
+        cut = len(f.partial) // f.limit * f.limit
+        self._chunks(f, f.partial[:cut], recs)
+        f.partial = f.partial[cut:]
+
+    def flush(self, f: Pending, partial: bool, multiline: bool) -> list[Buffer]:
         """What waits in ``f`` as records: its unterminated line (``partial``), its multiline
         record (``multiline``)."""
-        recs: list[bytes] = []
+        recs: list[Buffer] = []
         if multiline or (partial and f.partial):
             self._ml_emit(f, recs)
         if partial and f.partial:
             recs.append(self._rec(f, f.partial))
             f.partial = b""
-        return b"".join(recs)
+        return recs

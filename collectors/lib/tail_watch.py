@@ -25,32 +25,38 @@ class Waits:
     last one began (a busy directory or a writer writing line by line: not a pass per event),
     then on a file event, a signal (``wake_r`` readable) or the timeout, whichever comes first.
 
-    While events come faster than passes (an event arrived before the gap ran out), the next pass
-    is due when the gap ends whatever happens: the wait then sleeps the gap out and takes the
-    events queued meanwhile, without a select (which would return at once for them) before the
-    sleep: one wait per pass (issue 17). The first such wait that finds no event falls back to
-    the select, so a quiet file costs one wake-up per event, as before."""
+    Once events come faster than passes (one arrived before the gap ran out) and the passes find
+    bytes, the next pass is due when the gap ends whatever happens: :meth:`busy` sleeps the gap
+    out, with no select (which would return at once for the events queued during the last gap),
+    and takes the queued events only every ``events_every``-th time (their read costs about as
+    much as the rest of the wait; only a directory's events matter then, and a new file waits at
+    most that many gaps, where a poll waits up to ``glob_interval_s``). A pass that finds nothing
+    brings back :meth:`next_pass`. One wait per pass (issue 17); a quiet file still costs one
+    wake-up per event."""
 
-    def __init__(self, inotify: INotify | None, wake_r: int, gap_s: float) -> None:
+    def __init__(self, inotify: INotify | None, wake_r: int, gap_s: float,
+                 events_every: int = 4) -> None:
         self.inotify, self.wake_r, self.gap_s = inotify, wake_r, gap_s
-        self.hot = False  # events come faster than passes
+        self.events_every = events_every
+        self.hot = False  # events come faster than passes: call busy() while passes find bytes
+        self._busy_waits = 0
 
-    def next_pass(self, started: float, now: float, timeout_s: float) -> int:
-        """Wait for the next pass (the last began at ``started``; ``timeout_s`` counts from
-        ``now``). Returns the events that came as the OR of their masks (0: none; see
-        :func:`rescan`)."""
-        inotify = self.inotify
-        if self.hot and inotify is not None:
-            time.sleep(max(0.0, started + self.gap_s - time.monotonic()))
-            mask = inotify.read_mask()
-            if mask:
-                return mask
-            self.hot = False  # the writer paused: wait for it
-            return self.select(max(0.0, now + timeout_s - time.monotonic()))[0]
+    def busy(self, started: float) -> int:
+        """Sleep until the next pass is due (the last began at ``started``); the events' masks
+        OR'd, or 0 when they were left queued this time."""
+        time.sleep(max(0.0, started + self.gap_s - time.monotonic()))
+        self._busy_waits += 1
+        if self.inotify is None or self._busy_waits % self.events_every:
+            return 0
+        return self.inotify.read_mask()
+
+    def next_pass(self, started: float, timeout_s: float) -> int:
+        """Wait for the next pass (the last began at ``started``): the events that came as the
+        OR of their masks (0: none; see :func:`rescan`)."""
         mask, signalled = self.select(max(0.0, timeout_s))
         gap = started + self.gap_s - time.monotonic()
+        self.hot = gap > 0 and mask != 0 and not signalled
         if gap > 0 and not signalled:
-            self.hot = mask != 0
             time.sleep(gap)
         return mask
 

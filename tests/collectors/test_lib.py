@@ -63,11 +63,27 @@ def test_record_cutting_keeps_partial_lines_and_cuts_long_ones() -> None:
     cut = RecordCutter(None, None)
     f = Pending(b"app", limit=4)
     today = cut.today
-    assert cut.consume(f, b"ab\ncd") == b"app %s ab\n" % today
+    assert b"".join(cut.consume(f, b"ab\ncd")) == b"app %s ab\n" % today
     assert f.partial == b"cd"
     # over the limit: cut into records as it comes, the rest waits
-    assert cut.consume(f, b"efghijk") == b"app %s cdef\napp %s ghij\n" % (today, today)
-    assert cut.flush(f, partial=True, multiline=False) == b"app %s k\n" % today
+    assert b"".join(cut.consume(f, b"efghijk")) == b"app %s cdef\napp %s ghij\n" % (today, today)
+    assert b"".join(cut.flush(f, partial=True, multiline=False)) == b"app %s k\n" % today
+
+
+@pytest.mark.parametrize("limit", [1, 3, 8, 1 << 20])
+def test_the_replace_fast_path_gives_the_records_line_by_line_cutting_gives(limit: int) -> None:
+    # a date_regex that never matches sends every line through the line by line path with
+    # today's date: the records must be the same, however the bytes arrive (a line waiting from
+    # the chunk before or not, chunks ending on a newline or not, lines over the limit)
+    text = b"a\nbb\n\nccc dd\neeeeeeeeee\nf\n" * 7 + b"tail"
+    for size in (1, 2, 3, 5, 7, 11, 64, len(text)):
+        outs = []
+        for cut in (RecordCutter(None, None), RecordCutter(re.compile(b"(?!x)x"), None)):
+            f = Pending(b"p", limit)
+            got = [b"".join(cut.consume(f, text[i : i + size])) for i in range(0, len(text), size)]
+            outs.append((got, b"".join(cut.flush(f, True, True)), f.partial))
+        assert outs[0] == outs[1], size
+    assert b"p %s eeeeeeeeee\n" % RecordCutter(None, None).today in b"".join(outs[0][0]) or limit < 10
 
 
 def test_collector_contract_reads_its_environment() -> None:

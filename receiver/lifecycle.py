@@ -48,8 +48,13 @@ _DAY_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]{0,127})_(\d{4}-\d{2}-\d{2})\.d
 _REJECTED_RE = re.compile(r"rejected_(\d{4}-\d{2}-\d{2})\.jsonl\Z")
 
 
+class _Intent(Protocol):
+    @property
+    def size_before(self) -> int: ...
+
+
 class _Intents(Protocol):
-    def intents(self, files: Iterable[str] | None = None) -> Sequence[object]: ...
+    def intents(self, files: Iterable[str] | None = None) -> Sequence[_Intent]: ...
 
 
 @dataclass
@@ -201,7 +206,9 @@ class Lifecycle:
     @contextlib.contextmanager
     def _locked(self, name: str) -> Iterator[int | None]:
         """The store's lock on data file ``name``: the fd, or None if there is no such file or an
-        append intent is left on it (the store rolls it back first)."""
+        append intent is left on it with bytes after its size (the store rolls them back first).
+        An intent at the file's size is a store's standing one (``receiver/append.py``): nothing
+        to roll back, and a new ``name`` starts below it, so its next append records a fresh one."""
         path = self.data_dir / name
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -216,7 +223,8 @@ class Lifecycle:
                 yield None
                 return
             fst = os.fstat(fd)
-            if (current.st_ino, current.st_dev) != (fst.st_ino, fst.st_dev) or self._intents.intents([name]):
+            if (current.st_ino, current.st_dev) != (fst.st_ino, fst.st_dev) or any(
+                    i.size_before != fst.st_size for i in self._intents.intents([name])):
                 yield None
                 return
             yield fd

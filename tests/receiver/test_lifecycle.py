@@ -83,6 +83,26 @@ def test_retention_and_compression_over_many_days(tmp_path: Path) -> None:
     assert again is not None and (again.deleted, again.compressed) == (0, 0)
 
 
+def test_a_standing_intent_does_not_keep_a_day_from_compression_an_unrolled_append_does(
+        tmp_path: Path) -> None:
+    # a worker SIGKILLed leaves the standing intents of its last rounds (at their files' sizes):
+    # nothing to roll back, so the day is compressed; an intent below the size is an append never
+    # recorded, left for the store to roll back first
+    data = tmp_path / "data"
+    written = _fill(data, 4, prods=("web", "db"))
+    dedup = DedupIndex(data / ".receiver")
+    dedup.create()
+    web, db = f"web_{_day(3)}.dat", f"db_{_day(3)}.dat"
+    dedup.record_intents("standing", {web: len(written[web])})
+    dedup.record_intents("crashed", {db: len(written[db]) - 10})
+    stats = Lifecycle(data, intents=dedup, today=lambda: TODAY, compress_after_s=2 * 86400).run_pass()
+    assert stats is not None
+    names = {p.name for p in data.iterdir()}
+    assert f"{web}.zst" in names and web not in names
+    assert db in names and f"{db}.zst" not in names and (data / db).read_bytes() == written[db]
+    dedup.close()
+
+
 def test_late_line_for_compressed_day_lands_beside_it_and_is_merged(
         receiver_factory: Callable[..., ReceiverProc]) -> None:
     old = (datetime.date.today() - datetime.timedelta(days=5)).isoformat()

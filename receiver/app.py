@@ -241,8 +241,10 @@ class _BodyHandler(_Handler):
             charge = None if self._charge is None else self._charge.add
             stored: Future[Outcome] | None = None
             if len(raw) <= SMALL_BODY_BYTES:
+                # never above the body cap: a body between the two would be stored, not refused
+                inline = min(_INLINE_DECODED_BYTES, self.ctx.max_body_bytes)
                 with contextlib.suppress(BodyTooLarge):
-                    stored = work(*args, raw, max_bytes=_INLINE_DECODED_BYTES, charge=charge)
+                    stored = work(*args, raw, max_bytes=inline, charge=charge)
             if stored is None:
                 return await offload.off_loop(self.ctx.executor, functools.partial(work, *args, raw, charge=charge))
             return await asyncio.wrap_future(stored)

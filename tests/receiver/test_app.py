@@ -176,6 +176,18 @@ def test_gzip_and_zstd_bodies(receiver: ReceiverProc) -> None:
     assert receiver.read_lines()["web_2026-01-01.dat"] == _data(lines + zlines + lines[:1])
 
 
+def test_small_body_over_a_small_max_body_gets_413_though_decoded_on_the_event_loop(
+        receiver_factory: Callable[..., ReceiverProc]) -> None:
+    # a small body is decoded on the event loop under its own cap (256 KiB); with --max-body
+    # below that, a body between the two was stored (201) instead of refused
+    r = receiver_factory("--max-body", "64KiB")
+    over = zstandard.ZstdCompressor().compress(_body(_lines("web", "2026-01-01", 1500, "over")))
+    assert len(over) < 16 * 1024 and len(_body(_lines("web", "2026-01-01", 1500, "over"))) > 64 * 1024
+    assert _put(r, "over-1", over, encoding="zstd").status_code == 413
+    assert r.read_lines() == {}
+    _healthy(r)
+
+
 def _peak_rss_bytes(pid: int) -> int:
     for row in Path(f"/proc/{pid}/status").read_text().splitlines():
         if row.startswith("VmHWM:"):

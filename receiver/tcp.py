@@ -119,7 +119,11 @@ class LineServer(TCPServer):
                 except Overloaded:
                     await asyncio.sleep(_OVERLOADED_WAIT_S)
             loop = tornado.ioloop.IOLoop.current()
+            # the block is bounded by the reads (_READ_BYTES and a line), not by --max-body, which
+            # caps a request's body: held to a smaller --max-body it was refused whole and the
+            # connection closed with its lines lost
             work = functools.partial(ctx.ingestor.put_lines, "tcp", None, block, charge=charge.add,
+                                     max_bytes=max(len(block), 1),
                                      keep_rejected=MAX_REJECTED_KEPT - conn.kept)
             stored = await loop.run_in_executor(ctx.executor, work)
             outcome = await asyncio.wrap_future(stored)

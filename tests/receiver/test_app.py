@@ -292,6 +292,21 @@ def test_tcp_listener_stores_lines(receiver_factory: Callable[..., ReceiverProc]
     _healthy(r)
 
 
+def test_tcp_lines_are_stored_whole_with_a_max_body_below_a_read(
+        receiver_factory: Callable[..., ReceiverProc]) -> None:
+    # a TCP read (up to 256 KiB) is not a request body: --max-body 16KiB refused it, closed the
+    # connection and lost its lines
+    r = receiver_factory("--tcp-listen", "127.0.0.1:0", "--max-body", "16KiB")
+    assert r.tcp is not None
+    host, port = r.tcp.rsplit(":", 1)
+    lines = _lines("tcp", "2026-01-01", 4000, "big")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(_body(lines))
+    wait_until(lambda: r.read_lines().get("tcp_2026-01-01.dat") == _data(lines), 15,
+               what="every tcp line stored")
+    _healthy(r)
+
+
 def test_dedup_retention_purges_old_ids(receiver_factory: Callable[..., ReceiverProc]) -> None:
     r = receiver_factory("--dedup-retention", "1s")
     payload = _body(_lines("web", "2026-01-01", 2, "r"))

@@ -15,8 +15,9 @@ Why some writes bypass the library: a put must insert the row, its metadata and 
 in ONE transaction (a crash never leaves a row without metadata or a checkpoint ahead of its
 lines), so ``put`` inserts into the library's table on its own connection, and an ack deletes the
 row there too, riding in the next put's transaction when it may wait (``acks``); a get is one
-``UPDATE ... RETURNING`` there (``_TAKE``). The library does the rest (nack, ack_failed, resume
-of in-flight rows; the get with an SQLite before 3.35).
+``UPDATE ... RETURNING`` there (``_TAKE``), and none at all for a batch that a put hands to a
+get already waiting (the row goes in in flight; ``ready``). The library does the rest (nack,
+ack_failed, resume of in-flight rows; the get with an SQLite before 3.35).
 """
 
 from __future__ import annotations

@@ -23,12 +23,11 @@ from typing import Any
 
 from spoolagent.errors import SpoolBusy, SpoolError
 from spoolagent.spool._pq import ACK_FAILED, ACKED, QUEUE_TABLE, READY, UNACK
+from spoolagent.spool.db import check_schema, connect
 from spoolagent.spool.format import (
     BUSY_TIMEOUT_S,
     DB_NAME,
     STATE_CODES,
-    check_schema,
-    connect,
     decode_row,
     decompress,
     insert_row,

@@ -37,15 +37,13 @@ from spoolagent.spool import _pq
 from spoolagent.spool._pq import INITED, QUEUE_TABLE, UNACK, RawBytes
 from spoolagent.spool.acks import PendingAcks
 from spoolagent.spool.bound import REFRESH_S, Bound, WhenFull
+from spoolagent.spool.db import check_schema, configure, connect
 from spoolagent.spool.file import discount_delivered, file_bytes, query_stats
 from spoolagent.spool.format import (
     BUSY_TIMEOUT_S,
     DB_NAME,
     ENCODINGS,
     SpooledBatch,
-    check_schema,
-    configure,
-    connect,
     decode_row,
     handed_batch,
     insert_row,

@@ -37,10 +37,10 @@ from typing import TypeVar
 
 from spoolagent.errors import SpoolBusy, SpoolError
 from spoolagent.spool._pq import ACK_FAILED, ACKED, QUEUE_TABLE, READY
+from spoolagent.spool.db import SCHEMA_VERSION
 from spoolagent.spool.file import SpoolFile
 from spoolagent.spool.format import (
     DB_NAME,
-    SCHEMA_VERSION,
     RowHeader,
     decode_row,
     decompress,

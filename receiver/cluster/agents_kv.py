@@ -25,6 +25,7 @@ from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext, api
 
@@ -59,24 +60,40 @@ async def open_bucket(js: JetStreamContext, stream_name: str, replicas: int) -> 
 
 
 async def read_rows(js: JetStreamContext, stream_name: str) -> list[dict[str, object]]:
-    """Every agent's row, merged over the ingest nodes (empty if there is no bucket)."""
+    """Every agent's row, merged over the ingest nodes (empty if there is no bucket).
+
+    Not read up to the watcher's "initial values delivered" marker (None): nats-py can send it
+    before the values already on their way (nats-py #842, #995), and the table then came out
+    empty or partial (seen in CI: ``spoolreceiver agents --nats`` printed no agent). The bucket's
+    stream says how many keys it holds (one message per key: history 1); the read goes on until
+    that many keys came, deletes and expiry markers included."""
+    name = bucket_name(stream_name)
     with stream.translated("agents bucket"):
         try:
-            kv = await js.key_value(bucket_name(stream_name))
+            kv = await js.key_value(name)
         except nats.js.errors.BucketNotFoundError:
             return []
-        rows: list[dict[str, object]] = []
-        watcher = await kv.watchall(ignore_deletes=True)
+        want = (await js.stream_info(f"KV_{name}")).state.messages
+        rows: dict[str, dict[str, object]] = {}
+        seen: set[str] = set()
+        watcher = await kv.watchall()
         try:
-            while True:
-                entry = await watcher.updates(timeout=_TIMEOUT_S)  # type: ignore[no-untyped-call]
-                if entry is None:  # the initial values are all delivered
+            while len(seen) < want:
+                try:
+                    entry = await watcher.updates(timeout=_TIMEOUT_S)  # type: ignore[no-untyped-call]
+                except nats.errors.TimeoutError:  # keys expired meanwhile: what came is all there is
+                    log.warning("agents bucket read short bucket=%s keys=%d of=%d", name, len(seen), want)
                     break
-                if entry.value:
-                    rows.append(json.loads(entry.value))
+                if entry is None:  # the marker: not a promise that every value came
+                    continue
+                seen.add(entry.key)
+                if entry.operation is None and entry.value:
+                    rows[entry.key] = json.loads(entry.value)
+                else:
+                    rows.pop(entry.key, None)
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
-    return merge(rows)
+    return merge(list(rows.values()))
 
 
 def read_from(urls: tuple[str, ...], stream_name: str) -> list[dict[str, object]]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 
+from receiver.cluster import agents_kv
 from tests.cluster.rig import IngestProc, NatsCluster, run_cli
 from tests.conftest import wait_until
 
@@ -57,3 +58,18 @@ def test_two_ingest_nodes_keep_one_agent_table(nats_cluster: NatsCluster, stream
         assert c.put(f"{a.url}/v1/heartbeat", headers=_headers("late-01", "lines=0")).status_code == 204
     a.stop(signal.SIGTERM)
     assert "late-01" in _cli(nats_cluster, stream_name)
+
+
+def test_the_table_is_read_whole_every_time(nats_cluster: NatsCluster, stream_name: str,
+                                            ingest_factory: Callable[..., IngestProc]) -> None:
+    """nats-py's watcher may say "every value delivered" before it delivered them (nats-py #842):
+    a read of a few keys then came out empty (CI). Every read must see every key."""
+    node = ingest_factory(stream_name)
+    ids = [f"host-{i:02d}" for i in range(3)]
+    with httpx.Client(timeout=30) as c:
+        for agent_id in ids:
+            assert c.put(f"{node.url}/v1/heartbeat", headers=_headers(agent_id, "lines=0")).status_code == 204
+    wait_until(lambda: set(_cli(nats_cluster, stream_name)) == set(ids), 30, what="the node's keys")
+    urls = tuple(nats_cluster.urls.split(","))
+    reads = [sorted(str(row["agent_id"]) for row in agents_kv.read_from(urls, stream_name)) for _ in range(200)]
+    assert [r for r in reads if r != ids] == []

@@ -111,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     # rounds interleave scenarios, so a slow minute of the machine does not land on one of them
     for r in range(rounds):
         for name, fn in plan:
+            # the earlier scenarios' files (a 2M-line input is 400 MB, written without fsync)
+            # reach the disk now, not while this one measures: 390-780 MB were still dirty when
+            # the cpu scenario started, and its figure read 1.3-2.35 % (1.30-1.45 % after a sync)
+            os.sync()
             t0 = time.monotonic()
             try:
                 out = fn()

@@ -556,19 +556,25 @@ def test_move_out_deletes_only_what_it_wrote_and_nothing_when_writing_fails(open
     spool.ack(taken.pqid)
 
 
-def test_a_get_that_took_the_only_ready_batch_does_not_query_again_until_the_next_put(open_spool) -> None:
-    """Issue 17: the sender back from a send queried SQLite once per batch for nothing (~165 us
-    with cold caches). One put, one bump, one row: once it is taken the next get waits without
-    querying; two puts between looks are both got; a bump for everyone (rows from another
-    process) turns the shortcut off until a get finds nothing again."""
-    spool = open_spool()
+def _count_queries(spool: Spool) -> list[int]:
+    """A one-item list counting the spool's ready-row queries from now on."""
     queries = [0]
     real = spool._get_next
 
     def counted() -> object:
         queries[0] += 1
         return real()
-    spool._get_next = counted
+    spool._get_next = counted  # type: ignore[method-assign]
+    return queries
+
+
+def test_a_get_that_took_the_only_ready_batch_does_not_query_again_until_the_next_put(open_spool) -> None:
+    """Issue 17: the sender back from a send queried SQLite once per batch for nothing (~165 us
+    with cold caches). One put, one bump, one row: once it is taken the next get waits without
+    querying; two puts between looks are both got; a bump for everyone (rows from another
+    process) turns the shortcut off until a get finds nothing again."""
+    spool = open_spool()
+    queries = _count_queries(spool)
     assert spool.get(timeout_s=0) is None  # looks once: found nothing
     for i in range(3):
         spool.put("tail", make_lines(2, tag=str(i)))
@@ -601,13 +607,7 @@ def test_a_put_hands_its_batch_to_a_waiting_get_committed_in_flight(open_spool, 
     and hands the batch over: no get transaction, no query. The file shows it in flight from its
     commit on (a crash resumes it to ready, as a got batch); nack and close give it back."""
     spool = open_spool()
-    queries = [0]
-    real = spool._get_next
-
-    def counted() -> object:
-        queries[0] += 1
-        return real()
-    spool._get_next = counted
+    queries = _count_queries(spool)
     assert spool.get(timeout_s=0) is None and queries[0] == 1
     t, got = _waiting_getter(spool)
     lines = make_lines(20)
